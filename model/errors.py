@@ -1,0 +1,17 @@
+"""Exceptions raised by the library; the CLI turns them into one line and exit code 2."""
+
+
+class NVAEError(Exception):
+    """Base class of every error the product raises on purpose."""
+
+
+class ConfigError(NVAEError, ValueError):
+    """A configuration field is unknown or out of its allowed range."""
+
+
+class CheckpointError(NVAEError):
+    """A checkpoint cannot be read, or does not match its configuration."""
+
+
+class DataError(NVAEError):
+    """Input data is missing, corrupt, or not what was asked for."""

@@ -1,0 +1,175 @@
+"""Building blocks: weight-normed (optionally masked) conv, fused BN+Swish, squeeze-excitation, skip paths."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BN_MOMENTUM = 0.05
+BN_EPS = 1e-5
+
+
+class WNConv2d(nn.Conv2d):
+    """Conv2d with weight normalization `w = exp(log_g) * v / ||v||` per output channel.
+
+    `mask` (a buffer, for autoregressive convs) multiplies `v` before normalization. `init_scale` scales the
+    initial `v` (and so the initial effective weight, since `log_g` is initialised from the scaled `v`).
+    """
+
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        groups: int = 1,
+        bias: bool = True,
+        weight_norm: bool = True,
+        mask: torch.Tensor | None = None,
+        init_scale: float = 1.0,
+    ):
+        super().__init__(c_in, c_out, kernel_size, stride, padding, groups=groups, bias=bias)
+        if init_scale != 1.0:
+            with torch.no_grad():
+                self.weight.mul_(init_scale)
+        if mask is not None:
+            self.register_buffer("mask", mask.to(self.weight.dtype))
+        else:
+            self.mask = None
+        if weight_norm:
+            v = self.weight if mask is None else self.weight * self.mask
+            norm = v.detach().flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            self.log_g = nn.Parameter(torch.log(norm + 0.01))
+        else:
+            self.register_parameter("log_g", None)
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the convolution uses: masked and weight-normalised, (C_out, C_in/groups, k, k)."""
+        w = self.weight
+        if self.mask is not None:
+            w = w * self.mask
+        if self.log_g is not None:
+            norm = w.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            w = self.log_g.exp() * w / (norm + 1e-5)
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.effective_weight(), self.bias, self.stride, self.padding, 1, self.groups)
+
+
+class _BNSwishFunction(torch.autograd.Function):
+    """swish(batchnorm(x)) that saves only `x` and per-channel statistics, recomputing the rest in backward.
+
+    The unfused pair keeps two activations alive (BN's input and Swish's input); this keeps one.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps):
+        xf = x.float()
+        if use_batch_stats:
+            var, mean = torch.var_mean(xf, dim=(0, 2, 3), unbiased=False)
+            if running_mean is not None:
+                n = xf.numel() // xf.size(1)
+                with torch.no_grad():
+                    running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+                    running_var.mul_(1 - momentum).add_(var * (n / max(n - 1, 1)), alpha=momentum)
+        else:
+            mean, var = running_mean.float(), running_var.float()
+        invstd = torch.rsqrt(var + eps)
+        scale = (weight.float() * invstd).view(1, -1, 1, 1)
+        y = (xf - mean.view(1, -1, 1, 1)) * scale + bias.float().view(1, -1, 1, 1)
+        out = F.silu(y).to(x.dtype)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.use_batch_stats = use_batch_stats
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        xf = x.float()
+        x_hat = (xf - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
+        y = x_hat * weight.float().view(1, -1, 1, 1) + bias.float().view(1, -1, 1, 1)
+        s = torch.sigmoid(y)
+        g = grad_out.float() * (s * (1 + y * (1 - s)))  # d swish / dy
+        dims = (0, 2, 3)
+        grad_bias = g.sum(dims)
+        grad_weight = (g * x_hat).sum(dims)
+        k = (weight.float() * invstd).view(1, -1, 1, 1)
+        if ctx.use_batch_stats:
+            g_mean = g.mean(dims, keepdim=True)
+            gx_mean = (g * x_hat).mean(dims, keepdim=True)
+            grad_x = k * (g - g_mean - x_hat * gx_mean)
+        else:
+            grad_x = k * g
+        return grad_x.to(x.dtype), grad_weight.to(weight.dtype), grad_bias.to(bias.dtype), None, None, None, None, None
+
+
+class BatchNormSwish(nn.BatchNorm2d):
+    """BatchNorm2d followed by Swish; with `fused`, the memory-saving recomputing version in training.
+
+    Counted as a BN layer everywhere (regularization, readjustment). Without gradients (eval, sampling,
+    export) it runs the standard ops, which give the same numbers.
+    """
+
+    def __init__(self, channels: int, fused: bool = True):
+        super().__init__(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+        self.fused = fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        use_batch_stats = self.training or self.running_mean is None
+        if not (self.fused and torch.is_grad_enabled() and x.requires_grad):
+            return F.silu(super().forward(x))
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+        return _BNSwishFunction.apply(
+            x, self.weight, self.bias, self.running_mean, self.running_var, use_batch_stats, self.momentum, self.eps
+        )
+
+
+def batch_norm(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+
+class SqueezeExcite(nn.Module):
+    """Channel gating: global average -> Linear(C, max(C/16, 4)) -> ReLU -> Linear -> sigmoid. (B,C,H,W)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        hidden = max(channels // 16, 4)
+        self.fc1 = nn.Linear(channels, hidden)
+        self.fc2 = nn.Linear(hidden, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean(dim=(2, 3))))))
+        return x * gate[:, :, None, None]
+
+
+class DownSkip(nn.Module):
+    """Factorized reduce: Swish, then four 1x1 stride-2 convs on pixel offsets (0,0),(1,1),(0,1),(1,0).
+
+    (B, C_in, H, W) -> (B, C_out, H/2, W/2).
+    """
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        q = c_out // 4
+        widths = (q, q, q, c_out - 3 * q)
+        self.convs = nn.ModuleList(WNConv2d(c_in, w, 1, stride=2, bias=True) for w in widths)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.silu(x)
+        shifted = (x, x[:, :, 1:, 1:], x[:, :, :, 1:], x[:, :, 1:, :])
+        return torch.cat([conv(s) for conv, s in zip(self.convs, shifted, strict=True)], dim=1)
+
+
+class UpSkip(nn.Module):
+    """Bilinear x2 (align_corners) then a weight-normed 1x1 conv to C/2. (B,C,H,W) -> (B,C/2,2H,2W)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = WNConv2d(channels, channels // 2, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True))

@@ -1,0 +1,55 @@
+"""`nvae`: one entry point for the whole product; each subcommand is a few lines over a library function.
+
+Subcommands are registered by the layer that owns them (`model.cli`, `data.cli`, ...), each exposing
+`register(subparsers)`. Library errors (`NVAEError` and subclasses, `ValueError` from validation) become one
+clear line on stderr and exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Modules that contribute subcommands, in the order `nvae --help` lists them.
+_COMMAND_MODULES = ("data.cli", "model.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nvae",
+        description="NVAE pipeline: prepare data, train, evaluate, readjust BN, export ONNX, sample.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # that layer has no commands yet
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from model.errors import NVAEError
+
+    try:
+        return int(args.func(args) or 0)
+    except (NVAEError, ValueError, FileNotFoundError) as exc:
+        print(f"nvae {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
