@@ -138,8 +138,11 @@ class NVAEConfig:
             )
         if self.likelihood == "bernoulli" and not self.binarize:
             raise ConfigError("likelihood=bernoulli needs binarize=true (binarized data)")
-        if self.channels % 2:
-            raise ConfigError(f"channels={self.channels} must be even (skip paths halve and double it)")
+        if self.post_blocks != self.pre_blocks:
+            raise ConfigError(
+                f"post_blocks={self.post_blocks} must equal pre_blocks={self.pre_blocks} "
+                "(postprocess undoes the preprocess resolution changes)"
+            )
         return self
 
 

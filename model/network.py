@@ -186,14 +186,17 @@ class NVAE(nn.Module):
         for j, scale in enumerate(self.group_scales):
             if j > 0 and scale != self.group_scales[j - 1]:
                 s = next(up)(s)
-            s = self.dec_groups[j](s)
+            if len(self.dec_groups[j]):  # group 0 has no cells
+                s = self.dec_groups[j](s)
             if j == 0:
                 mu_q, ls_q = self.enc_sampler[0](top).chunk(2, dim=1)
                 q = Normal(mu_q, ls_q)
                 p = Normal(torch.zeros_like(q.mu), torch.zeros_like(q.mu))
             else:
                 mu_p, ls_p = self.dec_sampler[j - 1](s).chunk(2, dim=1)
-                mu_q, ls_q = self.enc_sampler[j](self.enc_combiners[j - 1](feats[j - 1], s)).chunk(2, dim=1)
+                # combiners were built finest first; the decoder meets them coarsest first
+                combiner = self.enc_combiners[len(self.enc_combiners) - j]
+                mu_q, ls_q = self.enc_sampler[j](combiner(feats[j - 1], s)).chunk(2, dim=1)
                 q = Normal.residual(mu_p, ls_p, mu_q, ls_q) if self.cfg.res_dist else Normal(mu_q, ls_q)
                 p = Normal(mu_p, ls_p)
             z = q.sample(None if eps is None else eps[j])
@@ -234,7 +237,8 @@ class NVAE(nn.Module):
         for j, scale in enumerate(self.group_scales):
             if j > 0 and scale != self.group_scales[j - 1]:
                 s = next(up)(s)
-            s = self.dec_groups[j](s)
+            if len(self.dec_groups[j]):  # group 0 has no cells
+                s = self.dec_groups[j](s)
             if j == 0:
                 zeros = torch.zeros((num, *self.latent_shapes()[0]), device=device)
                 p = Normal(zeros, zeros, temperature)

@@ -1,0 +1,101 @@
+"""Checkpoint format: config as JSON, weights (with SR vectors and AR masks as buffers), a version field.
+
+Loadable with `torch.load(weights_only=True)`: nothing pickled but tensors, strings and numbers. Written
+atomically (temporary file, fsync, rename), so a crash never leaves a half file under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.config import NVAEConfig
+from model.errors import CheckpointError, ConfigError
+
+FORMAT = "nvae-pipeline-checkpoint"
+VERSION = 1
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file in the same directory, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | Path, model, extra: dict[str, Any] | None = None) -> None:
+    """Save the model's config and state dict (plus plain-data `extra`, e.g. optimizer state)."""
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": model.cfg.to_json(),
+        "model": model.state_dict(),
+    }
+    if extra:
+        payload.update(extra)
+    atomic_torch_save(payload, path)
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and check the envelope of a checkpoint (weights_only: no code runs on load)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated zip, not a torch file, ...
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an nvae-pipeline checkpoint (missing format field)")
+    if payload.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {payload.get('version')} (this code reads {VERSION})")
+    return payload
+
+
+def config_from_checkpoint(payload: dict[str, Any]) -> NVAEConfig:
+    try:
+        return NVAEConfig.from_dict(json.loads(payload["config"]))
+    except (KeyError, json.JSONDecodeError, ConfigError) as exc:
+        raise CheckpointError(f"checkpoint config is invalid: {exc}") from None
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
+    """Rebuild the model from a checkpoint; a config that does not match the weights is a clear error."""
+    from model.network import NVAE
+
+    payload = read_checkpoint(path, map_location)
+    cfg = config_from_checkpoint(payload)
+    model = NVAE(cfg)
+    state = payload["model"]
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or mismatched:
+        parts = []
+        if mismatched:
+            k = mismatched[0]
+            parts.append(f"{len(mismatched)} shape mismatches (first: {k} {tuple(state[k].shape)} in the file, "
+                         f"{tuple(own[k].shape)} for the config)")
+        if missing:
+            parts.append(f"{len(missing)} missing weights (first: {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected weights (first: {unexpected[0]})")
+        raise CheckpointError(f"{path}: weights do not match the checkpoint's config ({cfg.dataset}): "
+                              + "; ".join(parts))
+    model.load_state_dict(state)
+    return model.to(map_location), payload
