@@ -67,7 +67,8 @@ class _BNSwishFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps):
-        xf = x.float()
+        acc = torch.promote_types(x.dtype, torch.float32)  # statistics in fp32 at least
+        xf = x.to(acc)
         if use_batch_stats:
             var, mean = torch.var_mean(xf, dim=(0, 2, 3), unbiased=False)
             if running_mean is not None:
@@ -76,10 +77,10 @@ class _BNSwishFunction(torch.autograd.Function):
                     running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
                     running_var.mul_(1 - momentum).add_(var * (n / max(n - 1, 1)), alpha=momentum)
         else:
-            mean, var = running_mean.float(), running_var.float()
+            mean, var = running_mean.to(acc), running_var.to(acc)
         invstd = torch.rsqrt(var + eps)
-        scale = (weight.float() * invstd).view(1, -1, 1, 1)
-        y = (xf - mean.view(1, -1, 1, 1)) * scale + bias.float().view(1, -1, 1, 1)
+        scale = (weight.to(acc) * invstd).view(1, -1, 1, 1)
+        y = (xf - mean.view(1, -1, 1, 1)) * scale + bias.to(acc).view(1, -1, 1, 1)
         out = F.silu(y).to(x.dtype)
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.use_batch_stats = use_batch_stats
@@ -88,15 +89,15 @@ class _BNSwishFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, bias, mean, invstd = ctx.saved_tensors
-        xf = x.float()
-        x_hat = (xf - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
-        y = x_hat * weight.float().view(1, -1, 1, 1) + bias.float().view(1, -1, 1, 1)
+        acc = mean.dtype
+        x_hat = (x.to(acc) - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
+        y = x_hat * weight.to(acc).view(1, -1, 1, 1) + bias.to(acc).view(1, -1, 1, 1)
         s = torch.sigmoid(y)
-        g = grad_out.float() * (s * (1 + y * (1 - s)))  # d swish / dy
+        g = grad_out.to(acc) * (s * (1 + y * (1 - s)))  # d swish / dy
         dims = (0, 2, 3)
         grad_bias = g.sum(dims)
         grad_weight = (g * x_hat).sum(dims)
-        k = (weight.float() * invstd).view(1, -1, 1, 1)
+        k = (weight.to(acc) * invstd).view(1, -1, 1, 1)
         if ctx.use_batch_stats:
             g_mean = g.mean(dims, keepdim=True)
             gx_mean = (g * x_hat).mean(dims, keepdim=True)
