@@ -62,7 +62,9 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an nvae-pipeline checkpoint (missing format field)")
     if payload.get("version") != VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {payload.get('version')} (this code reads {VERSION})")
+        raise CheckpointError(
+            f"{path}: checkpoint version {payload.get('version')} (this code reads {VERSION})"
+        )
     return payload
 
 
@@ -89,13 +91,16 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
         parts = []
         if mismatched:
             k = mismatched[0]
-            parts.append(f"{len(mismatched)} shape mismatches (first: {k} {tuple(state[k].shape)} in the file, "
-                         f"{tuple(own[k].shape)} for the config)")
+            parts.append(
+                f"{len(mismatched)} shape mismatches (first: {k} {tuple(state[k].shape)} in the file, "
+                f"{tuple(own[k].shape)} for the config)"
+            )
         if missing:
             parts.append(f"{len(missing)} missing weights (first: {missing[0]})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected weights (first: {unexpected[0]})")
-        raise CheckpointError(f"{path}: weights do not match the checkpoint's config ({cfg.dataset}): "
-                              + "; ".join(parts))
+        raise CheckpointError(
+            f"{path}: weights do not match the checkpoint's config ({cfg.dataset}): " + "; ".join(parts)
+        )
     model.load_state_dict(state)
     return model.to(map_location), payload

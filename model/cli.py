@@ -14,10 +14,17 @@ log = logging.getLogger(__name__)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="fmnist-cpu", choices=list(PRESETS), help="released recipe or small preset")
-    p.add_argument("--config", metavar="FILE.yaml", help="YAML mapping of config fields overriding the preset")
     p.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", default=[],
+        "--preset", default="fmnist-cpu", choices=list(PRESETS), help="released recipe or small preset"
+    )
+    p.add_argument(
+        "--config", metavar="FILE.yaml", help="YAML mapping of config fields overriding the preset"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        default=[],
         help="override one config field (repeatable), e.g. --set channels=32",
     )
 
@@ -50,18 +57,42 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"--data {args.data} holds {manifest.get('dataset')!r} but preset {args.preset} is for {cfg.dataset!r}"
         )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    first = make_loader(args.data, "train", cfg.batch_size, train=True, seed=args.seed, epoch=0,
-                        binarize=cfg.binarize, flip=cfg.flip)
+    first = make_loader(
+        args.data,
+        "train",
+        cfg.batch_size,
+        train=True,
+        seed=args.seed,
+        epoch=0,
+        binarize=cfg.binarize,
+        flip=cfg.flip,
+    )
     per_epoch = len(first)
     steps = args.steps or cfg.epochs * per_epoch
 
     def batches(epoch: int, start_batch: int):
-        return make_loader(args.data, "train", cfg.batch_size, train=True, seed=args.seed, epoch=epoch,
-                           start_batch=start_batch, binarize=cfg.binarize, flip=cfg.flip)
+        return make_loader(
+            args.data,
+            "train",
+            cfg.batch_size,
+            train=True,
+            seed=args.seed,
+            epoch=epoch,
+            start_batch=start_batch,
+            binarize=cfg.binarize,
+            flip=cfg.flip,
+        )
 
     precision = args.precision or "fp32"
-    opts = TrainOptions(steps=steps, batches_per_epoch=per_epoch, out=Path(args.out), precision=precision,
-                        device=device, seed=args.seed, checkpoint_every=args.checkpoint_every)
+    opts = TrainOptions(
+        steps=steps,
+        batches_per_epoch=per_epoch,
+        out=Path(args.out),
+        precision=precision,
+        device=device,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+    )
     summary = train(cfg, batches, opts)
     log.info("training done: %s", json.dumps(summary))
     print(f"checkpoint: {Path(args.out) / 'checkpoint.pt'}")
@@ -69,16 +100,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="parameter count, layers, latent layout and GFLOP of a preset",
-                       description="Describe a preset's network: parameters, conv/BN layers, groups per scale, "
-                                   "latent shape per group and forward GFLOP per image.")
+    p = sub.add_parser(
+        "info",
+        help="parameter count, layers, latent layout and GFLOP of a preset",
+        description="Describe a preset's network: parameters, conv/BN layers, groups per scale, "
+        "latent shape per group and forward GFLOP per image.",
+    )
     _add_config_args(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("train", help="train NVAE on a prepared dataset (resumes from --out)",
-                       description="Train with the released recipe (AdaMax, warm-up + cosine lr, KL warm-up and "
-                                   "balancing, spectral/BN regularization). Re-running with the same --out resumes.")
+    p = sub.add_parser(
+        "train",
+        help="train NVAE on a prepared dataset (resumes from --out)",
+        description="Train with the released recipe (AdaMax, warm-up + cosine lr, KL warm-up and "
+        "balancing, spectral/BN regularization). Re-running with the same --out resumes.",
+    )
     _add_config_args(p)
     p.add_argument("--data", required=True, help="directory written by `nvae prepare`")
     p.add_argument("--out", required=True, help="run directory (checkpoint.pt, metrics)")

@@ -81,7 +81,9 @@ class DiscretizedLogisticMixture:
     the whole upper tail, an optimistic bias.
     """
 
-    def __init__(self, params: torch.Tensor, channels: int, num_mix: int, num_bits: int = 8, edge: str = "correct"):
+    def __init__(
+        self, params: torch.Tensor, channels: int, num_mix: int, num_bits: int = 8, edge: str = "correct"
+    ):
         if edge not in ("correct", "released"):
             raise ValueError(f"edge must be 'correct' or 'released', got {edge!r}")
         params = params.float()
@@ -132,7 +134,9 @@ class DiscretizedLogisticMixture:
             log_pdf_mid - math.log(self.max_val / 2),
         )
         top = 0.99 if self.edge == "released" else 1.0 - half_bin
-        log_probs = torch.where(xs < -1.0 + half_bin, log_cdf_plus, torch.where(xs > top, log_one_minus_cdf_min, log_mid))
+        log_probs = torch.where(
+            xs < -1.0 + half_bin, log_cdf_plus, torch.where(xs > top, log_one_minus_cdf_min, log_mid)
+        )
         log_probs = log_probs.sum(1) + F.log_softmax(self.logit_probs, dim=1)  # (B, M, H, W)
         return torch.logsumexp(log_probs, dim=1)
 

@@ -68,11 +68,21 @@ class FlowCell(nn.Module):
             z_channels, hidden, 3, padding=1, bias=False, mask=ar_mask(z_channels, hidden, 3, 1, True, mirror)
         )
         self.conv2 = WNConv2d(
-            hidden, hidden, 5, padding=2, groups=hidden, bias=False,
+            hidden,
+            hidden,
+            5,
+            padding=2,
+            groups=hidden,
+            bias=False,
             mask=ar_mask(hidden, hidden, 5, hidden, False, mirror),
         )
         self.shift = WNConv2d(
-            hidden, z_channels, 1, bias=True, mask=ar_mask(hidden, z_channels, 1, 1, False, mirror), init_scale=0.1
+            hidden,
+            z_channels,
+            1,
+            bias=True,
+            mask=ar_mask(hidden, z_channels, 1, 1, False, mirror),
+            init_scale=0.1,
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -104,7 +104,16 @@ class _BNSwishFunction(torch.autograd.Function):
             grad_x = k * (g - g_mean - x_hat * gx_mean)
         else:
             grad_x = k * g
-        return grad_x.to(x.dtype), grad_weight.to(weight.dtype), grad_bias.to(bias.dtype), None, None, None, None, None
+        return (
+            grad_x.to(x.dtype),
+            grad_weight.to(weight.dtype),
+            grad_bias.to(bias.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 class BatchNormSwish(nn.BatchNorm2d):
@@ -125,7 +134,14 @@ class BatchNormSwish(nn.BatchNorm2d):
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
         return _BNSwishFunction.apply(
-            x, self.weight, self.bias, self.running_mean, self.running_var, use_batch_stats, self.momentum, self.eps
+            x,
+            self.weight,
+            self.bias,
+            self.running_mean,
+            self.running_var,
+            use_batch_stats,
+            self.momentum,
+            self.eps,
         )
 
 

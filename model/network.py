@@ -73,7 +73,9 @@ class NVAE(nn.Module):
             for g in range(gps[s]):
                 width = c * mult
                 self.enc_groups.append(
-                    nn.Sequential(*[EncoderCell(width, width, fused_bn_swish=fused) for _ in range(cfg.cells_enc)])
+                    nn.Sequential(
+                        *[EncoderCell(width, width, fused_bn_swish=fused) for _ in range(cfg.cells_enc)]
+                    )
                 )
                 if not (s == cfg.num_scales - 1 and g == gps[s] - 1):
                     self.enc_combiners.append(EncoderCombiner(width, width))
@@ -113,7 +115,9 @@ class NVAE(nn.Module):
                 width = c * m
                 n_cells = 0 if (s == 0 and g == 0) else cfg.cells_dec
                 self.dec_groups.append(
-                    nn.Sequential(*[DecoderCell(width, width, 6, fused_bn_swish=fused) for _ in range(n_cells)])
+                    nn.Sequential(
+                        *[DecoderCell(width, width, 6, fused_bn_swish=fused) for _ in range(n_cells)]
+                    )
                 )
                 self.dec_combiners.append(DecoderCombiner(width, z))
             if s < cfg.num_scales - 1:
@@ -230,7 +234,8 @@ class NVAE(nn.Module):
         device = self.h.device
         if eps is None:
             eps = [
-                torch.randn((num, *shape), generator=generator, device=device) for shape in self.latent_shapes()
+                torch.randn((num, *shape), generator=generator, device=device)
+                for shape in self.latent_shapes()
             ]
         s = self._initial_state(num)
         up = iter(self.dec_up)

@@ -10,8 +10,13 @@ import torch
 from model.config import NVAEConfig
 
 
-def kl_warmup_beta(step: int, total_steps: int, anneal_portion: float = 0.3, const_portion: float = 1e-4,
-                   min_beta: float = 1e-4) -> float:
+def kl_warmup_beta(
+    step: int,
+    total_steps: int,
+    anneal_portion: float = 0.3,
+    const_portion: float = 1e-4,
+    min_beta: float = 1e-4,
+) -> float:
     """KL coefficient beta at `step`: held at `min_beta`, then linear to 1 over `anneal_portion` of training."""
     anneal = max(anneal_portion * total_steps, 1e-8)
     const = const_portion * total_steps
@@ -32,7 +37,9 @@ def kl_balance_alphas(groups_fine_to_coarse: list[int]) -> torch.Tensor:
     return alphas / alphas.min()
 
 
-def balanced_kl(kl_all: list[torch.Tensor], beta: float, alphas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def balanced_kl(
+    kl_all: list[torch.Tensor], beta: float, alphas: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """beta-weighted KL per image (B,), with KL balancing while beta < 1; also the group coefficients (G,).
 
     Balancing: `c_g = (mean_batch |KL_g| + 0.01) / alpha_g`, normalised to mean 1 and detached.
@@ -80,5 +87,15 @@ def nvae_loss(model, x: torch.Tensor, step: int, total_steps: int, alphas: torch
     loss = (recon + weighted_kl).mean() + lam * (spectral + bn)
     kl_stack = torch.stack(out.kl_all, dim=1)
     kl = kl_stack.sum(1)
-    return LossTerms(loss, recon + kl, recon, kl, kl_stack.mean(0).detach(), coeffs, beta, lam,
-                     spectral.detach(), bn.detach())
+    return LossTerms(
+        loss,
+        recon + kl,
+        recon,
+        kl,
+        kl_stack.mean(0).detach(),
+        coeffs,
+        beta,
+        lam,
+        spectral.detach(),
+        bn.detach(),
+    )

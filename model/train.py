@@ -130,7 +130,9 @@ def train(cfg: NVAEConfig, batches: BatchSource, opts: TrainOptions) -> dict[str
             if not (torch.isfinite(terms.loss) and torch.isfinite(grad_norm)):
                 skipped += 1
                 nonfinite_in_row += 1
-                log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step, nonfinite_in_row)
+                log.warning(
+                    "step %d: non-finite loss or gradient, step skipped (%d in a row)", step, nonfinite_in_row
+                )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.update()
                 if nonfinite_in_row >= opts.max_nonfinite:
@@ -150,19 +152,34 @@ def train(cfg: NVAEConfig, batches: BatchSource, opts: TrainOptions) -> dict[str
             if step % opts.log_every == 0 or step == opts.steps:
                 bpd = float(terms.nelbo.mean()) / (math.log(2) * cfg.dims)
                 last = {
-                    "step": step, "loss": float(terms.loss), "nelbo_bpd": bpd, "recon": float(terms.recon.mean()),
-                    "kl": float(terms.kl.mean()), "beta": terms.beta, "lambda": terms.lam, "lr": lr,
-                    "grad_norm": float(grad_norm), "spectral": float(terms.spectral), "bn": float(terms.bn),
-                    "img_per_s": seen / (time.perf_counter() - start), "skipped": skipped,
+                    "step": step,
+                    "loss": float(terms.loss),
+                    "nelbo_bpd": bpd,
+                    "recon": float(terms.recon.mean()),
+                    "kl": float(terms.kl.mean()),
+                    "beta": terms.beta,
+                    "lambda": terms.lam,
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    "spectral": float(terms.spectral),
+                    "bn": float(terms.bn),
+                    "img_per_s": seen / (time.perf_counter() - start),
+                    "skipped": skipped,
                 }
-                bar.set_postfix(loss=f"{last['loss']:.1f}", bpd=f"{bpd:.3f}", img_s=f"{last['img_per_s']:.1f}")
+                bar.set_postfix(
+                    loss=f"{last['loss']:.1f}", bpd=f"{bpd:.3f}", img_s=f"{last['img_per_s']:.1f}"
+                )
                 with metrics_path.open("a") as fh:
                     fh.write(json.dumps(last) + "\n")
             if opts.checkpoint_every and step % opts.checkpoint_every == 0:
                 checkpoint()
     bar.close()
     checkpoint()
-    summary = {"steps": step, "skipped_steps": skipped, **{f"last_{k}": v for k, v in last.items() if k != "step"}}
+    summary = {
+        "steps": step,
+        "skipped_steps": skipped,
+        **{f"last_{k}": v for k, v in last.items() if k != "step"},
+    }
     atomic_write_json(opts.out / "train_summary.json", summary)
     return summary
 

@@ -33,7 +33,9 @@ def test_config_that_does_not_match_weights_fails_clearly(tmp_path, make_tiny):
     cfg["channels"] = 10
     payload["config"] = json.dumps(cfg)
     torch.save(payload, path)
-    with pytest.raises(CheckpointError, match="weights do not match the checkpoint's config.*shape mismatches"):
+    with pytest.raises(
+        CheckpointError, match="weights do not match the checkpoint's config.*shape mismatches"
+    ):
         load_model(path)
 
 

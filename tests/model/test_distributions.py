@@ -96,4 +96,8 @@ def test_bernoulli_sums_to_one():
     b = Bernoulli(logits)
     total = b.log_prob(torch.zeros(1, 1, 3, 3)).exp() + b.log_prob(torch.ones(1, 1, 3, 3)).exp()
     assert torch.allclose(total, torch.ones_like(total))
-    assert b.sample(generator=torch.Generator().manual_seed(0)).unique().tolist() in ([0.0, 1.0], [0.0], [1.0])
+    assert b.sample(generator=torch.Generator().manual_seed(0)).unique().tolist() in (
+        [0.0, 1.0],
+        [0.0],
+        [1.0],
+    )

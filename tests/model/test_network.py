@@ -84,7 +84,11 @@ def test_same_seed_gives_identical_losses(tiny_cfg):
 def test_decoder_input_h_and_padding(tiny_cfg):
     model = NVAE(tiny_cfg)
     side = tiny_cfg.image_size // tiny_cfg.total_downsample
-    assert model.h.shape == (tiny_cfg.channels * 2 ** (tiny_cfg.pre_blocks + tiny_cfg.num_scales - 1), side, side)
+    assert model.h.shape == (
+        tiny_cfg.channels * 2 ** (tiny_cfg.pre_blocks + tiny_cfg.num_scales - 1),
+        side,
+        side,
+    )
     assert 0 <= float(model.h.min()) and float(model.h.max()) < 1
     out = model(torch.rand(2, 1, 12, 12))
     assert out.logits.shape == (2, tiny_cfg.output_channels, 16, 16)
