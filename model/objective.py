@@ -86,13 +86,14 @@ def nvae_loss(model, x: torch.Tensor, step: int, total_steps: int, alphas: torch
     bn = model.bn_loss()
     loss = (recon + weighted_kl).mean() + lam * (spectral + bn)
     kl_stack = torch.stack(out.kl_all, dim=1)
-    kl = kl_stack.sum(1)
+    kl_stack = kl_stack.detach()
+    kl, recon = kl_stack.sum(1), recon.detach()
     return LossTerms(
         loss,
         recon + kl,
         recon,
         kl,
-        kl_stack.mean(0).detach(),
+        kl_stack.mean(0),
         coeffs,
         beta,
         lam,

@@ -153,7 +153,7 @@ def train(cfg: NVAEConfig, batches: BatchSource, opts: TrainOptions) -> dict[str
                 bpd = float(terms.nelbo.mean()) / (math.log(2) * cfg.dims)
                 last = {
                     "step": step,
-                    "loss": float(terms.loss),
+                    "loss": float(terms.loss.detach()),
                     "nelbo_bpd": bpd,
                     "recon": float(terms.recon.mean()),
                     "kl": float(terms.kl.mean()),
