@@ -46,12 +46,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from data.loaders import load_manifest, make_loader
+    from data.loaders import make_loader, read_manifest
     from model.train import TrainOptions, train
 
     extra = {"batch_size": args.batch_size} if args.batch_size else {}
     cfg = _config(args, extra)
-    manifest = load_manifest(args.data)
+    manifest = read_manifest(args.data)
     if manifest.get("dataset") != cfg.dataset:
         raise ValueError(
             f"--data {args.data} holds {manifest.get('dataset')!r} but preset {args.preset} is for {cfg.dataset!r}"

@@ -60,60 +60,43 @@ class WNConv2d(nn.Conv2d):
 
 
 class _BNSwishFunction(torch.autograd.Function):
-    """swish(batchnorm(x)) that saves only `x` and per-channel statistics, recomputing the rest in backward.
+    """swish(batchnorm(x)) that saves only `x` and per-channel statistics, recomputing BN's output in backward.
 
-    The unfused pair keeps two activations alive (BN's input and Swish's input); this keeps one.
+    The unfused pair keeps two activations alive (BN's input and Swish's input); this keeps one. Forward and
+    backward use ATen's native batch-norm and SiLU kernels, so the recomputation costs one cheap pass.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps):
-        acc = torch.promote_types(x.dtype, torch.float32)  # statistics in fp32 at least
-        xf = x.to(acc)
-        if use_batch_stats:
-            var, mean = torch.var_mean(xf, dim=(0, 2, 3), unbiased=False)
-            if running_mean is not None:
-                n = xf.numel() // xf.size(1)
-                with torch.no_grad():
-                    running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
-                    running_var.mul_(1 - momentum).add_(var * (n / max(n - 1, 1)), alpha=momentum)
-        else:
-            mean, var = running_mean.to(acc), running_var.to(acc)
-        invstd = torch.rsqrt(var + eps)
-        scale = (weight.to(acc) * invstd).view(1, -1, 1, 1)
-        y = (xf - mean.view(1, -1, 1, 1)) * scale + bias.to(acc).view(1, -1, 1, 1)
-        out = F.silu(y).to(x.dtype)
-        ctx.save_for_backward(x, weight, bias, mean, invstd)
-        ctx.use_batch_stats = use_batch_stats
-        return out
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
+        y, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
+            x, weight, bias, running_mean, running_var, training, momentum, eps
+        )
+        ctx.save_for_backward(x, weight, bias, running_mean, running_var, save_mean, save_invstd)
+        ctx.training, ctx.eps = training, eps
+        return F.silu(y)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, bias, mean, invstd = ctx.saved_tensors
-        acc = mean.dtype
-        x_hat = (x.to(acc) - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
-        y = x_hat * weight.to(acc).view(1, -1, 1, 1) + bias.to(acc).view(1, -1, 1, 1)
-        s = torch.sigmoid(y)
-        g = grad_out.to(acc) * (s * (1 + y * (1 - s)))  # d swish / dy
-        dims = (0, 2, 3)
-        grad_bias = g.sum(dims)
-        grad_weight = (g * x_hat).sum(dims)
-        k = (weight.to(acc) * invstd).view(1, -1, 1, 1)
-        if ctx.use_batch_stats:
-            g_mean = g.mean(dims, keepdim=True)
-            gx_mean = (g * x_hat).mean(dims, keepdim=True)
-            grad_x = k * (g - g_mean - x_hat * gx_mean)
+        x, weight, bias, running_mean, running_var, save_mean, save_invstd = ctx.saved_tensors
+        if ctx.training:  # recompute y with the batch statistics saved in forward
+            mean, var = save_mean, save_invstd.pow(-2) - ctx.eps
         else:
-            grad_x = k * g
-        return (
-            grad_x.to(x.dtype),
-            grad_weight.to(weight.dtype),
-            grad_bias.to(bias.dtype),
-            None,
-            None,
-            None,
-            None,
-            None,
+            mean, var = running_mean, running_var
+        y, _, _ = torch.ops.aten.native_batch_norm(x, weight, bias, mean, var, False, 0.0, ctx.eps)
+        grad_y = torch.ops.aten.silu_backward(grad_out, y)
+        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            grad_y,
+            x,
+            weight,
+            running_mean,
+            running_var,
+            save_mean,
+            save_invstd,
+            ctx.training,
+            ctx.eps,
+            [True, True, True],
         )
+        return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
 class BatchNormSwish(nn.BatchNorm2d):
