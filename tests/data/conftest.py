@@ -93,5 +93,50 @@ def celeba_folder(tmp_path: Path) -> Path:
     names = [f"{i:06d}.jpg" for i in range(1, 13)]
     make_images(root, names, 218, 178)
     parts = [0] * 8 + [1] * 2 + [2] * 2
-    (root / "list_eval_partition.txt").write_text("".join(f"{n} {p}\n" for n, p in zip(names, parts)))
+    (root / "list_eval_partition.txt").write_text(
+        "".join(f"{n} {p}\n" for n, p in zip(names, parts, strict=True))
+    )
     return root
+
+
+@pytest.fixture(scope="session")
+def prepared_fmnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Prepared 8-bit Fashion-MNIST: 96 train / 40 test images cut from the real files."""
+    from data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("fmnist-src")
+    write_idx(root / "train-images-idx3-ubyte", real_idx_images("train-images-idx3-ubyte.gz", 96))
+    write_idx(root / "t10k-images-idx3-ubyte", real_idx_images("t10k-images-idx3-ubyte.gz", 40))
+    out = tmp_path_factory.mktemp("prepared") / "fmnist"
+    prepare("fashion-mnist", root, out, device="cpu")
+    return out
+
+
+@pytest.fixture(scope="session")
+def prepared_cifar(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Prepared CIFAR-10-shaped data (random pixels, 8 per batch file): 40 train / 8 test, flips on."""
+    import pickle
+
+    from data.prepare import prepare
+
+    base = tmp_path_factory.mktemp("cifar-src") / "cifar-10-batches-py"
+    base.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (8, 3072), dtype=np.uint8)
+        (base / name).write_bytes(pickle.dumps({b"data": data, b"labels": [0] * 8}, protocol=2))
+    out = tmp_path_factory.mktemp("prepared") / "cifar"
+    prepare("cifar10", base.parent, out, device="cpu")
+    return out
+
+
+@pytest.fixture(scope="session")
+def prepared_5bit(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Prepared 5-bit image folder, 10 images of 8x8 (9 train / 1 test)."""
+    from data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("img-src")
+    make_images(root, [f"{i}.png" for i in range(10)], 12, 12)
+    out = tmp_path_factory.mktemp("prepared") / "five"
+    prepare("image-folder", root, out, device="cpu", size=8, bits=5)
+    return out

@@ -156,15 +156,20 @@ def test_symlink_escaping_the_source_is_rejected(tmp_path: Path, image_folder: P
         read_image_source(image_folder, get_recipe("image-folder"), None)
 
 
-def test_symlinked_directory_escaping_the_source_is_rejected(tmp_path: Path, image_folder: Path, datagen) -> None:
+def test_symlinked_directory_escaping_the_source_is_rejected(
+    tmp_path: Path, image_folder: Path, datagen
+) -> None:
     datagen.make_images(tmp_path / "outside", ["secret.png"], 8, 8)
     (image_folder / "sub").symlink_to(tmp_path / "outside", target_is_directory=True)
     with pytest.raises(DataError, match="sub: symlink points outside"):
         read_image_source(image_folder, get_recipe("image-folder"), None)
 
 
-def test_symlink_inside_the_source_is_allowed(image_folder: Path) -> None:
+def test_symlink_inside_the_source_is_allowed_and_hidden_files_ignored(image_folder: Path) -> None:
     (image_folder / "again.png").symlink_to(image_folder / "a" / "img001.png")
+    (image_folder / "._again.png").write_bytes(b"\x00\x05\x16\x07")  # macOS resource fork
+    (image_folder / ".cache").mkdir()
+    (image_folder / ".cache" / "x.png").write_bytes(b"")
     src = read_image_source(image_folder, get_recipe("image-folder"), None)
     assert sum(len(v) for v in src.splits.values()) == 21
 
@@ -177,6 +182,11 @@ def test_image_folder_split_rules(tmp_path: Path, image_folder: Path, datagen) -
     datagen.make_images(tmp_path / "tt" / "test", ["z.jpg"], 8, 8)
     src = read_image_source(tmp_path / "tt", get_recipe("image-folder"), None)
     assert [p.name for p in src.splits["test"]] == ["z.jpg"]
+    src = read_image_source(tmp_path / "tt" / "train", get_recipe("image-folder"), None)
+    assert [len(v) for v in src.splits.values()] == [1, 1]  # a test split is never left empty
+    (tmp_path / "tt" / "train" / "y.png").unlink()
+    with pytest.raises(DataError, match="needs at least 2 images, found 1"):
+        read_image_source(tmp_path / "tt" / "train", get_recipe("image-folder"), None)
 
 
 def test_celeba_partitions_from_file_and_from_numbers(tmp_path: Path, celeba_folder: Path, datagen) -> None:
@@ -186,7 +196,9 @@ def test_celeba_partitions_from_file_and_from_numbers(tmp_path: Path, celeba_fol
     datagen.make_images(root, ["162770.jpg", "162771.jpg", "202599.jpg"], 8, 8)
     src = read_image_source(root, get_recipe("celeba64"), None)
     assert {k: [p.stem for p in v] for k, v in src.splits.items()} == {
-        "train": ["162770"], "valid": ["162771"], "test": ["202599"]
+        "train": ["162770"],
+        "valid": ["162771"],
+        "test": ["202599"],
     }
 
 

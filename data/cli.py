@@ -1,0 +1,91 @@
+"""`nvae prepare`: the command line over `data.prepare.prepare`."""
+
+from __future__ import annotations
+
+import argparse
+
+from data.recipes import RECIPES
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `prepare` subcommand to the `nvae` parser."""
+    datasets = "\n".join(f"  {name:<13} {r.description}" for name, r in RECIPES.items())
+    p = subparsers.add_parser(
+        "prepare",
+        help="decode a raw dataset into uint8 arrays per split plus manifest.json (DALI)",
+        description=(
+            "Decode, crop, resize and bit-reduce a raw dataset with NVIDIA DALI (on the GPU when there is\n"
+            "one, in DALI's CPU mode otherwise) into DIR/<split>.npy, uint8 (N, H, W, C), with\n"
+            "DIR/manifest.json (counts, shape, bits, checksums, tool versions). Output is written to a\n"
+            "temporary directory and renamed into place only when complete.\n\ndatasets:\n" + datasets
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--dataset",
+        required=True,
+        choices=list(RECIPES),
+        metavar="NAME",
+        help=f"dataset recipe: {', '.join(RECIPES)}",
+    )
+    p.add_argument(
+        "--source",
+        required=True,
+        metavar="PATH",
+        help="raw data: a directory (idx files, CIFAR batches, npz batches, images) or the CIFAR .tar.gz",
+    )
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="output directory (must not exist, or be empty)"
+    )
+    p.add_argument(
+        "--bits",
+        type=int,
+        choices=(8, 5),
+        default=None,
+        help="bits per channel to keep (default: the recipe's, 5 for celebahq256/ffhq256, else 8)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "gpu", "cpu"),
+        default="auto",
+        help="where DALI runs: auto (GPU if present), gpu, or cpu (default: auto)",
+    )
+    p.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stored side in pixels; required for image-folder, fixed by the recipe otherwise",
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="keep only the first N images of each split (smoke tests)",
+    )
+    p.add_argument(
+        "--skip-corrupt",
+        action="store_true",
+        help="skip images that cannot be decoded and list them in the manifest, instead of failing",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `prepare` from parsed arguments; returns the exit code (errors are raised as DataError)."""
+    from data.prepare import prepare
+
+    prepare(
+        args.dataset,
+        args.source,
+        args.out,
+        bits=args.bits,
+        device=args.device,
+        skip_corrupt=args.skip_corrupt,
+        size=args.size,
+        limit=args.limit,
+        overwrite=args.overwrite,
+    )
+    return 0

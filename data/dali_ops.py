@@ -1,0 +1,179 @@
+"""NVIDIA DALI pipelines of the preparation step: decode, crop, resize and reduce bits, on GPU or CPU.
+
+Without a GPU, DALI runs in CPU mode (`device_id=None`, CPU operators only: the `mixed` decoder needs a GPU).
+A pipeline that failed is no longer usable, so a failing batch is rebuilt and re-run one image at a time to
+find the bad files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from model.errors import DataError
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "gpu", "cpu")
+
+
+def resolve_device(device: str) -> str:
+    """'gpu' or 'cpu' for a requested 'auto' | 'gpu' | 'cpu'; DataError if a GPU is asked for but absent."""
+    if device not in DEVICES:
+        raise DataError(f"unknown device {device!r}; choose one of: {', '.join(DEVICES)}")
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    has_gpu = torch.cuda.is_available()
+    if device == "gpu" and not has_gpu:
+        raise DataError("device 'gpu' requested but no CUDA device is available (use --device cpu or auto)")
+    return "gpu" if has_gpu else "cpu"
+
+
+def cpu_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _reduce_bits(images, bits: int):
+    """uint8 0..255 -> uint8 0..2**bits-1, by floor division (as NVAE: floor(x / 2**(8 - bits)))."""
+    from nvidia.dali import fn, types
+
+    if bits == 8:
+        return images
+    return fn.cast(images // (2 ** (8 - bits)), dtype=types.UINT8)
+
+
+def _build(graph: Callable[[], object], batch_size: int, device: str):
+    from nvidia.dali import Pipeline
+
+    pipe = Pipeline(
+        batch_size=batch_size,
+        num_threads=cpu_threads(),
+        device_id=0 if device == "gpu" else None,
+        prefetch_queue_depth=1,
+        exec_async=False,
+        exec_pipelined=False,
+        seed=0,
+    )
+    with pipe:
+        pipe.set_outputs(graph())
+    pipe.build()
+    return pipe
+
+
+def _to_numpy(output) -> np.ndarray:
+    if hasattr(output, "as_cpu"):
+        output = output.as_cpu()
+    return output.as_array()
+
+
+class ArrayPipeline:
+    """Bit reduction of already-decoded uint8 (B, H, W, C) batches; the image decoder is skipped."""
+
+    def __init__(self, bits: int, device: str, batch_size: int = 1024):
+        self.bits, self.device, self.batch_size = bits, device, batch_size
+        self._pipe = _build(self._graph, batch_size, device)
+
+    def _graph(self):
+        from nvidia.dali import fn, types
+
+        images = fn.external_source(name="images", dtype=types.UINT8, ndim=3, layout="HWC")
+        if self.device == "gpu":
+            images = images.gpu()
+        return _reduce_bits(images, self.bits)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """(B, H, W, C) uint8 -> (B, H, W, C) uint8 with values below 2**bits; B <= batch_size."""
+        self._pipe.feed_input("images", np.ascontiguousarray(batch))
+        (out,) = self._pipe.run()
+        return _to_numpy(out)
+
+
+@dataclass(frozen=True)
+class DecodeFailure:
+    """One image the decoder rejected."""
+
+    path: Path
+    reason: str
+
+
+def _decoder_reason(exc: Exception) -> str:
+    text = str(exc)
+    if "encountered:" in text:
+        lines = [ln.strip() for ln in text.split("encountered:", 1)[1].splitlines() if ln.strip()]
+        lines = [ln for ln in lines if "no longer valid" not in ln]
+        if lines:
+            return f"cannot be decoded ({lines[0]})"
+    return "cannot be decoded"
+
+
+class ImagePipeline:
+    """Decode PNG/JPEG, crop (optional), resize shorter side to `size`, centre crop, reduce bits."""
+
+    def __init__(
+        self,
+        size: int,
+        bits: int,
+        device: str,
+        crop_rel: Sequence[float] | None = None,
+        batch_size: int = 64,
+    ):
+        self.size, self.bits, self.device = size, bits, device
+        self.crop_rel = tuple(crop_rel) if crop_rel else None
+        self.batch_size = batch_size
+        self._pipe = _build(self._graph, batch_size, device)
+
+    def _graph(self):
+        from nvidia.dali import fn, types
+
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+        decoder_device = "mixed" if self.device == "gpu" else "cpu"
+        images = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB)
+        if self.crop_rel:
+            top, left, height, width = self.crop_rel
+            images = fn.slice(images, rel_start=(top, left), rel_shape=(height, width), axis_names="HW")
+        images = fn.resize(images, resize_shorter=self.size, interp_type=types.INTERP_LINEAR, antialias=True)
+        images = fn.crop(images, crop=(self.size, self.size))
+        return _reduce_bits(images, self.bits)
+
+    def _rebuild(self) -> None:
+        self._pipe = _build(self._graph, self.batch_size, self.device)
+
+    def _run(self, encoded: list[np.ndarray]) -> np.ndarray:
+        self._pipe.feed_input("encoded", encoded)
+        (out,) = self._pipe.run()
+        return _to_numpy(out)
+
+    def __call__(self, items: list[tuple[Path, bytes]]) -> tuple[np.ndarray, list[Path], list[DecodeFailure]]:
+        """Decode a batch of (path, encoded bytes).
+
+        Returns the decoded images (B', size, size, 3) uint8, the paths they came from (in order), and
+        the images that failed to decode (B' + failures = B).
+        """
+        encoded = [np.frombuffer(data, dtype=np.uint8) for _, data in items]
+        try:
+            return self._run(encoded), [p for p, _ in items], []
+        except RuntimeError as exc:
+            self._rebuild()
+            if len(items) == 1:
+                return self._empty(), [], [DecodeFailure(items[0][0], _decoder_reason(exc))]
+        log.debug("decoder failed on a batch of %d; retrying image by image", len(items))
+        good, paths, failures = [], [], []
+        for item in items:
+            arr, ok, bad = self([item])
+            good.append(arr)
+            paths += ok
+            failures += bad
+        return np.concatenate(good), paths, failures
+
+    def _empty(self) -> np.ndarray:
+        return np.zeros((0, self.size, self.size, 3), np.uint8)

@@ -1,0 +1,156 @@
+"""What each dataset becomes once prepared: source format, stored size, bits, splits and augmentation.
+
+The recipe is data, not branches in code: `prepare` reads it to decide how to decode and crop, and the loaders
+read it back from the manifest to pick the default augmentation (NVAE flips CIFAR-10, CelebA 64, CelebA HQ and
+FFHQ; never MNIST, Fashion-MNIST or ImageNet 32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from model.errors import DataError
+
+SourceKind = Literal["idx", "cifar10", "imagenet32", "images"]
+SplitRule = Literal["files", "partition", "fraction", "subdirs"]
+
+# CelebA "aligned" images are 178x218 (W x H). NVAE and Glow crop the box (left=15, top=40, right=163,
+# bottom=188), a 148x148 square, before resizing to 64. Stored relative to the image so that it applies to
+# any input size and is exact for the real one.
+CELEBA_CROP_REL: tuple[float, float, float, float] = (40 / 218, 15 / 178, 148 / 218, 148 / 178)
+
+# Official CelebA partition by image number (list_eval_partition.txt), used when that file is absent.
+CELEBA_PARTITION_BOUNDS: tuple[int, int] = (162770, 182637)  # last train id, last valid id
+
+# CelebA HQ (Glow: 27k train / 3k test) and FFHQ (NVAE: 63k / 7k) both split 90 % / 10 % in sorted order.
+TRAIN_FRACTION = 0.9
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one dataset is prepared and augmented.
+
+    `size` is the stored side (H = W); None means it comes from the caller (`--size`). `crop_rel` is a
+    (top, left, height, width) box relative to the decoded image, applied before resizing.
+    """
+
+    name: str
+    source_kind: SourceKind
+    size: int | None
+    channels: int
+    default_bits: int
+    flip: bool
+    binarize: bool
+    split_rule: SplitRule
+    crop_rel: tuple[float, float, float, float] | None = None
+    description: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["crop_rel"] = list(self.crop_rel) if self.crop_rel else None
+        return d
+
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe(
+            "mnist",
+            "idx",
+            28,
+            1,
+            8,
+            flip=False,
+            binarize=True,
+            split_rule="files",
+            description="idx files train-images-idx3-ubyte[.gz] and t10k-images-idx3-ubyte[.gz]; 60k/10k",
+        ),
+        Recipe(
+            "fashion-mnist",
+            "idx",
+            28,
+            1,
+            8,
+            flip=False,
+            binarize=False,
+            split_rule="files",
+            description="idx files as for MNIST; 60k/10k, kept 8-bit grayscale",
+        ),
+        Recipe(
+            "cifar10",
+            "cifar10",
+            32,
+            3,
+            8,
+            flip=True,
+            binarize=False,
+            split_rule="files",
+            description="python-pickle batches (directory or cifar-10-python.tar.gz); 50k/10k",
+        ),
+        Recipe(
+            "imagenet32",
+            "imagenet32",
+            32,
+            3,
+            8,
+            flip=False,
+            binarize=False,
+            split_rule="files",
+            description="downsampled-ImageNet npz batches train_data_batch_*.npz and val_data.npz",
+        ),
+        Recipe(
+            "celeba64",
+            "images",
+            64,
+            3,
+            8,
+            flip=True,
+            binarize=False,
+            split_rule="partition",
+            crop_rel=CELEBA_CROP_REL,
+            description="aligned JPEG folder; 148x148 crop at (15, 40), resized to 64; train/valid/test from list_eval_partition.txt",
+        ),
+        Recipe(
+            "celebahq256",
+            "images",
+            256,
+            3,
+            5,
+            flip=True,
+            binarize=False,
+            split_rule="fraction",
+            description="PNG/JPEG folder resized to 256; first 90 % (27k) train, last 10 % (3k) test",
+        ),
+        Recipe(
+            "ffhq256",
+            "images",
+            256,
+            3,
+            5,
+            flip=True,
+            binarize=False,
+            split_rule="fraction",
+            description="PNG/JPEG folder resized to 256; first 63k train, last 7k test",
+        ),
+        Recipe(
+            "image-folder",
+            "images",
+            None,
+            3,
+            8,
+            flip=False,
+            binarize=False,
+            split_rule="subdirs",
+            description="any PNG/JPEG folder (needs --size): train/ and test/ subfolders, else a 90/10 split",
+        ),
+    )
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe of dataset `name`; DataError naming the allowed ones otherwise."""
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(RECIPES)}") from None
