@@ -22,7 +22,7 @@ stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
 if [ ! -f "$stamp" ]; then
   echo "setup: installing dependencies into .venv (first run: a few minutes)" >&2
   .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -m pip install -q -e ".[dev,data]" 2>&1 | grep -v -e "^WARNING: Location" -e "BuildBackendWarning" -e '^ ' || true
+  .venv/bin/python -m pip install -q -e ".[all]" 2>&1 | grep -v -e "^WARNING: Location" -e "BuildBackendWarning" -e '^ ' || true
   .venv/bin/python -c "import torch, model" # fail here, clearly, if the install did not work
   rm -f .venv/.installed-*
   touch "$stamp"
