@@ -13,7 +13,7 @@ import logging
 import sys
 
 # Modules that contribute subcommands, in the order `nvae --help` lists them.
-_COMMAND_MODULES = ("data.cli", "model.cli")
+_COMMAND_MODULES = ("data.cli", "model.cli", "model.cli_eval", "model.cli_onnx", "pipelines.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

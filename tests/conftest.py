@@ -15,3 +15,45 @@ def pytest_collection_modifyitems(config, items):
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-API server over HTTP on loopback (moto's server mode), for the S3 clients MinIO speaks to.
+
+    Yields a dict with `endpoint_url`, `access_key`, `secret_key`, `region` and `make_bucket(name)`.
+    The server is stopped at the end of the session.
+    """
+    import socket
+
+    boto3 = pytest.importorskip("boto3")
+    server_mod = pytest.importorskip("moto.server")
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    info = {
+        "endpoint_url": f"http://127.0.0.1:{port}",
+        "access_key": "testing-access-key",
+        "secret_key": "testing-secret-key",
+        "region": "us-east-1",
+    }
+
+    def make_bucket(name: str) -> str:
+        client = boto3.client(
+            "s3",
+            endpoint_url=info["endpoint_url"],
+            aws_access_key_id=info["access_key"],
+            aws_secret_access_key=info["secret_key"],
+            region_name=info["region"],
+        )
+        client.create_bucket(Bucket=name)
+        return name
+
+    info["make_bucket"] = make_bucket
+    try:
+        yield info
+    finally:
+        server.stop()
