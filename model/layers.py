@@ -173,3 +173,16 @@ class UpSkip(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True))
+
+
+class SyncBatchNormSwish(nn.SyncBatchNorm):
+    """SyncBatchNorm followed by Swish: what `BatchNormSwish` becomes under multi-GPU DDP.
+
+    `nn.SyncBatchNorm.convert_sync_batchnorm` would turn a `BatchNormSwish` into a plain SyncBatchNorm and
+    silently drop the Swish; `model.distributed.convert_sync_batchnorm` maps it here instead. Unfused (the
+    synchronised statistics need SyncBatchNorm's own autograd function), so it keeps two activations.
+    (B, C, H, W) -> (B, C, H, W).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(super().forward(x))

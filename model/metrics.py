@@ -1,0 +1,85 @@
+"""What a training run reports: per-step scalars, per-interval latent statistics, sample grids.
+
+`RunLogger` writes on the main rank only: DVCLive under `RUN/dvclive` (offline: no DVC experiment, no
+dvc.yaml, no Studio calls), the same scalars as JSON lines in `RUN/train_metrics.jsonl`, and sample grids
+under `RUN/samples/`. Other ranks get a logger whose methods do nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ACTIVE_KL = 0.1  # a latent channel is active when its mean KL exceeds this (nats)
+
+
+def latent_stats(kl_diag: torch.Tensor) -> dict[str, float]:
+    """KL per group and the count of active latent channels from mean KL per channel `kl_diag` (G, Z)."""
+    stats = {f"kl_group/{g:02d}": float(v) for g, v in enumerate(kl_diag.sum(dim=1))}
+    stats["active_channels"] = float((kl_diag > ACTIVE_KL).sum())
+    stats["active_fraction"] = float((kl_diag > ACTIVE_KL).float().mean())
+    return stats
+
+
+class RunLogger:
+    """Per-step and per-interval metrics of one run, written on the main rank (see the module docstring)."""
+
+    def __init__(self, out: Path, enabled: bool, resume: bool, dvclive: bool = True):
+        self.out = Path(out)
+        self.enabled = enabled
+        self.jsonl = self.out / "train_metrics.jsonl"
+        self.live = None
+        if enabled and dvclive:
+            self.live = _open_live(self.out / "dvclive", resume)
+
+    def log_step(self, step: int, values: dict[str, Any]) -> None:
+        """Scalars of optimisation step `step` (1-based: the number of steps done)."""
+        if not self.enabled:
+            return
+        with self.jsonl.open("a") as fh:
+            fh.write(json.dumps({"step": step, **values}) + "\n")
+        if self.live is not None:
+            self.live.step = step
+            for name, value in values.items():
+                self.live.log_metric(f"train/{name}", value, plot=True)
+            self.live.next_step()
+
+    def log_interval(self, step: int, values: dict[str, float], grid_path: Path | None) -> None:
+        """Latent statistics (and the sample grid) of the evaluation interval ending at `step`."""
+        if not self.enabled:
+            return
+        with (self.out / "eval_metrics.jsonl").open("a") as fh:
+            fh.write(json.dumps({"step": step, **values}) + "\n")
+        if self.live is not None:
+            self.live.step = step
+            for name, value in values.items():
+                self.live.log_metric(f"eval/{name}", value, plot=True)
+            if grid_path is not None:
+                self.live.log_image(f"samples/{grid_path.name}", grid_path)
+            self.live.next_step()
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.end()
+            self.live = None
+
+
+def _open_live(directory: Path, resume: bool):
+    """A DVCLive logger that stays offline: no experiment, no dvc.yaml, no Studio."""
+    os.environ.setdefault("DVC_STUDIO_OFFLINE", "true")
+    try:
+        from dvclive import Live
+    except ModuleNotFoundError:
+        log.warning("dvclive is not installed; metrics go to train_metrics.jsonl only")
+        return None
+    return Live(dir=str(directory), resume=resume, save_dvc_exp=False, dvcyaml=False, report=None)
+
+
+__all__ = ["ACTIVE_KL", "RunLogger", "latent_stats"]

@@ -1,0 +1,63 @@
+"""BN readjustment (paper Sec. 3.2 / B.2): re-estimate the decoder's BN running statistics from prior samples
+at the temperature that will be used for sampling, instead of keeping the training-time averages."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from tqdm import tqdm
+
+from model.network import NVAE
+from model.regularizers import bn_layers
+
+log = logging.getLogger(__name__)
+
+
+def sampling_path_modules(model: NVAE) -> list[torch.nn.Module]:
+    """Modules on the generative path that hold BN layers: decoder tower, up cells, postprocess."""
+    return [model.dec_groups, model.dec_up, model.postprocess]
+
+
+@torch.no_grad()
+def readjust_bn(
+    model: NVAE,
+    temperature: float,
+    iters: int = 500,
+    batch: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Run `iters` prior-sampling passes of `batch` at `temperature` with the sampling path's BN layers in
+    train mode (momentum as built, 0.05), then leave the whole model in eval mode. Returns the settings."""
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0")
+    if iters < 1 or batch < 1:
+        raise ValueError(f"iters={iters} and batch={batch} must be >= 1")
+    model.eval()
+    for module in sampling_path_modules(model):
+        module.train()
+    n_bn = sum(len(bn_layers(m)) for m in sampling_path_modules(model))
+    generator = torch.Generator(device=model.h.device).manual_seed(seed)
+    start = time.perf_counter()
+    for _ in tqdm(range(iters), disable=not progress, desc=f"readjust BN (t={temperature:g})", unit="it"):
+        model.sample_logits(batch, temperature, generator=generator)
+    model.eval()
+    seconds = time.perf_counter() - start
+    log.info(
+        "readjusted %d BN layers with %d x %d samples at t=%g in %.1f s",
+        n_bn,
+        iters,
+        batch,
+        temperature,
+        seconds,
+    )
+    return {
+        "temperature": float(temperature),
+        "iters": iters,
+        "batch": batch,
+        "seed": seed,
+        "bn_layers": n_bn,
+        "seconds": seconds,
+    }

@@ -1,0 +1,276 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from model.checkpoint import load_model, save_checkpoint
+from model.evaluate import evaluate, iw_batch
+from model.network import NVAE
+from model.readjust import readjust_bn
+from model.regularizers import bn_layers
+from model.sample import fixed_scale_rows, nearest_neighbours, sample_images
+from nvae_cli import main
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+
+
+def _trained_bn(model, x, steps=3):
+    """Move BN statistics away from their init with a few train-mode passes (no optimisation needed)."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            model(x)
+    return model.eval()
+
+
+@pytest.fixture
+def model_and_data(tiny_cfg):
+    torch.manual_seed(0)
+    model = NVAE(tiny_cfg)
+    x = torch.randint(0, 256, (6, 1, 12, 12)).float() / 255
+    return _trained_bn(model, x), x
+
+
+def test_iw_bound_is_at_least_the_elbo(model_and_data):
+    model, x = model_and_data  # with flows, the ELBO here is the mean of the same log-weights
+    res = iw_batch(model, x, k=8, chunk=4, generator=torch.Generator().manual_seed(0))
+    assert (res.log_px >= res.elbo - 1e-4).all()
+    assert (res.log_px > res.elbo).any()
+
+
+def test_iw_bound_rises_with_k_on_average(model_and_data):
+    model, x = model_and_data
+    k1 = torch.stack([iw_batch(model, x, 1, 1, torch.Generator().manual_seed(s)).log_px for s in range(8)])
+    k32 = torch.stack([iw_batch(model, x, 32, 32, torch.Generator().manual_seed(s)).log_px for s in range(2)])
+    assert k32.mean() > k1.mean()
+
+
+def test_chunked_equals_sequential_for_the_same_draws(model_and_data):
+    model, x = model_and_data
+    seq = iw_batch(model, x, 6, 1, torch.Generator().manual_seed(3))
+    chunked = iw_batch(model, x, 6, 4, torch.Generator().manual_seed(3))
+    assert torch.allclose(seq.log_px, chunked.log_px, atol=1e-3, rtol=1e-5)
+    assert torch.allclose(seq.elbo, chunked.elbo, atol=1e-3, rtol=1e-5)
+
+
+def test_evaluate_reports_bits_per_dim_and_active_channels(model_and_data):
+    model, x = model_and_data
+    m = evaluate(model, [x[:4], x[4:]], k=4, progress=False)
+    assert m["num_images"] == 6 and m["iw_samples"] == 4
+    assert m["nll_bpd"] == pytest.approx(m["nll_nats"] / (math.log(2) * 144))
+    assert m["nll_bpd"] <= m["nelbo_bpd"] + 1e-6
+    assert (
+        len(m["kl_per_group"]) == model.num_groups and len(m["active_channels_per_group"]) == model.num_groups
+    )
+    assert 0 <= m["active_channels"] <= m["latent_channels"] == sum(s[0] for s in model.latent_shapes())
+    assert sum(m["kl_per_group"]) == pytest.approx(m["kl_nats"], rel=1e-5)
+    assert evaluate(model, [x], k=4, limit=2, progress=False)["num_images"] == 2
+
+
+def test_readjust_touches_only_decoder_side_bn(model_and_data):
+    model, _ = model_and_data
+    before = {id(m): m.running_mean.clone() for m in bn_layers(model)}
+    settings = readjust_bn(model, 0.7, iters=3, batch=4, progress=False)
+    assert settings["temperature"] == 0.7 and settings["iters"] == 3 and not model.training
+    decoder_side = {
+        id(m) for mod in (model.dec_groups, model.dec_up, model.postprocess) for m in bn_layers(mod)
+    }
+    for m in bn_layers(model):
+        changed = not torch.equal(before[id(m)], m.running_mean)
+        assert changed == (id(m) in decoder_side)
+
+
+def test_sampling_is_seeded_and_fix_scales_rows(model_and_data):
+    model, _ = model_and_data
+    a = sample_images(model, 5, 0.8, seed=1)
+    assert torch.equal(a, sample_images(model, 5, 0.8, seed=1))
+    assert not torch.equal(a, sample_images(model, 5, 0.8, seed=2))
+    assert a.shape == (5, 1, 12, 12) and a.min() >= 0 and a.max() <= 1
+    rows = fixed_scale_rows(model, 4, 0.8).view(model.cfg.num_scales + 1, 4, 1, 12, 12)
+    assert all(torch.equal(rows[-1, 0], r) for r in rows[-1])  # every scale fixed: identical images
+    assert not torch.equal(rows[0, 0], rows[0, 1])  # nothing fixed: different images
+
+
+def test_nearest_neighbours_finds_the_duplicate():
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, (50, 16, 16, 1), dtype=np.uint8)
+    idx = nearest_neighbours(train[[7, 30]], train, k=3, chunk=16)
+    assert idx[:, 0].tolist() == [7, 30]
+
+
+# ------------------------------------------------------------------------------------ CLI, end to end
+@pytest.fixture(scope="module")
+def fmnist_dir(tmp_path_factory):
+    from data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("prep") / "fmnist"
+    prepare("fashion-mnist", FMNIST, out, limit=64)
+    return out
+
+
+@pytest.fixture
+def fmnist_ckpt(tmp_path, make_tiny):
+    torch.manual_seed(0)
+    model = NVAE(make_tiny(data_size=28, image_size=32))
+    _trained_bn(model, torch.rand(4, 1, 28, 28))
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, model, extra={"step": 5})
+    return path
+
+
+def test_cli_evaluate_readjust_sample_nearest(tmp_path, fmnist_dir, fmnist_ckpt, capsys):
+    metrics = tmp_path / "m.json"
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(fmnist_ckpt),
+                "--data",
+                str(fmnist_dir),
+                "--iw-samples",
+                "3",
+                "--limit",
+                "8",
+                "--out",
+                str(metrics),
+                "--kl-plot",
+                str(tmp_path / "kl.png"),
+            ]
+        )
+        == 0
+    )
+    m = json.loads(metrics.read_text())
+    assert m["num_images"] == 8 and m["iw_samples"] == 3 and m["likelihood_edge"] == "correct"
+    assert m["dataset"] == "fashion-mnist" and len(m["checkpoint_sha256"]) == 64
+    assert (tmp_path / "kl.png").read_bytes()[:4] == b"\x89PNG"
+
+    adj = tmp_path / "adj.pt"
+    assert (
+        main(
+            [
+                "readjust-bn",
+                "--checkpoint",
+                str(fmnist_ckpt),
+                "--temperature",
+                "0.7",
+                "--iters",
+                "2",
+                "--batch",
+                "4",
+                "--out",
+                str(adj),
+            ]
+        )
+        == 0
+    )
+    _, payload = load_model(adj)
+    assert payload["bn_readjust"]["temperature"] == 0.7 and payload["step"] == 5
+
+    out = tmp_path / "s"
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(adj),
+                "--n",
+                "6",
+                "--temperature",
+                "0.7",
+                "1.0",
+                "--out",
+                str(out),
+                "--fix-scales",
+                "--reconstruct",
+                "--data",
+                str(fmnist_dir),
+            ]
+        )
+        == 0
+    )
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "fixed_scales_t0.7.png",
+        "fixed_scales_t1.png",
+        "grid_t0.7.png",
+        "grid_t1.png",
+        "reconstructions.png",
+        "samples.npz",
+    ]
+    with np.load(out / "samples.npz") as z:
+        assert z["images_t0.7"].shape == (6, 28, 28, 1) and z["images_t0.7"].dtype == np.uint8
+        first = z["images_t0.7"].copy()
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(adj),
+                "--n",
+                "6",
+                "--temperature",
+                "0.7",
+                "--out",
+                str(tmp_path / "s2"),
+            ]
+        )
+        == 0
+    )
+    with np.load(tmp_path / "s2" / "samples.npz") as z:
+        assert np.array_equal(z["images_t0.7"], first)  # same seed, same images
+
+    assert (
+        main(
+            [
+                "nearest",
+                "--samples",
+                str(out / "samples.npz"),
+                "--data",
+                str(fmnist_dir),
+                "--k",
+                "2",
+                "--out",
+                str(tmp_path / "nn.png"),
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "nn.png").exists()
+
+
+def test_cli_bad_inputs_fail_before_work(tmp_path, fmnist_dir, fmnist_ckpt, make_tiny, capsys):
+    other = NVAE(make_tiny(dataset="mnist", data_size=28, image_size=32))
+    save_checkpoint(tmp_path / "other.pt", other)
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(tmp_path / "other.pt"),
+                "--data",
+                str(fmnist_dir),
+                "--iw-samples",
+                "2",
+                "--out",
+                str(tmp_path / "m.json"),
+            ]
+        )
+        == 2
+    )
+    assert "holds 'fashion-mnist' but the checkpoint's model is for 'mnist'" in capsys.readouterr().err
+    assert not (tmp_path / "m.json").exists()
+    for argv in (
+        ["evaluate", "--checkpoint", "c", "--data", "d", "--iw-samples", "0", "--out", "m"],
+        ["readjust-bn", "--checkpoint", "c", "--temperature", "0", "--out", "o"],
+        ["sample", "--checkpoint", "c", "--temperature", "-1", "--out", "o"],
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--iw-samples must be >= 1" in err and "temperature must be > 0" in err
+    assert main(["sample", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
