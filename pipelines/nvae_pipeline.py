@@ -1,0 +1,167 @@
+"""The NVAE pipeline: validate -> prepare -> train -> evaluate / readjust BN -> export ONNX -> sample.
+
+`compile_pipeline` writes the spec uploaded to Kubeflow; `run_local` executes the same DAG with `kfp.local`;
+`submit` starts a run on a Kubeflow Pipelines endpoint.
+"""
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from kfp import compiler, dsl, kubernetes
+
+from components import steps as comp
+from pipelines.params import PipelineParams
+
+log = logging.getLogger(__name__)
+
+PIPELINE_NAME = "nvae-pipeline"
+COMPILED = Path(__file__).with_name("nvae_pipeline.yaml")
+S3_SECRET = "nvae-s3-credentials"  # k8s Secret with the object store's endpoint and keys
+_D = PipelineParams()
+
+
+@dsl.pipeline(
+    name=PIPELINE_NAME,
+    description="NVAE: DALI preparation, training, IW evaluation, BN readjustment, ONNX export and sampling.",
+)
+def nvae_pipeline(
+    dataset: str = _D.dataset,
+    source: str = _D.source,
+    prepare_limit: int = _D.prepare_limit,
+    preset: str = _D.preset,
+    overrides: str = _D.overrides,
+    steps: int = _D.steps,
+    batch_size: int = _D.batch_size,
+    gpus: int = _D.gpus,
+    accelerator: str = _D.accelerator,
+    seed: int = _D.seed,
+    iw_samples: int = _D.iw_samples,
+    eval_limit: int = _D.eval_limit,
+    temperature: float = _D.temperature,
+    readjust_iters: int = _D.readjust_iters,
+    num_samples: int = _D.num_samples,
+):
+    check = comp.validate_params(
+        preset=preset,
+        dataset=dataset,
+        overrides=overrides,
+        steps=steps,
+        gpus=gpus,
+        iw_samples=iw_samples,
+        temperature=temperature,
+        num_samples=num_samples,
+    ).set_display_name("validate parameters")
+    check.set_caching_options(False)
+
+    prep = comp.prepare(dataset=dataset, source=source, limit=prepare_limit).after(check)
+    prep.set_display_name("prepare (DALI)").set_cpu_request("2").set_memory_request("4G")
+
+    fit = comp.train(
+        data=prep.outputs["data"],
+        preset=preset,
+        overrides=overrides,
+        steps=steps,
+        batch_size=batch_size,
+        gpus=gpus,
+        seed=seed,
+    )
+    fit.set_display_name("train (torchrun)").set_cpu_request("4").set_memory_request("16G").set_memory_limit(
+        "64G"
+    )
+    fit.set_accelerator_type(accelerator).set_accelerator_limit(gpus).set_retry(3, backoff_duration="60s")
+    kubernetes.add_toleration(fit, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
+    kubernetes.empty_dir_mount(
+        fit, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit="16Gi"
+    )
+    kubernetes.use_secret_as_env(
+        fit,
+        S3_SECRET,
+        {
+            "AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL",
+            "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+        },
+        optional=True,
+    )
+
+    ev = comp.evaluate(
+        model=fit.outputs["model"], data=prep.outputs["data"], iw_samples=iw_samples, limit=eval_limit
+    )
+    ev.set_display_name("evaluate (IW bits/dim)").set_cpu_request("2").set_memory_request("8G")
+
+    adj = comp.readjust_bn(model=fit.outputs["model"], temperature=temperature, iters=readjust_iters)
+    adj.set_display_name("readjust BN").set_cpu_request("2").set_memory_request("4G")
+
+    onnx = comp.export_onnx(model=adj.outputs["readjusted"])
+    onnx.set_display_name("export ONNX").set_cpu_request("1").set_memory_request("4G")
+
+    smp = comp.sample(
+        onnx_model=onnx.outputs["onnx_model"], num_samples=num_samples, temperature=temperature, seed=seed
+    )
+    smp.set_display_name("sample (onnxruntime)").set_cpu_request("1").set_memory_request("2G")
+
+
+def compile_pipeline(out: str | Path = COMPILED) -> Path:
+    """Write the pipeline spec (YAML) that is uploaded to Kubeflow."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(nvae_pipeline, str(out))
+    return out
+
+
+def run_local(params: PipelineParams, root: str | Path = "runs/pipeline") -> dict[str, str]:
+    """Run the same DAG on this machine with kfp.local's SubprocessRunner; returns where the results are."""
+    from kfp import local
+
+    params.validate()
+    root = Path(root).resolve()
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
+    task = nvae_pipeline(**params.as_arguments())
+    del task
+    return find_local_outputs(root)
+
+
+def find_local_outputs(root: Path) -> dict[str, str]:
+    """The newest local run's key artifacts under `root` (kfp.local lays out <run>/<task>/<output>)."""
+    runs = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        return {}
+    run = runs[-1]
+    found: dict[str, str] = {"run": str(run)}
+    patterns = {
+        "metrics": "evaluate/metrics.json",
+        "kl_plot": "evaluate/metrics.kl.png",
+        "onnx": "export-onnx/onnx_model",
+        "checkpoint": "train/model/checkpoint.pt",
+        "readjusted": "readjust-bn/readjusted/checkpoint.pt",
+        "samples": "sample/samples/samples.npz",
+    }
+    for key, rel in patterns.items():
+        path = run / rel
+        if path.exists():
+            found[key] = str(path)
+    grids = sorted(run.glob("sample/samples/grid_t*.png"))
+    if grids:
+        found["sample_grid"] = str(grids[0])
+    return found
+
+
+def submit(
+    host: str,
+    params: PipelineParams,
+    experiment: str = "nvae",
+    run_name: str | None = None,
+    package: str | Path = COMPILED,
+) -> Any:
+    """Upload-and-run on a Kubeflow Pipelines endpoint (the compiled spec, with these arguments)."""
+    import kfp
+
+    params.validate()
+    client = kfp.Client(host=host)
+    return client.create_run_from_pipeline_package(
+        str(package),
+        arguments=params.as_arguments(),
+        run_name=run_name,
+        experiment_name=experiment,
+    )
