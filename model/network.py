@@ -179,19 +179,29 @@ class NVAE(nn.Module):
         s = self.h.unsqueeze(0).expand(batch, -1, -1, -1)
         return s if dtype is None else s.to(dtype)
 
-    def forward(self, x: torch.Tensor, eps: list[torch.Tensor] | None = None) -> ForwardOutput:
-        """Encode x (B, C, D, D) in [0,1], sample every group's posterior, decode. `eps`: optional noise."""
-        top, feats = self.encode_features(x)
-        batch = x.size(0)
-        s = self._initial_state(batch, top.dtype)
-        log_q = log_p = 0.0
-        kl_all, kl_diag = [], []
+    def _decode(self, batch: int, dtype: torch.dtype | None, pick_z) -> torch.Tensor:
+        """Top-down pass from `h`: per group j, run its cells, then `z = pick_z(j, s)` and combine.
+
+        Returns head logits (B, out, S, S). `pick_z` sees the decoder state s (B, C, H, W) of group j.
+        """
+        s = self._initial_state(batch, dtype)
         up = iter(self.dec_up)
         for j, scale in enumerate(self.group_scales):
             if j > 0 and scale != self.group_scales[j - 1]:
                 s = next(up)(s)
             if len(self.dec_groups[j]):  # group 0 has no cells
                 s = self.dec_groups[j](s)
+            s = self.dec_combiners[j](s, pick_z(j, s))
+        return self.head(self.postprocess(s))
+
+    def forward(self, x: torch.Tensor, eps: list[torch.Tensor] | None = None) -> ForwardOutput:
+        """Encode x (B, C, D, D) in [0,1], sample every group's posterior, decode. `eps`: optional noise."""
+        top, feats = self.encode_features(x)
+        log_q = log_p = 0.0
+        kl_all, kl_diag = [], []
+
+        def posterior_z(j: int, s: torch.Tensor) -> torch.Tensor:
+            nonlocal log_q, log_p
             if j == 0:
                 mu_q, ls_q = self.enc_sampler[0](top).chunk(2, dim=1)
                 q = Normal(mu_q, ls_q)
@@ -213,23 +223,22 @@ class NVAE(nn.Module):
             kl_diag.append(kl.sum(dim=(2, 3)).mean(0))
             log_q = log_q + lq.sum(dim=(1, 2, 3))
             log_p = log_p + lp.sum(dim=(1, 2, 3))
-            s = self.dec_combiners[j](s, z)
-        logits = self.head(self.postprocess(s))
+            return z
+
+        logits = self._decode(x.size(0), top.dtype, posterior_z)
         return ForwardOutput(logits, log_q, log_p, kl_all, kl_diag)
 
     @torch.no_grad()
     def sample_logits(
         self,
         num: int,
-        temperature: float = 1.0,
+        temperature: float | torch.Tensor = 1.0,
         eps: list[torch.Tensor] | None = None,
         generator: torch.Generator | None = None,
-        fixed: dict[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Ancestral sampling from the prior at `temperature`; returns head logits (B, out, S, S).
 
         `eps`: standard-normal noise per group (coarse first), drawn from `generator` if not given.
-        `fixed`: group index -> z to use instead of sampling (to hold the top groups fixed).
         """
         device = self.h.device
         if eps is None:
@@ -237,22 +246,15 @@ class NVAE(nn.Module):
                 torch.randn((num, *shape), generator=generator, device=device)
                 for shape in self.latent_shapes()
             ]
-        s = self._initial_state(num)
-        up = iter(self.dec_up)
-        for j, scale in enumerate(self.group_scales):
-            if j > 0 and scale != self.group_scales[j - 1]:
-                s = next(up)(s)
-            if len(self.dec_groups[j]):  # group 0 has no cells
-                s = self.dec_groups[j](s)
+
+        def prior_z(j: int, s: torch.Tensor) -> torch.Tensor:
             if j == 0:
-                zeros = torch.zeros((num, *self.latent_shapes()[0]), device=device)
-                p = Normal(zeros, zeros, temperature)
-            else:
-                mu_p, ls_p = self.dec_sampler[j - 1](s).chunk(2, dim=1)
-                p = Normal(mu_p, ls_p, temperature)
-            z = fixed[j] if fixed is not None and j in fixed else p.sample(eps[j])
-            s = self.dec_combiners[j](s, z)
-        return self.head(self.postprocess(s))
+                zeros = torch.zeros_like(eps[0])
+                return Normal(zeros, zeros, temperature).sample(eps[0])
+            mu_p, ls_p = self.dec_sampler[j - 1](s).chunk(2, dim=1)
+            return Normal(mu_p, ls_p, temperature).sample(eps[j])
+
+        return self._decode(num, None, prior_z)
 
     # ------------------------------------------------------------------ likelihood
     def output_distribution(self, logits: torch.Tensor):
