@@ -1,0 +1,159 @@
+"""Exercise every CUDA path of the project on a lent GPU and write the figures to OUT/gpu_check.json.
+
+Sections (each independent; a failure is recorded, not fatal): training steps in fp32/bf16/fp16 (GradScaler),
+the `gpu`-marked tests, DALI GPU preparation vs CPU, onnxruntime-gpu parity and ms/image.
+
+    python bench/gpu_check.py --out OUTDIR [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+
+def section(results: dict, name: str):
+    def wrap(fn):
+        start = time.perf_counter()
+        try:
+            results[name] = {"ok": True, **fn()}
+        except Exception as exc:  # record and go on: one broken path must not hide the others
+            results[name] = {
+                "ok": False,
+                "error": f"{type(exc).__name__}: {exc}",
+                "trace": traceback.format_exc(),
+            }
+        results[name]["seconds"] = round(time.perf_counter() - start, 1)
+        print(f"[{name}] {json.dumps({k: v for k, v in results[name].items() if k != 'trace'})}", flush=True)
+        return fn
+
+    return wrap
+
+
+def train_steps(preset: str, batch: int, precision: str, steps: int) -> dict:
+    import torch
+
+    from model.config import get_preset
+    from model.network import NVAE
+    from model.objective import kl_balance_alphas, nvae_loss
+    from model.runtime import autocast
+    from model.train import make_optimizer
+
+    torch.manual_seed(0)
+    cfg = get_preset(preset)
+    model = NVAE(cfg).cuda()
+    opt = make_optimizer(cfg, model)
+    scaler = torch.amp.GradScaler("cuda", init_scale=1024.0, enabled=precision == "fp16")
+    alphas = kl_balance_alphas(cfg.groups_per_scale).cuda()
+    x = torch.rand(batch, cfg.in_channels, cfg.data_size, cfg.data_size, device="cuda")
+    if cfg.binarize:
+        x = (x > 0.5).float()
+    torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for i in range(steps + 2):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with autocast("cuda", precision):
+            terms = nvae_loss(model, x, i, 10_000, alphas)
+        scaler.scale(terms.loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - t)
+        losses.append(float(terms.loss.detach()))
+    times.sort()
+    med = times[len(times) // 2]
+    return {
+        "img_per_s": round(batch / med, 1),
+        "step_ms": round(1000 * med, 1),
+        "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1024**3, 2),
+        "losses_finite": all(l == l and abs(l) < float("inf") for l in losses),
+        "last_loss": losses[-1],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--quick", action="store_true", help="fewer steps")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {}
+    steps = 3 if args.quick else 10
+
+    @section(results, "env")
+    def _env():
+        import torch
+
+        return {
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "device": torch.cuda.get_device_name(0),
+        }
+
+    for preset, batch in (("mnist", 32), ("cifar10", 32)):
+        for precision in ("fp32", "bf16", "fp16"):
+            section(results, f"train_{preset}_b{batch}_{precision}")(
+                lambda p=preset, b=batch, q=precision: train_steps(p, b, q, steps)
+            )
+
+    @section(results, "pytest_gpu")
+    def _pytest():
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"],
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        (out / "pytest_gpu.log").write_text(proc.stdout + proc.stderr)
+        return {"returncode": proc.returncode, "summary": (proc.stdout.strip().splitlines() or [""])[-1]}
+
+    @section(results, "dali_gpu_prepare")
+    def _dali():
+        import numpy as np
+        from PIL import Image
+
+        from data.prepare import prepare
+
+        with tempfile.TemporaryDirectory() as tmp:
+            src = Path(tmp) / "imgs"
+            src.mkdir()
+            rng = np.random.default_rng(0)
+            for i in range(256):
+                Image.fromarray(rng.integers(0, 256, (96, 80, 3), dtype=np.uint8)).save(src / f"{i:04d}.png")
+            timings = {}
+            for dev in ("cpu", "gpu"):
+                t = time.perf_counter()
+                prepare("image-folder", src, Path(tmp) / dev, size=64, device=dev)
+                timings[dev] = time.perf_counter() - t
+            a = np.load(Path(tmp) / "cpu" / "train.npy")
+            b = np.load(Path(tmp) / "gpu" / "train.npy")
+            diff = int(np.abs(a.astype(int) - b.astype(int)).max())
+            return {
+                "images": 256,
+                "cpu_s": round(timings["cpu"], 2),
+                "gpu_s": round(timings["gpu"], 2),
+                "max_abs_diff_gpu_vs_cpu": diff,
+            }
+
+    @section(results, "onnx_gpu")
+    def _onnx():
+        from model.export import gpu_check  # provided by the ONNX export module
+
+        return gpu_check(out)
+
+    (out / "gpu_check.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out / 'gpu_check.json'}")
+
+
+if __name__ == "__main__":
+    main()
