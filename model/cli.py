@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from model.config import PRESETS, build_config, parse_set_args
@@ -43,11 +47,52 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    import torch
+# Exit codes of `nvae train`, chosen so a controller (Kubernetes Job podFailurePolicy, Kubeflow Trainer,
+# torchrun's restarts) can tell what to retry: 1-2 are permanent (retrying repeats them), the rest retryable.
+EXIT_OK = 0  # trained to the last step
+EXIT_FAILED = 1  # training diverged: too many non-finite steps in a row, or ranks out of sync
+EXIT_BAD_INPUT = 2  # bad flag, config, data or checkpoint (the `nvae` convention for library errors)
+EXIT_STORAGE = 75  # checkpoint store unreachable or failing (EX_TEMPFAIL): retry later
+EXIT_SIGINT = 130  # 128 + SIGINT, after writing a checkpoint: resume by running again
+EXIT_SIGTERM = 143  # 128 + SIGTERM (preemption), after writing a checkpoint: resume by running again
 
+
+def _train_error(msg: str, code: int) -> int:
+    print(f"nvae train: error: {msg}", file=sys.stderr)
+    return code
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train one process, or one rank of a torchrun job (`--nproc N` launches torchrun itself)."""
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return _launch_torchrun(args)
+
+    from model.distributed import RankDivergenceError, init_distributed, shutdown
+    from model.storage import StorageError
+    from model.train import NonFiniteLossError, TrainingInterrupted
+
+    ctx = init_distributed(args.device)
+    try:
+        summary = _train(args, ctx)
+    except TrainingInterrupted as exc:
+        if ctx.is_main:
+            print(f"nvae train: {exc}; run the same command again to resume", file=sys.stderr)
+        return 128 + exc.signum
+    except (NonFiniteLossError, RankDivergenceError) as exc:
+        return _train_error(str(exc), EXIT_FAILED)
+    except StorageError as exc:
+        return _train_error(str(exc), EXIT_STORAGE)
+    finally:
+        shutdown(ctx)
+    if ctx.is_main:
+        log.info("training done: %s", json.dumps(summary))
+        print(f"checkpoint: {summary['checkpoint']}")
+    return EXIT_OK
+
+
+def _train(args: argparse.Namespace, ctx) -> dict:
     from data.loaders import make_loader, read_manifest
-    from model.train import TrainOptions, train
+    from model.train import TrainOptions, default_precision, train
 
     extra = {"batch_size": args.batch_size} if args.batch_size else {}
     cfg = _config(args, extra)
@@ -56,21 +101,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--data {args.data} holds {manifest.get('dataset')!r} but preset {args.preset} is for {cfg.dataset!r}"
         )
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    first = make_loader(
-        args.data,
-        "train",
-        cfg.batch_size,
-        train=True,
-        seed=args.seed,
-        epoch=0,
-        binarize=cfg.binarize,
-        flip=cfg.flip,
-    )
-    per_epoch = len(first)
-    steps = args.steps or cfg.epochs * per_epoch
 
-    def batches(epoch: int, start_batch: int):
+    def loader(epoch: int, start_batch: int = 0):
         return make_loader(
             args.data,
             "train",
@@ -79,24 +111,117 @@ def cmd_train(args: argparse.Namespace) -> int:
             seed=args.seed,
             epoch=epoch,
             start_batch=start_batch,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
             binarize=cfg.binarize,
             flip=cfg.flip,
+            device=str(ctx.device),
         )
 
-    precision = args.precision or "fp32"
+    per_epoch = len(loader(0))
+    if per_epoch == 0:
+        raise ValueError(f"--data {args.data} has fewer than one batch of {cfg.batch_size} per process")
+    steps = args.steps or (args.epochs or cfg.epochs) * per_epoch
     opts = TrainOptions(
         steps=steps,
         batches_per_epoch=per_epoch,
         out=Path(args.out),
-        precision=precision,
-        device=device,
+        precision=args.precision or default_precision(ctx.device),
+        device=str(ctx.device),
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
+        checkpoint_dir=args.checkpoint_dir,
+        log_every=args.log_every,
+        max_nonfinite=args.max_nonfinite,
+        eval_every=per_epoch if args.eval_every is None else args.eval_every,
+        sample_count=args.samples,
+        progress=not args.no_progress,
+        dvclive=not args.no_dvclive,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        dist=ctx,
     )
-    summary = train(cfg, batches, opts)
-    log.info("training done: %s", json.dumps(summary))
-    print(f"checkpoint: {Path(args.out) / 'checkpoint.pt'}")
-    return 0
+    log.info(
+        "%d steps of %d images per process (%d batches per epoch), %s",
+        steps,
+        cfg.batch_size,
+        per_epoch,
+        opts.precision,
+    )
+    return train(cfg, loader, opts)
+
+
+def _torchrun_argv(args: argparse.Namespace) -> list[str]:
+    """The `nvae train` arguments for each torchrun worker (the same command without --nproc)."""
+    argv = [
+        "train",
+        "--preset",
+        args.preset,
+        "--data",
+        args.data,
+        "--out",
+        args.out,
+        "--seed",
+        str(args.seed),
+    ]
+    if args.config:
+        argv += ["--config", args.config]
+    for item in args.set:
+        argv += ["--set", item]
+    for flag, value in (
+        ("--steps", args.steps),
+        ("--epochs", args.epochs),
+        ("--batch-size", args.batch_size),
+        ("--checkpoint-every", args.checkpoint_every),
+        ("--checkpoint-dir", args.checkpoint_dir),
+        ("--precision", args.precision),
+        ("--device", args.device),
+        ("--log-every", args.log_every),
+        ("--max-nonfinite", args.max_nonfinite),
+        ("--eval-every", args.eval_every),
+        ("--samples", args.samples),
+    ):
+        if value is not None:
+            argv += [flag, str(value)]
+    for flag, on in (
+        ("--compile", args.compile),
+        ("--channels-last", args.channels_last),
+        ("--no-progress", args.no_progress),
+        ("--no-dvclive", args.no_dvclive),
+    ):
+        if on:
+            argv.append(flag)
+    return argv
+
+
+def _launch_torchrun(args: argparse.Namespace) -> int:
+    """Run `torchrun --standalone --nproc_per_node N -m nvae_cli train ...`; forward SIGTERM/SIGINT to it."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={args.nproc}",
+        "-m",
+        "nvae_cli",
+        *_torchrun_argv(args),
+    ]
+    log.info("launching: %s", " ".join(cmd))
+    proc = subprocess.Popen(cmd)
+    received: list[int] = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        proc.send_signal(signum)
+
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    # torchrun reports any failed worker as exit 1; after a forwarded signal the workers checkpointed.
+    return 128 + received[0] if received else code
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -114,15 +239,42 @@ def register(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train NVAE on a prepared dataset (resumes from --out)",
         description="Train with the released recipe (AdaMax, warm-up + cosine lr, KL warm-up and "
-        "balancing, spectral/BN regularization). Re-running with the same --out resumes.",
+        "balancing, spectral/BN regularization). Re-running with the same --out resumes. Runs alone or "
+        "under torchrun (batch size per process).",
+        epilog="exit codes: 0 done; 1 training failed (non-finite steps, ranks out of sync); 2 bad input; "
+        "75 checkpoint storage failing (retry); 130/143 SIGINT/SIGTERM after a checkpoint (retry resumes).",
     )
     _add_config_args(p)
     p.add_argument("--data", required=True, help="directory written by `nvae prepare`")
-    p.add_argument("--out", required=True, help="run directory (checkpoint.pt, metrics)")
-    p.add_argument("--steps", type=int, help="optimisation steps (default: the preset's epochs)")
+    p.add_argument("--out", required=True, help="run directory (checkpoint.pt, metrics, dvclive/, samples/)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimisation steps (default: the preset's epochs)")
+    length.add_argument("--epochs", type=int, help="epochs instead of steps (default: the preset's)")
     p.add_argument("--batch-size", type=int, help="batch size per process (default: the preset's)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
+    p.add_argument(
+        "--checkpoint-dir",
+        metavar="DIR|s3://BUCKET/PREFIX",
+        help="where checkpoints go and resume from (default: --out); S3 endpoint and credentials come "
+        "from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", choices=PRECISIONS, help="fp32 (default), bf16, or fp16 (CUDA)")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="fp32, bf16, or fp16 with GradScaler (CUDA). Default: fp16 on CUDA; bf16 on a CPU with native "
+        "bf16 (AVX512-BF16/AMX), else fp32",
+    )
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--nproc", type=int, default=1, help="launch torchrun with N processes on this machine")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster on CPU)")
+    p.add_argument("--log-every", type=int, default=1, help="steps between logged metrics")
+    p.add_argument(
+        "--eval-every", type=int, help="steps between latent statistics and sample grids (default: an epoch)"
+    )
+    p.add_argument("--samples", type=int, default=16, help="images in each sample grid (0: none)")
+    p.add_argument("--max-nonfinite", type=int, default=10, help="stop after N non-finite steps in a row")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-dvclive", action="store_true", help="metrics to train_metrics.jsonl only")
     p.set_defaults(func=cmd_train)

@@ -1,4 +1,6 @@
+import copy
 import json
+import time
 
 import pytest
 import torch
@@ -73,3 +75,280 @@ def test_lr_warmup_then_cosine(tiny_cfg):
     assert lrs[0] == pytest.approx(cfg.lr / 10) and lrs[9] == pytest.approx(cfg.lr)
     assert lrs[10] == pytest.approx(cfg.lr) and lrs[-1] == pytest.approx(cfg.lr_min, rel=1e-3)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Issue 4: the `nvae train` program (CLI, signals, exact resume across processes, metrics, precision).
+
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from model import cli as train_cli  # noqa: E402
+from model.distributed import convert_sync_batchnorm  # noqa: E402
+from model.layers import BatchNormSwish, SyncBatchNormSwish  # noqa: E402
+from model.metrics import latent_stats  # noqa: E402
+from model.train import TrainingInterrupted, cpu_has_native_bf16, default_precision  # noqa: E402
+from nvae_cli import main as nvae_main  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+# A few-thousand-parameter fmnist-cpu network (28x28 data, two scales, flows, DMoL) for subprocess runs.
+TINY_SET = [
+    "channels=8",
+    "z_channels=4",
+    "groups=2",
+    "cells_enc=1",
+    "cells_dec=1",
+    "pre_cells=1",
+    "post_cells=1",
+    "num_mix=2",
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: tiny convs on a shared 2-core machine are far faster without thread hand-offs."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def fmnist256(tmp_path_factory) -> Path:
+    """64 training images of the real Fashion-MNIST, prepared by `nvae prepare` (4 batches of 16)."""
+    if not FASHION_MNIST.exists():
+        pytest.skip(f"{FASHION_MNIST} is not available")
+    out = tmp_path_factory.mktemp("prepared") / "fmnist"
+    assert (
+        nvae_main(
+            [
+                "prepare",
+                "--dataset",
+                "fashion-mnist",
+                "--source",
+                str(FASHION_MNIST),
+                "--out",
+                str(out),
+                "--limit",
+                "64",
+            ]
+        )
+        == 0
+    )
+    return out
+
+
+def _train_argv(data: Path, out: Path, *extra: str) -> list[str]:
+    argv = ["train", "--preset", "fmnist-cpu", "--data", str(data), "--out", str(out), "--no-progress"]
+    for item in TINY_SET:
+        argv += ["--set", item]
+    return argv + ["--batch-size", "16", *extra]
+
+
+# The child process: `nvae train`, optionally SIGKILLing itself inside optimiser step number N (so the
+# kill lands mid-step, after backward and before the update, at a step chosen by the test).
+_CHILD = """
+import os, signal, sys, torch
+kill_at = int(os.environ.get("KILL_AT_OPT_STEP", "0"))
+if kill_at:
+    original, calls = torch.optim.Adamax.step, [0]
+    def step(self, *a, **k):
+        calls[0] += 1
+        if calls[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, *a, **k)
+    torch.optim.Adamax.step = step
+from nvae_cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _run_child(argv: list[str], kill_at: int = 0, **popen) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KILL_AT_OPT_STEP": str(kill_at), "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-c", _CHILD, *argv],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **popen,
+    )
+
+
+def _weights(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+def test_sigkilled_run_resumes_to_bitwise_identical_weights(tmp_path, fmnist256):
+    # 6 steps over 4 batches per epoch, checkpoints at 2 and 4; killed inside step 4 (after its backward), so
+    # the resumed run restarts at step 2 (epoch 0, batch 2) and crosses into epoch 1.
+    common = ["--steps", "6", "--checkpoint-every", "2", "--eval-every", "3", "--samples", "4"]
+    killed = _run_child(_train_argv(fmnist256, tmp_path / "killed", *common), kill_at=4)
+    assert nvae_main(_train_argv(fmnist256, tmp_path / "straight", *common)) == 0  # meanwhile, in-process
+    assert killed.wait(timeout=120) == -signal.SIGKILL, killed.stderr.read().decode()[-2000:]
+    assert _weights(tmp_path / "killed" / "checkpoint.pt")["step"] == 2
+    assert nvae_main(_train_argv(fmnist256, tmp_path / "killed", *common)) == 0  # resumes at step 2
+    a = _weights(tmp_path / "straight" / "checkpoint.pt")
+    b = _weights(tmp_path / "killed" / "checkpoint.pt")
+    assert a["step"] == b["step"] == 6 and (a["epoch"], a["batch_in_epoch"]) == (1, 2)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, v in a["optimizer"]["state"].items():
+        assert all(torch.equal(v[n], b["optimizer"]["state"][k][n]) for n in v)
+    assert torch.equal(a["rng"][0]["cpu"], b["rng"][0]["cpu"])
+    # metrics of the run: DVCLive offline in RUN/dvclive, JSON lines, sample grids per evaluation interval
+    for run in ("straight", "killed"):
+        live = tmp_path / run / "dvclive"
+        assert (live / "plots" / "metrics" / "train" / "loss.tsv").is_file()
+        assert (live / "plots" / "metrics" / "eval" / "active_channels.tsv").is_file()
+        assert sorted(p.name for p in (tmp_path / run / "samples").iterdir()) == [
+            "step-00000003.png",
+            "step-00000006.png",
+        ]
+        assert not (tmp_path / run / "dvc.yaml").exists() and not (live / "dvc.yaml").exists()
+    lines = [json.loads(x) for x in (tmp_path / "straight" / "train_metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == list(range(1, 7))
+    assert {"loss", "recon", "kl", "beta", "lambda", "lr", "grad_norm", "img_per_s", "skipped"} <= set(
+        lines[-1]
+    )
+    summary = json.loads((tmp_path / "straight" / "train_summary.json").read_text())
+    assert summary["steps"] == 6 and summary["precision"] == "fp32"
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_then_exits_143(tmp_path, fmnist256):
+    out = tmp_path / "run"
+    proc = _run_child(_train_argv(fmnist256, out, "--steps", "400", "--log-every", "1", "--samples", "0"))
+    metrics = out / "train_metrics.jsonl"
+    deadline = time.monotonic() + 90
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == train_cli.EXIT_SIGTERM
+    assert "SIGTERM received" in proc.stderr.read().decode()
+    step = _weights(out / "checkpoint.pt")["step"]
+    assert 2 <= step < 400
+    done = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert max(done) == step  # the checkpoint is of the last finished step
+
+
+def test_sigterm_in_process_raises_after_checkpoint_and_resume_is_exact(tmp_path, tiny_cfg):
+    def terminating(epoch, start):
+        for i, x in enumerate(_source(tiny_cfg)(epoch, start)):
+            if epoch * 3 + start + i == 4:
+                os.kill(os.getpid(), signal.SIGTERM)  # arrives while step 4 runs
+            yield x
+
+    def opts(out):
+        return TrainOptions(
+            steps=6, batches_per_epoch=3, out=out, progress=False, dvclive=False, sample_count=0
+        )
+
+    train(tiny_cfg, _source(tiny_cfg), opts(tmp_path / "straight"))
+    with pytest.raises(TrainingInterrupted) as info:
+        train(tiny_cfg, terminating, opts(tmp_path / "term"))
+    assert info.value.signum == signal.SIGTERM and info.value.step == 5
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    train(tiny_cfg, _source(tiny_cfg), opts(tmp_path / "term"))
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "term" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_exit_codes_of_train(tmp_path, fmnist256, monkeypatch, capsys):
+    from model import train as train_mod
+    from model.storage import StorageError
+
+    argv = _train_argv(fmnist256, tmp_path / "run", "--steps", "1")
+
+    def raising(exc):
+        def fake(*args, **kwargs):
+            raise exc
+
+        return fake
+
+    cases = [
+        (NonFiniteLossError("10 consecutive non-finite steps"), 1),
+        (StorageError("endpoint unreachable"), 75),
+        (TrainingInterrupted(signal.SIGTERM, 3, "somewhere"), 143),
+        (TrainingInterrupted(signal.SIGINT, 3, "somewhere"), 130),
+    ]
+    for exc, code in cases:
+        monkeypatch.setattr(train_mod, "train", raising(exc))
+        assert nvae_main(argv) == code
+    assert "error: 10 consecutive non-finite steps" in capsys.readouterr().err
+    assert nvae_main([*argv, "--set", "channels=3"]) == 2  # bad input: permanent
+    assert nvae_main([*argv[:-2], "--preset", "mnist"]) == 2  # preset for another dataset
+
+
+def test_nonfinite_run_exits_1_keeping_the_last_good_checkpoint(tmp_path, fmnist256, monkeypatch, capsys):
+    from model import train as train_mod
+
+    real_loss = train_mod.nvae_loss
+
+    def poisoned(model, x, step, total_steps, alphas):  # NaN from step 2 on
+        terms = real_loss(model, x, step, total_steps, alphas)
+        if step >= 2:
+            terms.loss = terms.loss * float("nan")
+        return terms
+
+    monkeypatch.setattr(train_mod, "nvae_loss", poisoned)
+    out = tmp_path / "run"
+    extra = [
+        "--steps",
+        "8",
+        "--checkpoint-every",
+        "2",
+        "--max-nonfinite",
+        "2",
+        "--samples",
+        "0",
+        "--no-dvclive",
+    ]
+    assert nvae_main(_train_argv(fmnist256, out, *extra)) == train_cli.EXIT_FAILED
+    assert "2 consecutive non-finite steps at step 3" in capsys.readouterr().err
+    kept = _weights(out / "checkpoint.pt")
+    assert kept["step"] == 2 and kept["skipped"] == 0  # the last good checkpoint, untouched
+    assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+
+
+def test_default_precision_follows_native_bf16_support():
+    avx2 = "processor: 0\nflags\t\t: fpu sse avx avx2 fma\n"
+    sapphire = "flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16\n"
+    graviton = "Features\t: fp asimd bf16 i8mm\n"
+    assert not cpu_has_native_bf16(avx2) and cpu_has_native_bf16(sapphire) and cpu_has_native_bf16(graviton)
+    assert default_precision("cuda") == "fp16"
+    expected = "bf16" if cpu_has_native_bf16() else "fp32"
+    assert default_precision("cpu") == expected
+
+
+def test_sync_batchnorm_conversion_keeps_the_swish(tiny_cfg):
+    from model.network import NVAE
+
+    model = NVAE(tiny_cfg)
+    n_swish = sum(isinstance(m, BatchNormSwish) for m in model.modules())
+    x = torch.rand(2, 1, 12, 12)
+    model.eval()
+    ref = model.encode_features(x)[0]
+    twin = copy.deepcopy(model).train()
+    ref_train = twin.encode_features(x)[0]
+    synced = convert_sync_batchnorm(model)
+    assert sum(isinstance(m, SyncBatchNormSwish) for m in synced.modules()) == n_swish
+    assert not any(type(m) in (BatchNormSwish, torch.nn.BatchNorm2d) for m in synced.modules())
+    assert synced.state_dict().keys() == model.state_dict().keys()
+    synced.eval()
+    torch.testing.assert_close(synced.encode_features(x)[0], ref)
+    synced.train()  # no process group: SyncBatchNorm uses batch statistics like BatchNorm2d
+    torch.testing.assert_close(synced.encode_features(x)[0], ref_train, rtol=1e-4, atol=1e-4)
+
+
+def test_latent_stats_counts_active_channels():
+    kl_diag = torch.tensor([[0.0, 0.2, 0.05], [1.0, 0.11, 0.09]])
+    stats = latent_stats(kl_diag)
+    assert stats["active_channels"] == 3 and stats["kl_group/00"] == pytest.approx(0.25)
+    assert stats["kl_group/01"] == pytest.approx(1.2)
