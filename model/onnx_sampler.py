@@ -1,0 +1,176 @@
+"""Fast batch sampling from an exported decoder (`model.export`) with onnxruntime.
+
+The noise is drawn exactly as the PyTorch backend draws it (`model.sample.draw_noise`: a CPU torch generator
+seeded with `seed`, `torch.randn` per group coarse first; for decode=sample the uniforms of
+`decode_images`, per block of `SAMPLE_NOISE_BLOCK` images seeded `seed + offset`), so `--checkpoint` and
+`--onnx` with the same seed give the same images. Torch is used only for those random numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from model.errors import NVAEError
+
+log = logging.getLogger(__name__)
+
+# `model.sample.sample_images` decodes in chunks of its `batch_size` (default 64) and seeds the pixel noise
+# of each chunk with `seed + offset`; decode=sample matches it at that default.
+SAMPLE_NOISE_BLOCK = 64
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of activations per run on CPU
+CUDA_MEMORY_BUDGET = 8 << 30
+MAX_AUTO_BATCH = 256
+MAX_SEED = 2**63 - 1
+
+
+class OnnxModelError(NVAEError):
+    """The file is not an exported NVAE decoder, or onnxruntime cannot load it."""
+
+
+def resolve_providers(providers: str | Sequence | None) -> list:
+    """None / "auto": CUDA when this onnxruntime build has it, then CPU. "cpu" / "cuda": that one (CUDA with
+    CPU fallback). A list is passed through. Which ones load is only known after the session is created."""
+    import onnxruntime as ort
+
+    if providers is None or providers == "auto":
+        wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [p for p in wanted if p in ort.get_available_providers()] or ["CPUExecutionProvider"]
+    if providers == "cpu":
+        return ["CPUExecutionProvider"]
+    if providers == "cuda":
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if isinstance(providers, str):
+        raise ValueError(f"providers={providers!r}; choose auto, cpu, cuda or a list of provider names")
+    return list(providers)
+
+
+def session_options(threads: int | None = None):
+    """Throughput settings: all graph optimisations, one sequential stream using every core we may use,
+    denormals flushed (NVAE's small activations otherwise stall the CPU kernels)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.set_denormal_as_zero", "1")
+    so.log_severity_level = 3  # errors only: fp16 graphs log a warning per node it cannot fold on CPU
+    return so
+
+
+class OnnxSampler:
+    """n images at a temperature from an exported decoder.
+
+    `providers`: None or "auto" (CUDA if onnxruntime-gpu finds a GPU, else CPU), "cpu", "cuda", or a list.
+    `.providers` holds the providers the session actually uses; `.metadata` the file's `nvae.*` metadata.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        providers: str | Sequence | None = None,
+        *,
+        threads: int | None = None,
+        memory_budget: int | None = None,
+    ):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise OnnxModelError(f"ONNX file not found: {self.path}")
+        wanted = resolve_providers(providers)
+        try:
+            self.session = ort.InferenceSession(str(self.path), session_options(threads), providers=wanted)
+        except Exception as exc:  # onnxruntime raises its own (Fail, InvalidGraph, ...) for bad files
+            raise OnnxModelError(
+                f"{self.path}: onnxruntime cannot load it ({type(exc).__name__}: {exc})"
+            ) from None
+        self.providers: list[str] = self.session.get_providers()
+        if "CUDAExecutionProvider" in wanted and "CUDAExecutionProvider" not in self.providers:
+            log.warning("CUDAExecutionProvider is listed but did not load; running on %s", self.providers)
+        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        if "nvae.latent_shapes" not in self.metadata:
+            raise OnnxModelError(f"{self.path}: no nvae.* metadata; export it with `nvae export-onnx`")
+        self.latent_shapes = [tuple(s) for s in json.loads(self.metadata["nvae.latent_shapes"])]
+        self.image_shape = tuple(json.loads(self.metadata["nvae.image_shape"]))
+        self.decode = self.metadata["nvae.decode"]
+        self.uniforms = [(n, tuple(s)) for n, s in json.loads(self.metadata.get("nvae.uniform_inputs", "[]"))]
+        on_cuda = self.providers[0] == "CUDAExecutionProvider"
+        budget = memory_budget or (CUDA_MEMORY_BUDGET if on_cuda else DEFAULT_MEMORY_BUDGET)
+        per_image = max(1, int(self.metadata.get("nvae.activation_bytes_per_image", "0")) or 1 << 20)
+        self.auto_batch_size = int(min(MAX_AUTO_BATCH, max(1, budget // per_image)))
+        log.info(
+            "onnx sampler %s on %s (batches of %d)", self.path.name, self.providers, self.auto_batch_size
+        )
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+
+    def noise(self, n: int, seed: int) -> dict[str, np.ndarray]:
+        """Every random input of the graph for n images, drawn as the PyTorch backend draws them."""
+        import torch
+
+        g = torch.Generator().manual_seed(seed)
+        feeds = {
+            f"eps_{j}": torch.randn((n, *s), generator=g).numpy() for j, s in enumerate(self.latent_shapes)
+        }
+        if self.uniforms:
+            blocks: dict[str, list[np.ndarray]] = {name: [] for name, _ in self.uniforms}
+            for i in range(0, n, SAMPLE_NOISE_BLOCK):
+                b = min(SAMPLE_NOISE_BLOCK, n - i)
+                g = torch.Generator().manual_seed(seed + i)
+                for name, shape in self.uniforms:
+                    blocks[name].append(torch.rand((b, *shape), generator=g).numpy())
+            feeds.update({name: np.concatenate(parts) for name, parts in blocks.items()})
+        return feeds
+
+    def sample(
+        self,
+        n: int,
+        temperature: float,
+        seed: int = 0,
+        batch_size: int | None = None,
+        *,
+        run_options=None,
+        output: str = "images",
+    ) -> np.ndarray:
+        """n images (n, C, D, D) float32 in [0, 1]; equal to `sample_images(model, n, temperature, seed,
+        decode=<the export's decode>)` of the checkpoint it was exported from. `batch_size`: images per
+        onnxruntime run (None: as many as `memory_budget` allows). `run_options` (an `ort.RunOptions`) lets
+        another thread stop the work by setting `terminate`."""
+        n, temperature, seed = validate_request(n, temperature, seed)
+        if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) < 1):
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        batch = int(batch_size or self.auto_batch_size)
+        feeds = self.noise(n, seed)
+        temp = np.array([temperature], dtype=np.float32)
+        out = np.empty((n, *self.image_shape), dtype=np.float32)
+        for i in range(0, n, batch):
+            if run_options is not None and run_options.terminate:
+                raise TimeoutError("sampling was stopped")
+            chunk = {k: v[i : i + batch] for k, v in feeds.items()}
+            chunk["temperature"] = temp
+            out[i : i + batch] = self.session.run([output], chunk, run_options)[0]
+        return out
+
+
+def validate_request(n, temperature, seed) -> tuple[int, float, int]:
+    """Check n >= 1, a finite temperature > 0 and 0 <= seed < 2**63; ValueError naming the field."""
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+        raise ValueError(f"n={n!r} must be an integer >= 1")
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float | np.number):
+        raise ValueError(f"temperature={temperature!r} must be a number")
+    if not math.isfinite(float(temperature)) or float(temperature) <= 0:
+        raise ValueError(f"temperature={temperature!r} must be finite and > 0")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed={seed!r} must be an integer in [0, 2**63 - 1]")
+    return int(n), float(temperature), int(seed)

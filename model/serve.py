@@ -1,0 +1,463 @@
+"""HTTP sampling service speaking the Open Inference Protocol v2 (KServe / Triton clients), FastAPI + uvicorn.
+
+Endpoints: `GET /v2/health/live`, `/v2/health/ready`, `/v2`, `/v2/models/<name>`, `/v2/models/<name>/ready`,
+`POST /v2/models/<name>/infer` (also under `/versions/1/`), and `GET /metrics` (Prometheus).
+
+Infer request (JSON):
+
+    {"inputs": [{"name": "n",           "datatype": "INT64", "shape": [1], "data": [16]},
+                {"name": "temperature", "datatype": "FP32",  "shape": [1], "data": [0.7]},
+                {"name": "seed",        "datatype": "INT64", "shape": [1], "data": [0]}],   # seed optional
+     "parameters": {"format": "uint8"}}                                                 # optional
+
+`format`: "uint8" (default) answers output `images`, UINT8 (n, H, W, C), row-major flat `data`;
+"png" answers `images` as BYTES (n,): one base64-encoded PNG per image; "png_grid" answers `images` as
+BYTES (1,): one base64 PNG of all images tiled. The response `parameters` carry the seed used (a random
+one when none was given), the temperature and the decode mode, so any answer can be reproduced.
+
+Errors are `{"error": "<message>"}`: 400 for malformed, negative, non-finite or out-of-range inputs (n above
+the per-request maximum included), 404 for another model name, 413 for a body above `max_body_bytes`, 429
+when `max_concurrency` runs and `max_queue` waiters are all taken, 503 when a request passes its timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import json
+import logging
+import math
+import secrets
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import Request  # at module level: FastAPI resolves the handlers' string annotations here
+
+from model.onnx_sampler import MAX_SEED, OnnxSampler
+
+log = logging.getLogger(__name__)
+
+INT_TYPES = ("INT64", "INT32", "INT16", "INT8", "UINT64", "UINT32", "UINT16", "UINT8")
+FLOAT_TYPES = ("FP32", "FP64", "FP16")
+FORMATS = ("uint8", "png", "png_grid")
+
+
+@dataclass
+class ServeConfig:
+    """Limits of the service; every one is a CLI flag of `nvae serve`."""
+
+    model_name: str = "nvae-decoder"
+    max_images_per_request: int = 256
+    max_batch: int = 64  # images per onnxruntime run
+    timeout_s: float = 30.0  # per request, queueing included
+    max_concurrency: int = 1  # requests sampling at once (each already uses every core)
+    max_queue: int = 16  # requests waiting for a slot before 429
+    max_temperature: float = 10.0
+    max_body_bytes: int = 64 * 1024
+
+    def validate(self) -> ServeConfig:
+        for name in ("max_images_per_request", "max_batch", "max_concurrency", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue={self.max_queue} must be >= 0")
+        if not self.timeout_s > 0 or not self.max_temperature > 0:
+            raise ValueError("timeout_s and max_temperature must be > 0")
+        if not self.model_name or "/" in self.model_name:
+            raise ValueError(f"model_name={self.model_name!r} must be non-empty without '/'")
+        return self
+
+
+class BadRequest(Exception):
+    """An input the client must fix: answered with `status` (4xx) and the message."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+# --------------------------------------------------------------------------- request parsing
+@dataclass
+class InferRequest:
+    n: int
+    temperature: float
+    seed: int
+    seed_given: bool
+    format: str
+    id: str | None
+
+
+def _scalar(inp: dict[str, Any], types: tuple[str, ...]) -> Any:
+    name = inp["name"]
+    datatype = inp.get("datatype")
+    if datatype not in types:
+        raise BadRequest(f"input {name!r}: datatype {datatype!r}; expected {types[0]}")
+    shape = inp.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise BadRequest(f"input {name!r}: shape must be a list of integers, e.g. [1]")
+    if math.prod(shape) != 1:
+        raise BadRequest(f"input {name!r}: shape {shape} must hold exactly one element, e.g. [1]")
+    data = inp.get("data")
+    while isinstance(data, list) and len(data) == 1 and isinstance(data[0], list):
+        data = data[0]
+    if not isinstance(data, list) or len(data) != 1:
+        raise BadRequest(f"input {name!r}: data must be a list with one value, e.g. [1]")
+    value = data[0]
+    if types is INT_TYPES:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise BadRequest(f"input {name!r}: {value!r} is not an integer")
+    else:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise BadRequest(f"input {name!r}: {value!r} is not a number")
+        if not math.isfinite(value):
+            raise BadRequest(f"input {name!r}: {value!r} is not finite")
+    return value
+
+
+def parse_infer(body: Any, cfg: ServeConfig) -> InferRequest:
+    """Validate an OIP v2 infer request body (already JSON-decoded); BadRequest names the field."""
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object with an 'inputs' list")
+    inputs = body.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise BadRequest("'inputs' must be a non-empty list")
+    by_name: dict[str, dict] = {}
+    for inp in inputs:
+        if not isinstance(inp, dict) or not isinstance(inp.get("name"), str):
+            raise BadRequest("every input must be an object with a 'name'")
+        if inp["name"] not in ("n", "temperature", "seed"):
+            raise BadRequest(f"unknown input {inp['name']!r}; inputs are n, temperature, seed")
+        if inp["name"] in by_name:
+            raise BadRequest(f"input {inp['name']!r} given twice")
+        by_name[inp["name"]] = inp
+    for required in ("n", "temperature"):
+        if required not in by_name:
+            raise BadRequest(f"missing input {required!r}")
+    n = _scalar(by_name["n"], INT_TYPES)
+    if not 1 <= n <= cfg.max_images_per_request:
+        raise BadRequest(f"n={n} is out of range; allowed 1 <= n <= {cfg.max_images_per_request}")
+    temperature = float(_scalar(by_name["temperature"], FLOAT_TYPES))
+    if not 0 < temperature <= cfg.max_temperature:
+        raise BadRequest(f"temperature={temperature} is out of range; allowed 0 < t <= {cfg.max_temperature}")
+    seed_given = "seed" in by_name
+    seed = _scalar(by_name["seed"], INT_TYPES) if seed_given else secrets.randbelow(2**31)
+    if not 0 <= seed <= MAX_SEED:
+        raise BadRequest(f"seed={seed} is out of range; allowed 0 <= seed <= 2**63 - 1")
+    params = body.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise BadRequest("'parameters' must be an object")
+    fmt = params.get("format", "uint8")
+    if fmt not in FORMATS:
+        raise BadRequest(f"parameter format={fmt!r}; choose one of: {', '.join(FORMATS)}")
+    outputs = body.get("outputs")
+    if outputs is not None:
+        if not isinstance(outputs, list) or any(
+            not isinstance(o, dict) or o.get("name") != "images" for o in outputs
+        ):
+            raise BadRequest("'outputs' may only request the output 'images'")
+    req_id = body.get("id")
+    if req_id is not None and not isinstance(req_id, str):
+        raise BadRequest("'id' must be a string")
+    return InferRequest(n, temperature, int(seed), seed_given, fmt, req_id)
+
+
+# --------------------------------------------------------------------------- response encoding
+def to_uint8_nhwc(images: np.ndarray) -> np.ndarray:
+    """(B, C, H, W) float in [0, 1] -> (B, H, W, C) uint8 (round half up, like `image_grid`)."""
+    return (np.clip(images, 0, 1).transpose(0, 2, 3, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def encode_output(images: np.ndarray, fmt: str) -> dict[str, Any]:
+    """The OIP output tensor `images` for float images (B, C, H, W) in [0, 1]."""
+    arr = to_uint8_nhwc(images)
+    if fmt == "uint8":
+        return {"name": "images", "datatype": "UINT8", "shape": list(arr.shape), "data": arr.ravel().tolist()}
+    if fmt == "png":
+        data = [base64.b64encode(png_bytes(a)).decode("ascii") for a in arr]
+        return {
+            "name": "images",
+            "datatype": "BYTES",
+            "shape": [len(data)],
+            "data": data,
+            "parameters": {"content_type": "image/png", "encoding": "base64"},
+        }
+    import torch
+
+    from model.sample import image_grid
+
+    grid = image_grid(torch.from_numpy(images))
+    return {
+        "name": "images",
+        "datatype": "BYTES",
+        "shape": [1],
+        "data": [base64.b64encode(png_bytes(grid)).decode("ascii")],
+        "parameters": {"content_type": "image/png", "encoding": "base64"},
+    }
+
+
+# --------------------------------------------------------------------------- the app
+class _Metrics:
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()  # per app: several apps in one process (tests) do not clash
+        self.requests = Counter(
+            "nvae_requests", "HTTP requests", ["endpoint", "code"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "nvae_request_latency_seconds",
+            "Request latency (infer: queueing + sampling + encoding)",
+            ["endpoint"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
+        self.images = Counter("nvae_images", "Images generated", registry=self.registry)
+        self.images_per_second = Gauge(
+            "nvae_images_per_second", "Sampling throughput of the last infer request", registry=self.registry
+        )
+        self.in_flight = Gauge("nvae_infer_in_flight", "Infer requests sampling now", registry=self.registry)
+        self.waiting = Gauge(
+            "nvae_infer_waiting", "Infer requests waiting for a slot", registry=self.registry
+        )
+
+
+def create_app(sampler: OnnxSampler, cfg: ServeConfig | None = None):
+    """The FastAPI app serving `sampler` under `cfg.model_name`."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, Response
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    cfg = (cfg or ServeConfig()).validate()
+    app = FastAPI(title="nvae-serve", docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = _Metrics()
+    executor = ThreadPoolExecutor(max_workers=cfg.max_concurrency, thread_name_prefix="nvae-infer")
+    slots = asyncio.Semaphore(cfg.max_concurrency)
+    state = {"waiting": 0, "ready": True}
+    app.state.metrics, app.state.config, app.state.sampler = metrics, cfg, sampler
+    c, d = sampler.image_shape[0], sampler.image_shape[1]
+
+    def error(message: str, status: int) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "other")
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+        return response
+
+    def check_model(name: str, version: str | None = None) -> JSONResponse | None:
+        if name != cfg.model_name:
+            return error(f"unknown model {name!r}; this server serves {cfg.model_name!r}", 404)
+        if version is not None and version != "1":
+            return error(f"unknown version {version!r} of {name!r}; versions: 1", 404)
+        return None
+
+    @app.get("/v2/health/live")
+    async def live():
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready():
+        return JSONResponse({"ready": state["ready"]}, status_code=200 if state["ready"] else 503)
+
+    @app.get("/v2")
+    async def server_metadata():
+        return {"name": "nvae-serve", "version": "1", "extensions": []}
+
+    @app.get("/v2/models/{name}")
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def model_metadata(name: str, version: str | None = None):
+        if (bad := check_model(name, version)) is not None:
+            return bad
+        return {
+            "name": cfg.model_name,
+            "versions": ["1"],
+            "platform": "onnxruntime_onnx",
+            "inputs": [
+                {"name": "n", "datatype": "INT64", "shape": [1]},
+                {"name": "temperature", "datatype": "FP32", "shape": [1]},
+                {"name": "seed", "datatype": "INT64", "shape": [1], "parameters": {"optional": True}},
+            ],
+            "outputs": [{"name": "images", "datatype": "UINT8", "shape": [-1, d, d, c]}],
+            "parameters": {
+                "providers": sampler.providers,
+                "decode": sampler.decode,
+                "preset": sampler.metadata.get("nvae.preset", ""),
+                "bn_readjust_temperature": sampler.metadata.get("nvae.bn_readjust_temperature", ""),
+                "checkpoint_sha256": sampler.metadata.get("nvae.checkpoint_sha256", ""),
+                "max_images_per_request": cfg.max_images_per_request,
+                "formats": list(FORMATS),
+            },
+        }
+
+    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_ready(name: str, version: str | None = None):
+        if (bad := check_model(name, version)) is not None:
+            return bad
+        return JSONResponse(
+            {"name": name, "ready": state["ready"]}, status_code=200 if state["ready"] else 503
+        )
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def read_body(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > cfg.max_body_bytes):
+            raise BadRequest(f"request body above {cfg.max_body_bytes} bytes", 413)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cfg.max_body_bytes:
+                raise BadRequest(f"request body above {cfg.max_body_bytes} bytes", 413)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def run_sampler(req: InferRequest, run_options) -> tuple[np.ndarray, float]:
+        start = time.perf_counter()
+        images = sampler.sample(req.n, req.temperature, req.seed, cfg.max_batch, run_options=run_options)
+        return images, time.perf_counter() - start
+
+    @app.post("/v2/models/{name}/infer")
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer(name: str, request: Request, version: str | None = None):
+        import onnxruntime as ort
+
+        if (bad := check_model(name, version)) is not None:
+            return bad
+        deadline = time.perf_counter() + cfg.timeout_s
+        try:
+            raw = await read_body(request)
+            try:
+                body = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise BadRequest(f"body is not valid JSON: {exc}") from None
+            req = parse_infer(body, cfg)
+        except BadRequest as exc:
+            return error(str(exc), exc.status)
+
+        if slots.locked() and state["waiting"] >= cfg.max_queue:
+            return error(f"server busy: {cfg.max_concurrency} running and {cfg.max_queue} waiting", 429)
+        run_options = ort.RunOptions()
+        state["waiting"] += 1
+        metrics.waiting.set(state["waiting"])
+        acquired = False
+        try:
+            try:
+                await asyncio.wait_for(slots.acquire(), timeout=max(0.0, deadline - time.perf_counter()))
+                acquired = True
+            finally:
+                state["waiting"] -= 1
+                metrics.waiting.set(state["waiting"])
+            metrics.in_flight.inc()
+            loop = asyncio.get_running_loop()
+            future = loop.run_in_executor(executor, run_sampler, req, run_options)
+            try:
+                images, seconds = await asyncio.wait_for(
+                    asyncio.shield(future), timeout=max(0.0, deadline - time.perf_counter())
+                )
+            except TimeoutError:
+                run_options.terminate = True  # stops onnxruntime mid-run; the slot frees when it returns
+                with contextlib.suppress(Exception):  # the stopped run's own error is expected
+                    await future
+                raise
+        except TimeoutError:
+            return error(f"request timed out after {cfg.timeout_s} s", 503)
+        finally:
+            if acquired:
+                metrics.in_flight.dec()
+                slots.release()
+        metrics.images.inc(req.n)
+        metrics.images_per_second.set(req.n / max(seconds, 1e-9))
+        output = await asyncio.to_thread(encode_output, images, req.format)
+        response = {
+            "model_name": cfg.model_name,
+            "model_version": "1",
+            "parameters": {"seed": req.seed, "temperature": req.temperature, "decode": sampler.decode},
+            "outputs": [output],
+        }
+        if req.id is not None:
+            response["id"] = req.id
+        return JSONResponse(response)
+
+    app.state.shutdown = lambda: executor.shutdown(wait=False, cancel_futures=True)
+    return app
+
+
+# --------------------------------------------------------------------------- running it
+def serve(
+    onnx_path: str,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    cfg: ServeConfig | None = None,
+    providers: str | None = "auto",
+) -> None:
+    """Load the sampler and serve it with uvicorn until interrupted."""
+    import uvicorn
+
+    cfg = (cfg or ServeConfig()).validate()
+    sampler = OnnxSampler(onnx_path, providers)
+    app = create_app(sampler, cfg)
+    log.info(
+        "serving %s as %r on http://%s:%d (providers %s)",
+        onnx_path,
+        cfg.model_name,
+        host,
+        port,
+        sampler.providers,
+    )
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_keep_alive=5)
+
+
+class BackgroundServer:
+    """uvicorn in a thread on an already bound socket (port 0 picks a free one): for tests and benches.
+
+    with BackgroundServer(app) as srv: httpx.get(srv.url + "/v2/health/ready")
+    """
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+        import socket
+
+        import uvicorn
+
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind((host, port))
+        self.url = f"http://{host}:{self.socket.getsockname()[1]}"
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_keep_alive=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+
+    def __enter__(self) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.socket.close()
