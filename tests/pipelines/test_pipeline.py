@@ -9,7 +9,7 @@ import yaml
 
 from model.errors import ConfigError
 from nvae_cli import main
-from pipelines.nvae_pipeline import COMPILED, compile_pipeline
+from pipelines.nvae_pipeline import COMPILED, compile_pipeline, find_local_outputs
 from pipelines.params import PipelineParams
 
 TASKS = {"validate-params", "prepare", "train", "evaluate", "readjust-bn", "export-onnx", "sample"}
@@ -174,8 +174,8 @@ def test_local_pipeline_end_to_end(tmp_path, capsys):
         "num_samples=4",
     ]
     assert main(args) == 0
-    out = capsys.readouterr().out
-    found = dict(line.split(None, 1) for line in out.splitlines()[1:] if line.startswith("  "))
+    assert "local pipeline run finished" in capsys.readouterr().out
+    found = find_local_outputs(tmp_path / "runs")
     metrics = json.loads(Path(found["metrics"]).read_text())
     assert metrics["num_images"] == 8 and np.isfinite(metrics["nll_bpd"])
     assert Path(found["onnx"]).stat().st_size > 0

@@ -1,0 +1,47 @@
+# syntax=docker/dockerfile:1.7
+# ghcr.io/nvae-pipeline/nvae-gpu:0.1.0 (the name in k8s/images.yaml): the `nvae` CLI with PyTorch's CUDA build,
+# DALI (GPU decoding) and onnxruntime-gpu. Build from the repository root:
+#   docker build -f k8s/images/gpu.Dockerfile -t ghcr.io/nvae-pipeline/nvae-gpu:0.1.0 .
+# torch, DALI and onnxruntime-gpu bring their CUDA libraries as wheels; the CUDA base image supplies the
+# container setup the NVIDIA runtime expects (driver capabilities, compat). The host driver must support CUDA 13.
+
+# --- build ---------------------------------------------------------------------------------------------------
+FROM nvidia/cuda:13.0.1-base-ubuntu24.04 AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv \
+ && rm -rf /var/lib/apt/lists/*
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+COPY pyproject.toml README.md nvae_cli.py ./
+COPY model ./model
+COPY data ./data
+COPY components ./components
+COPY pipelines ./pipelines
+# The `onnx` extra is left out on purpose: it pulls the CPU `onnxruntime`, which must not be installed beside
+# onnxruntime-gpu (which also provides the CPU provider). Its other packages are installed here, pinned.
+RUN pip install ".[data,train,serve]" \
+      onnx==1.23.2 onnxscript==0.7.2 "onnxruntime-gpu[cuda,cudnn]==1.31.1"
+
+# --- runtime -------------------------------------------------------------------------------------------------
+FROM nvidia/cuda:13.0.1-base-ubuntu24.04
+LABEL org.opencontainers.image.ref.name="ghcr.io/nvae-pipeline/nvae-gpu:0.1.0" \
+      org.opencontainers.image.version="0.1.0" \
+      org.opencontainers.image.title="nvae-gpu" \
+      org.opencontainers.image.source="https://github.com/nvae-pipeline/nvae-pipeline"
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --gid 10001 nvae && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp nvae
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+WORKDIR /tmp
+USER 10001:10001
+EXPOSE 8080
+CMD ["nvae", "--help"]

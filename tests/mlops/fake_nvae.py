@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""A stand-in `nvae` for the DVC wiring tests: writes each command's outputs in milliseconds.
+
+Each output's bytes are a hash of the command line and the bytes of its inputs, so an output changes exactly when
+the real one would (its parameters or upstream outputs changed). Every call is appended to $FAKE_NVAE_LOG.
+"""
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def digest(argv: list[str], inputs: list[str]) -> bytes:
+    h = hashlib.sha256(" ".join(argv).encode())
+    for path in inputs:
+        p = Path(path)
+        for f in sorted(p.rglob("*")) if p.is_dir() else [p]:
+            if f.is_file():
+                h.update(f.read_bytes())
+    return h.hexdigest().encode()
+
+
+def opt(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def write(path: str, data: bytes) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_bytes(data)
+
+
+def main(argv: list[str]) -> int:
+    command = argv[0]
+    with open(os.environ["FAKE_NVAE_LOG"], "a") as log:
+        log.write(" ".join(argv) + "\n")
+    if command == "prepare":
+        # Fold the raw source in through the command line only (its 30 MB are hashed by DVC, not here).
+        write(f"{opt(argv, '--out')}/manifest.json", digest(argv, []))
+    elif command == "train":
+        out, d = opt(argv, "--out"), digest(argv, [opt(argv, "--data")])
+        write(f"{out}/checkpoint.pt", d)
+        write(f"{out}/dvclive/plots/metrics/train/loss.tsv", b"step\tloss\n0\t2.0\n1\t1.5\n")
+    elif command == "evaluate":
+        d = digest(argv, [opt(argv, "--checkpoint"), opt(argv, "--data")])
+        write(opt(argv, "--out"), json.dumps({"nll_bpd": 3.5, "digest": d.decode()}).encode())
+        write(opt(argv, "--kl-plot"), d)
+    elif command == "readjust-bn":
+        write(opt(argv, "--out"), digest(argv, [opt(argv, "--checkpoint")]))
+    elif command == "export-onnx":
+        write(opt(argv, "--out"), digest(argv, [opt(argv, "--checkpoint")]))
+    elif command == "sample":
+        write(f"{opt(argv, '--out')}/samples.npz", digest(argv, [opt(argv, "--onnx")]))
+    else:
+        print(f"fake nvae: unknown command {command}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,236 @@
+"""dvc.yaml + params.yaml: the DAG, parameters, and the repro semantics (`dvc repro` runs everything once, a
+second run does nothing, a parameter change re-runs only the stages that depend on it).
+
+The fast tests run real `dvc repro` in a throwaway git repository with a stand-in `nvae` on PATH (fake_nvae.py),
+so they check DVC's wiring in seconds; the slow test runs the real CLI on a fresh copy of the repository."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import REPO, run, tool, tool_env
+
+STAGES = ["prepare", "train", "evaluate", "readjust_bn", "export_onnx", "sample"]
+EDGES = {
+    ("prepare", "train"),
+    ("prepare", "evaluate"),
+    ("train", "evaluate"),
+    ("train", "readjust_bn"),
+    ("readjust_bn", "export_onnx"),
+    ("export_onnx", "sample"),
+}
+DVC_FILES = ["dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore"]
+
+
+def _dvc_yaml() -> dict:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())
+
+
+def _params() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def _lookup(params: dict, dotted: str):
+    node = params
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _git_repo(tmp: Path, files: list[str]) -> Path:
+    """A fresh git repository holding copies of `files` from this checkout, committed."""
+    for name in files:
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, tmp / name)
+    run(["git", "init", "-q"], cwd=tmp)
+    run(["git", "add", "-A"], cwd=tmp)
+    run(["git", "commit", "-qm", "init"], cwd=tmp)
+    return tmp
+
+
+# --- structure, read from the files and from dvc itself ------------------------------------------------------
+
+
+def test_stages_in_order_each_calling_the_nvae_cli():
+    stages = _dvc_yaml()["stages"]
+    assert list(stages) == STAGES
+    for name, stage in stages.items():
+        assert stage["cmd"].startswith("nvae "), name
+
+
+def test_dag_edges_as_dvc_sees_them(tmp_path):
+    repo = _git_repo(tmp_path, DVC_FILES)
+    dot = run([tool("dvc"), "dag", "--dot"], cwd=repo).stdout
+    edges = {tuple(e) for e in re.findall(r'"?(\w+)"?\s*->\s*"?(\w+)"?', dot)}
+    assert edges == EDGES
+
+
+def test_every_interpolated_parameter_exists_and_is_declared_by_its_stage():
+    params, stages = _params(), _dvc_yaml()["stages"]
+    for name, stage in stages.items():
+        declared = [p if isinstance(p, str) else next(iter(p)) for p in stage.get("params", [])]
+        text = yaml.safe_dump(stage)
+        for ref in re.findall(r"\$\{([\w.]+)\}", text):
+            _lookup(params, ref)  # KeyError names a parameter missing from params.yaml
+            if ref.startswith("prepare.source"):
+                continue  # also a file dependency
+            assert any(ref == d or ref.startswith(d + ".") for d in declared), (
+                f"{name} reads {ref} undeclared"
+            )
+
+
+def test_every_parameter_is_read_by_some_stage():
+    text = (REPO / "dvc.yaml").read_text()
+    refs = set(re.findall(r"\$\{([\w.]+)\}", text))
+
+    def leaves(node, prefix=""):
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            if isinstance(value, dict) and path != "train.overrides":
+                yield from leaves(value, path + ".")
+            else:
+                yield path
+
+    unused = [p for p in leaves(_params()) if not any(p == r or p.startswith(r + ".") for r in refs)]
+    assert not unused, f"params.yaml keys no stage reads: {unused}"
+
+
+def test_defaults_are_the_embedded_default_and_small():
+    p = _params()
+    assert (p["prepare"]["dataset"], p["train"]["preset"]) == ("fashion-mnist", "fmnist-cpu")
+    assert p["train"]["steps"] <= 200 and p["evaluate"]["iw_samples"] <= 16 and p["evaluate"]["limit"] <= 256
+
+
+def test_metrics_and_plots_are_declared():
+    dvc = _dvc_yaml()
+    (metric,) = dvc["stages"]["evaluate"]["metrics"]
+    assert "outputs/eval/metrics.json" in metric and metric["outputs/eval/metrics.json"]["cache"] is False
+    assert any("kl_per_group.png" in next(iter(p)) for p in dvc["stages"]["evaluate"]["plots"])
+    assert any("dvclive/plots" in next(iter(p)) for p in dvc["plots"])
+
+
+# --- repro semantics with the stand-in CLI -------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_repo(tmp_path):
+    """A git repo with dvc.yaml/params.yaml/.dvc and a stand-in `nvae` first on PATH; yields (repo, env, log)."""
+    (tmp_path / "repo").mkdir()
+    repo = _git_repo(tmp_path / "repo", DVC_FILES)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "nvae"
+    fake.write_text(
+        f"#!{shutil.which('python3') or 'python3'}\n" + (Path(__file__).parent / "fake_nvae.py").read_text()
+    )
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    log = tmp_path / "calls.log"
+    env = tool_env(FAKE_NVAE_LOG=str(log))
+    env["PATH"] = f"{bindir}:{env['PATH']}"
+    return repo, env, log
+
+
+def _repro(repo: Path, env: dict, log: Path) -> list[str]:
+    """Run `dvc repro`; return the nvae subcommands it called, in order."""
+    log.write_text("")
+    run([tool("dvc"), "repro"], cwd=repo, env=env)
+    return [line.split()[0] for line in log.read_text().splitlines()]
+
+
+def _set_param(repo: Path, dotted: str, value) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    *parents, last = dotted.split(".")
+    _lookup(params, ".".join(parents))[last] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _status_stages(repo: Path, env: dict) -> set[str]:
+    out = run([tool("dvc"), "status", "--json"], cwd=repo, env=env).stdout
+    import json
+
+    return set(json.loads(out or "{}"))
+
+
+def test_repro_runs_every_stage_once_then_nothing(fake_repo):
+    repo, env, log = fake_repo
+    assert _repro(repo, env, log) == ["prepare", "train", "evaluate", "readjust-bn", "export-onnx", "sample"]
+    assert _repro(repo, env, log) == []
+    assert _status_stages(repo, env) == set()
+
+
+# (parameter, new value, stages `dvc status` reports, nvae commands `dvc repro` then runs), applied in turn.
+CHANGES = [
+    ("evaluate.iw_samples", 8, {"evaluate"}, ["evaluate"]),
+    ("sample.n", 4, {"sample"}, ["sample"]),
+    ("sample.temperature", 0.9, {"readjust_bn", "sample"}, ["readjust-bn", "export-onnx", "sample"]),
+    ("train.steps", 7, {"train"}, ["train", "evaluate", "readjust-bn", "export-onnx", "sample"]),
+]
+
+
+def test_changing_one_parameter_reruns_only_its_dependents(fake_repo):
+    repo, env, log = fake_repo
+    _repro(repo, env, log)
+    for param, value, status, reruns in CHANGES:
+        _set_param(repo, param, value)
+        # `dvc status` names the stages whose own parameters changed, before anything runs ...
+        assert _status_stages(repo, env) == status, param
+        # ... and `dvc repro` runs those plus the stages downstream of changed outputs, nothing else.
+        assert _repro(repo, env, log) == reruns, param
+    assert _repro(repo, env, log) == []
+
+
+def test_overrides_reach_train_as_repeated_set_flags(fake_repo):
+    repo, env, log = fake_repo
+    _set_param(repo, "train.overrides.set", ["channels=8", "kl_anneal_portion=0.5"])
+    _repro(repo, env, log)
+    (train,) = [line for line in log.read_text().splitlines() if line.startswith("train ")]
+    assert train.endswith("--set channels=8 --set kl_anneal_portion=0.5")
+
+
+# --- the real thing ------------------------------------------------------------------------------------------
+
+
+def _has_all_commands() -> bool:
+    help_text = subprocess.run(
+        [tool("nvae"), "--help"], capture_output=True, text=True, env=tool_env()
+    ).stdout
+    return all(
+        c in help_text for c in ("prepare", "train", "evaluate", "readjust-bn", "export-onnx", "sample")
+    )
+
+
+@pytest.mark.slow
+def test_repro_on_a_fresh_clone_runs_the_embedded_default(tmp_path):
+    """Real `nvae` on a fresh copy of the repository (~3 min on an idle 2-core CPU; ~15 min when shared)."""
+    if not _has_all_commands():
+        pytest.skip("the nvae CLI lacks some of the pipeline's commands")
+    if not Path(_params()["prepare"]["source"]).is_dir():
+        pytest.skip("the embedded Fashion-MNIST is not installed")
+    listed = run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO).stdout.split()
+    files = [f for f in listed if (REPO / f).is_file() and not f.startswith(("outputs/", "runs/"))]
+    repo = _git_repo(tmp_path, files)
+    env = tool_env()
+    run([tool("dvc"), "repro"], cwd=repo, env=env, timeout=3600)
+    for out in [
+        "outputs/data/manifest.json",
+        "outputs/train/checkpoint.pt",
+        "outputs/model/checkpoint_bn.pt",
+        "outputs/model/decoder.onnx",
+        "outputs/eval/metrics.json",
+        "outputs/eval/kl_per_group.png",
+    ]:
+        assert (repo / out).is_file(), out
+    assert list((repo / "outputs/samples").glob("grid_t*.png"))
+    shown = run([tool("dvc"), "metrics", "show", "--json"], cwd=repo, env=env).stdout
+    assert "nll_bpd" in shown
+    assert "Running stage" not in run([tool("dvc"), "repro"], cwd=repo, env=env).stdout
+    _set_param(repo, "evaluate.limit", 16)
+    out = run([tool("dvc"), "repro"], cwd=repo, env=env, timeout=1800).stdout
+    assert re.findall(r"Running stage '(\w+)'", out) == ["evaluate"]

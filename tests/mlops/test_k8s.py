@@ -1,0 +1,363 @@
+"""k8s/: every kustomization builds; core objects validate against the Kubernetes schema; custom resources load
+into their own projects' API models with no field dropped; images agree with k8s/images.yaml; security
+settings (non-root, read-only root filesystem, requests and limits) hold for every container."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import REPO, run, tool
+
+K8S = REPO / "k8s"
+KUSTOMIZATIONS = ["base", "overlays/cpu-dev", "overlays/gpu", "overlays/kserve", "train"]
+K8S_VERSION = "1.33.0"  # schema version the manifests target (kubernetes-validate bundles it)
+IMAGES = yaml.safe_load((K8S / "images.yaml").read_text())
+PROJECT_REPO = "ghcr.io/nvae-pipeline/"
+
+
+def _build(path: str) -> list[dict]:
+    out = run([tool("kubectl"), "kustomize", str(K8S / path)], cwd=REPO).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+@pytest.fixture(scope="module")
+def built() -> dict[str, list[dict]]:
+    return {path: _build(path) for path in KUSTOMIZATIONS}
+
+
+def _pod_specs(doc: dict) -> list[dict]:
+    """Pod specs inside a workload object (Deployment, StatefulSet, Job, InferenceService predictor, TrainJob)."""
+    kind, spec = doc["kind"], doc.get("spec", {})
+    if kind in ("Deployment", "StatefulSet", "DaemonSet"):
+        return [spec["template"]["spec"]]
+    if kind == "Job":
+        return [spec["template"]["spec"]]
+    if kind == "InferenceService":
+        return [spec["predictor"]]
+    if kind == "TrainJob":
+        return [
+            rj["template"]["spec"]["template"]["spec"]
+            for patch in spec.get("runtimePatches", [])
+            for rj in patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+        ]
+    return []
+
+
+def _containers(doc: dict) -> list[dict]:
+    return [c for ps in _pod_specs(doc) for c in ps.get("initContainers", []) + ps.get("containers", [])]
+
+
+def _images(doc: dict) -> list[str]:
+    images = [c["image"] for c in _containers(doc) if "image" in c]
+    if doc["kind"] == "TrainJob":
+        images.append(doc["spec"]["trainer"]["image"])
+    return images
+
+
+# --- building and schema -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_kustomization_builds_and_every_object_is_namespaced_to_nvae(built, path):
+    docs = built[path]
+    assert docs, f"{path} builds to nothing"
+    for doc in docs:
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"].get("namespace") == "nvae", (
+                f"{path}: {doc['kind']}/{doc['metadata']['name']}"
+            )
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_core_objects_validate_against_the_kubernetes_schema(built, path):
+    import kubernetes_validate
+
+    for doc in built[path]:
+        if doc["kind"] in ("TrainJob", "InferenceService"):
+            continue  # custom resources: validated through their own API models below
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_secret_template_validates_and_holds_no_credentials():
+    import kubernetes_validate
+
+    doc = yaml.safe_load((K8S / "base/store/secret.template.yaml").read_text())
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    assert doc["stringData"]["AWS_ACCESS_KEY_ID"] == "REPLACE_ME"
+    assert doc["stringData"]["AWS_SECRET_ACCESS_KEY"] == "REPLACE_ME"
+    assert "data" not in doc
+    # ... and no kustomization applies it (kubectl apply -k must never overwrite the real Secret).
+    for path in KUSTOMIZATIONS:
+        kinds = {(d["kind"], d["metadata"]["name"]) for d in _build(path)}
+        assert ("Secret", "nvae-s3-credentials") not in kinds
+
+
+def test_only_known_custom_resources_appear(built):
+    core_groups = ("", "apps", "batch", "autoscaling", "networking.k8s.io", "rbac.authorization.k8s.io")
+    for path, docs in built.items():
+        for doc in docs:
+            group = doc["apiVersion"].rpartition("/")[0]
+            if group not in core_groups:
+                assert (doc["apiVersion"], doc["kind"]) in {
+                    ("trainer.kubeflow.org/v1alpha1", "TrainJob"),
+                    ("serving.kserve.io/v1beta1", "InferenceService"),
+                }, f"{path}: unvalidated custom resource {doc['apiVersion']} {doc['kind']}"
+
+
+def test_trainjob_loads_into_the_kubeflow_trainer_models_without_dropping_fields(built):
+    from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
+
+    (job,) = [d for d in built["train"] if d["kind"] == "TrainJob"]
+    assert job["apiVersion"] == "trainer.kubeflow.org/v1alpha1"
+    model = TrainerV1alpha1TrainJob.from_dict(job)
+    # from_dict ignores unknown keys silently: a lossless round trip proves every field is known to the API.
+    assert model.to_dict() == job
+    trainer = model.spec.trainer
+    assert trainer.num_nodes >= 2 and trainer.num_proc_per_node >= 2, "multi-node, multi-GPU"
+    assert trainer.command == ["torchrun"] and trainer.args[:3] == ["-m", "nvae_cli", "train"]
+    assert job["spec"]["trainer"]["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == str(
+        trainer.num_proc_per_node
+    )
+
+
+def _strict_kserve_load(value, type_name: str, where: str):
+    """Deserialize like the OpenAPI client does, but fail on any key the model (kserve or kubernetes) lacks."""
+    import kserve.models
+    import kubernetes.client.models
+
+    if value is None:
+        return None
+    if m := re.fullmatch(r"list\[(.+)\]", type_name):
+        return [_strict_kserve_load(v, m[1], f"{where}[{i}]") for i, v in enumerate(value)]
+    if m := re.fullmatch(r"dict\((\w+), (.+)\)", type_name):
+        return {k: _strict_kserve_load(v, m[2], f"{where}.{k}") for k, v in value.items()}
+    if type_name in ("str", "int", "float", "bool", "object", "datetime"):
+        return value
+    cls = getattr(kserve.models, type_name, None) or getattr(kubernetes.client.models, type_name)
+    by_json = {json_key: attr for attr, json_key in cls.attribute_map.items()}
+    unknown = set(value) - set(by_json)
+    assert not unknown, f"{where}: fields unknown to {type_name}: {sorted(unknown)}"
+    kwargs = {
+        by_json[k]: _strict_kserve_load(v, cls.openapi_types[by_json[k]], f"{where}.{k}")
+        for k, v in value.items()
+    }
+    return cls(**kwargs)
+
+
+def test_inferenceservice_loads_into_the_kserve_sdk_models_without_unknown_fields(built):
+    import kserve
+
+    (isvc,) = [d for d in built["overlays/kserve"] if d["kind"] == "InferenceService"]
+    assert isvc["apiVersion"] == f"{kserve.constants.KSERVE_GROUP}/v1beta1"
+    model = _strict_kserve_load(isvc, "V1beta1InferenceService", "InferenceService")
+    assert isinstance(model, kserve.V1beta1InferenceService)
+    (container,) = model.spec.predictor.containers
+    assert container.readiness_probe.http_get.path == "/v2/health/ready"
+    assert container.liveness_probe.http_get.path == "/v2/health/live"
+
+
+def test_strict_kserve_loader_rejects_an_unknown_field(built):
+    (isvc,) = [d for d in built["overlays/kserve"] if d["kind"] == "InferenceService"]
+    bad = yaml.safe_load(yaml.safe_dump(isvc))
+    bad["spec"]["predictor"]["containers"][0]["imagePullPolicyy"] = "Always"
+    with pytest.raises(AssertionError, match="imagePullPolicyy"):
+        _strict_kserve_load(bad, "V1beta1InferenceService", "InferenceService")
+
+
+# --- security and resources ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_every_container_is_non_root_read_only_and_bounded(built, path):
+    for doc in built[path]:
+        where = f"{path}: {doc['kind']}/{doc['metadata']['name']}"
+        for pod in _pod_specs(doc):
+            assert pod["securityContext"]["runAsNonRoot"] is True, where
+            assert pod["securityContext"]["runAsUser"] != 0, where
+        for c in _containers(doc):
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, f"{where} {c['name']}"
+            assert sc["readOnlyRootFilesystem"] is True, f"{where} {c['name']}"
+            assert sc["capabilities"]["drop"] == ["ALL"], f"{where} {c['name']}"
+            if doc["kind"] == "TrainJob":
+                continue  # resources come from spec.trainer.resourcesPerNode
+            for bound in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(c["resources"][bound]), f"{where} {c['name']} {bound}"
+        if doc["kind"] == "TrainJob":
+            res = doc["spec"]["trainer"]["resourcesPerNode"]
+            assert {"cpu", "memory", "nvidia.com/gpu"} <= set(res["requests"]) & set(res["limits"]), where
+
+
+def test_sampler_probes_hit_the_serving_health_endpoints(built):
+    for path in ("overlays/cpu-dev", "overlays/gpu"):
+        (dep,) = [
+            d for d in built[path] if d["kind"] == "Deployment" and d["metadata"]["name"] == "nvae-sampler"
+        ]
+        (c,) = dep["spec"]["template"]["spec"]["containers"]
+        assert c["command"] == ["nvae", "serve"]
+        assert c["args"][:2] == ["--onnx", "/models/decoder.onnx"] and "8080" in c["args"]
+        assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+        assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+        kinds = {d["kind"] for d in built[path]}
+        assert {
+            "Service",
+            "HorizontalPodAutoscaler",
+            "NetworkPolicy",
+            "StatefulSet",
+            "Job",
+            "RoleBinding",
+        } <= kinds
+
+
+def test_gpu_overlay_gives_the_sampler_a_gpu_and_cpu_dev_does_not(built):
+    def sampler(path):
+        (dep,) = [d for d in built[path] if d["kind"] == "Deployment"]
+        return dep["spec"]["template"]["spec"]["containers"][0]
+
+    assert sampler("overlays/gpu")["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert "nvidia.com/gpu" not in sampler("overlays/cpu-dev")["resources"]["limits"]
+
+
+@pytest.mark.parametrize("path", ["overlays/cpu-dev", "overlays/gpu", "overlays/kserve"])
+def test_network_policy_admits_only_labelled_clients_on_the_serving_port(built, path):
+    (pol,) = [d for d in built[path] if d["kind"] == "NetworkPolicy" and "sampler" in d["metadata"]["name"]]
+    assert pol["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = pol["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 8080}]
+    (peer,) = rule["from"]
+    assert peer["podSelector"]["matchLabels"] == {"nvae.io/sampler-client": "true"}
+    # The policy must select the pods that actually serve.
+    selected = pol["spec"]["podSelector"]["matchLabels"]
+    if path == "overlays/kserve":
+        (isvc,) = [d for d in built[path] if d["kind"] == "InferenceService"]
+        assert selected == {"serving.kserve.io/inferenceservice": isvc["metadata"]["name"]}
+    else:
+        (dep,) = [d for d in built[path] if d["kind"] == "Deployment"]
+        assert selected.items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_rbac_binds_the_pipeline_runner_to_its_role(built):
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in built["base"]}
+    binding = docs[("RoleBinding", "nvae-pipeline-runner")]
+    assert binding["roleRef"]["name"] == "nvae-pipeline-runner"
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "nvae-pipeline-runner", "namespace": "nvae"}
+    ]
+    rules = docs[("Role", "nvae-pipeline-runner")]["rules"]
+    assert not any("*" in r["verbs"] or "*" in r["resources"] for r in rules), "least privilege: no wildcards"
+    secret_rules = [r for r in rules if "secrets" in r["resources"]]
+    assert all(r.get("resourceNames") == ["nvae-s3-credentials"] for r in secret_rules)
+
+
+def test_store_clients_read_the_same_secret_the_pipeline_uses(built):
+    pipeline = (REPO / "pipelines/nvae_pipeline.py").read_text()
+    assert 'S3_SECRET = "nvae-s3-credentials"' in pipeline
+    for doc in built["base"]:
+        for c in _containers(doc):
+            refs = [e["secretRef"]["name"] for e in c.get("envFrom", []) if "secretRef" in e]
+            refs += [e["valueFrom"]["secretKeyRef"]["name"] for e in c.get("env", []) if "valueFrom" in e]
+            assert set(refs) <= {"nvae-s3-credentials"}
+
+
+# --- images --------------------------------------------------------------------------------------------------
+
+
+def test_images_file_names_the_cpu_and_gpu_images_at_the_project_version():
+    import tomllib
+
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert IMAGES == {
+        "cpu": f"{PROJECT_REPO}nvae-cpu:{version}",
+        "gpu": f"{PROJECT_REPO}nvae-gpu:{version}",
+    }
+
+
+@pytest.mark.parametrize(
+    "path, allowed",
+    [
+        ("base", {"cpu"}),
+        ("overlays/cpu-dev", {"cpu"}),
+        ("overlays/gpu", {"gpu"}),
+        ("overlays/kserve", {"cpu"}),
+        ("train", {"gpu"}),
+    ],
+)
+def test_manifests_use_exactly_the_images_in_images_yaml(built, path, allowed):
+    for doc in built[path]:
+        for image in _images(doc):
+            if image.startswith(PROJECT_REPO):
+                assert image in {IMAGES[k] for k in allowed}, f"{path}: {image}"
+            else:
+                # Third-party images are pinned to a release, never a moving tag.
+                assert re.fullmatch(
+                    r"quay\.io/minio/minio:RELEASE\.\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ", image
+                ), image
+
+
+def test_pipeline_components_use_the_images_in_images_yaml():
+    from components import images
+
+    assert {images.CPU_IMAGE, images.GPU_IMAGE} == set(IMAGES.values())
+    for path in [*REPO.glob("components/*.py"), *REPO.glob("pipelines/*.py"), *REPO.glob("pipelines/*.yaml")]:
+        for image in re.findall(r"ghcr\.io/nvae-pipeline/[\w.:/-]+", path.read_text()):
+            assert image in IMAGES.values(), f"{path.relative_to(REPO)}: {image}"
+
+
+def _stages(dockerfile: Path) -> list[str]:
+    return re.findall(r"^FROM\s+(\S+)", dockerfile.read_text(), flags=re.M)
+
+
+# ids avoid the bare word "gpu": tests/conftest.py skips items with a "gpu" keyword on machines without CUDA.
+@pytest.mark.parametrize("kind", ["cpu", "gpu"], ids=["cpu-image", "gpu-image"])
+def test_dockerfile_is_labelled_with_its_image_pinned_multistage_and_non_root(kind):
+    dockerfile = K8S / "images" / f"{kind}.Dockerfile"
+    text = dockerfile.read_text()
+    (ref,) = re.findall(r'org\.opencontainers\.image\.ref\.name="([^"]+)"', text)
+    assert ref == IMAGES[kind]
+    assert f"-t {IMAGES[kind]}" in text, "the build command in the header names the image"
+    froms = _stages(dockerfile)
+    assert len(froms) >= 2, "multi-stage: build tools stay out of the runtime image"
+    for base in froms:
+        assert ":" in base and not base.endswith((":latest", ":slim")), f"unpinned base image {base}"
+    users = re.findall(r"^USER\s+(\S+)", text, flags=re.M)
+    assert users and users[-1] not in ("root", "0", "0:0"), "the runtime stage runs as a non-root user"
+    assert re.search(r"^EXPOSE 8080$", text, flags=re.M)
+    # Every package installed beside the project is pinned to an exact version.
+    for name in _pip_requirements(text):
+        assert name.startswith(".") or "==" in name, f"{kind}.Dockerfile: unpinned {name}"
+
+
+def _pip_requirements(dockerfile_text: str) -> list[str]:
+    """Requirement arguments of every `pip install` in a Dockerfile (options and their values left out)."""
+    text = dockerfile_text.replace("\\\n", " ")
+    reqs = []
+    for line in re.findall(r"pip install (.*)", text):
+        tokens = line.split("&&")[0].split()
+        skip_next = False
+        for tok in tokens:
+            if skip_next:
+                skip_next = False
+            elif tok in ("--index-url", "--extra-index-url", "-r", "-c", "-i", "--constraint"):
+                skip_next = True
+            elif not tok.startswith("-"):
+                reqs.append(tok.strip('"'))
+    return reqs
+
+
+def test_gpu_dockerfile_has_cuda_dali_and_only_the_gpu_onnxruntime():
+    text = (K8S / "images" / "gpu.Dockerfile").read_text()
+    assert any(base.startswith("nvidia/cuda:") for base in _stages(K8S / "images" / "gpu.Dockerfile"))
+    assert re.search(r"nvidia-dali-cuda\d+==", text) or ".[data" in text
+    assert re.search(r"onnxruntime-gpu(\[[\w,]+\])?==[\d.]+", text)
+    # onnxruntime and onnxruntime-gpu must not be installed together: the `onnx` extra (which pulls the CPU
+    # onnxruntime) is not installed in the GPU image.
+    assert "onnx," not in text and ",onnx]" not in text and "[onnx]" not in text
+
+
+def test_cpu_dockerfile_installs_the_project_with_its_runtime_extras():
+    text = (K8S / "images" / "cpu.Dockerfile").read_text()
+    assert ".[data,train,onnx,serve]" in text
