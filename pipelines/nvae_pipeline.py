@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 PIPELINE_NAME = "nvae-pipeline"
 COMPILED = Path(__file__).with_name("nvae_pipeline.yaml")
 S3_SECRET = "nvae-s3-credentials"  # k8s Secret with the object store's endpoint and keys
+STORE_CLIENT_LABEL = "nvae.io/store-client"
 _D = PipelineParams()
 
 
@@ -100,6 +101,10 @@ def nvae_pipeline(
         onnx_model=onnx.outputs["onnx_model"], num_samples=num_samples, temperature=temperature, seed=seed
     )
     smp.set_display_name("sample (onnxruntime)").set_cpu_request("1").set_memory_request("2G")
+
+    # The object store's NetworkPolicy admits only pods carrying this label (k8s/base/store).
+    for task in (prep, fit, ev, adj, onnx, smp):
+        kubernetes.add_pod_label(task, STORE_CLIENT_LABEL, "true")
 
 
 def compile_pipeline(out: str | Path = COMPILED) -> Path:
