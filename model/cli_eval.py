@@ -172,6 +172,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
         from model.onnx_sampler import OnnxSampler
 
         sampler = OnnxSampler(args.onnx)
+        if args.decode and args.decode != sampler.decode:
+            raise NVAEError(
+                f"{args.onnx} was exported with decode={sampler.decode}; re-export with "
+                f"`nvae export-onnx --decode {args.decode}`"
+            )
         print(f"onnxruntime providers: {', '.join(sampler.providers)}")
         draw = lambda t: torch.as_tensor(sampler.sample(args.n, t, args.seed))  # noqa: E731
     else:
@@ -185,7 +190,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
                 break
             if abs(readjusted - t) > 1e-6:
                 log.warning("BN was readjusted at t=%g but sampling at t=%g", readjusted, t)
-        draw = lambda t: sample_images(model, args.n, t, args.seed, decode=args.decode)  # noqa: E731
+        decode = args.decode or "mean"
+        draw = lambda t: sample_images(model, args.n, t, args.seed, decode=decode)  # noqa: E731
     for t in args.temperature:
         images = draw(t)
         arrays[f"images_t{t:g}"] = _to_uint8(images)
@@ -193,7 +199,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         save_png(image_grid(torch.as_tensor(images), nrow=args.nrow), path)
         written.append(path)
         if args.fix_scales:
-            rows = fixed_scale_rows(model, args.nrow or 8, t, args.seed, args.decode)
+            rows = fixed_scale_rows(model, args.nrow or 8, t, args.seed, decode)
             path = out / f"fixed_scales_t{t:g}.png"
             save_png(image_grid(rows, nrow=args.nrow or 8), path)
             written.append(path)

@@ -140,19 +140,24 @@ class DiscretizedLogisticMixture:
         log_probs = log_probs.sum(1) + F.log_softmax(self.logit_probs, dim=1)  # (B, M, H, W)
         return torch.logsumexp(log_probs, dim=1)
 
-    def _select(self, temperature: float, generator: torch.Generator | None):
-        u = torch.rand(self.logit_probs.shape, generator=generator, device=self.logit_probs.device)
-        gumbel = -torch.log(-torch.log(u.clamp(1e-5, 1 - 1e-5)))
-        sel = F.one_hot(torch.argmax(self.logit_probs / temperature + gumbel, 1), self.num_mix)
-        return sel.permute(0, 3, 1, 2).unsqueeze(1).float()  # (B, 1, M, H, W)
-
     def sample(self, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw images (B, C, H, W) in [0, 1] (continuous values; quantise with `quantize`)."""
-        sel = self._select(temperature, generator)
+        device = self.logit_probs.device
+        u_mix = torch.rand(self.logit_probs.shape, generator=generator, device=device)
+        u_pix = torch.rand(self.means[:, :, 0].shape, generator=generator, device=device)
+        return self.sample_from_uniform(u_mix, u_pix, temperature)
+
+    def sample_from_uniform(self, u_mix: torch.Tensor, u_pix: torch.Tensor, temperature) -> torch.Tensor:
+        """`sample` with its uniform draws given: u_mix (B, M, H, W) picks the component (Gumbel-max),
+        u_pix (B, C, H, W) the logistic value. Only exportable ops (no one-hot, no random)."""
+        gumbel = -torch.log(-torch.log(u_mix.clamp(1e-5, 1 - 1e-5)))
+        index = torch.argmax(self.logit_probs / temperature + gumbel, 1, keepdim=True)  # (B, 1, H, W)
+        components = torch.arange(self.num_mix, device=index.device).view(1, -1, 1, 1)
+        sel = (index == components).float().unsqueeze(1)  # one-hot (B, 1, M, H, W)
         means = (self.means * sel).sum(2)
         log_scales = (self.log_scales * sel).sum(2)
         coeffs = (self.coeffs * sel).sum(2)
-        u = torch.rand(means.shape, generator=generator, device=means.device).clamp(1e-5, 1 - 1e-5)
+        u = u_pix.clamp(1e-5, 1 - 1e-5)
         x = means + torch.exp(log_scales) * temperature * (torch.log(u) - torch.log1p(-u))
         return self._couple_and_clamp(x, coeffs)
 

@@ -109,27 +109,12 @@ class GenerativePath(nn.Module):
         elif self.model.cfg.likelihood == "bernoulli":
             x = (uniforms[0] < torch.sigmoid(dist.logits)).float()
         else:
-            x = _dmol_sample(dist, uniforms[0], uniforms[1], temperature)
+            x = dist.sample_from_uniform(uniforms[0], uniforms[1], temperature)
         x = self.model.crop(x)
         if self.decode == "sample" or self.bits > 1:  # as model.sample.decode_images
             levels = 2**self.bits - 1
             return torch.round(x.clamp(0, 1) * levels) / levels, x
         return x, x
-
-
-def _dmol_sample(dist, u_mix: torch.Tensor, u_pix: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    """`DiscretizedLogisticMixture.sample` with its two `torch.rand` draws passed in: u_mix (B, M, S, S) picks
-    the component (Gumbel-max), u_pix (B, C, S, S) the logistic sample. Same arithmetic, same order."""
-    gumbel = -torch.log(-torch.log(u_mix.clamp(1e-5, 1 - 1e-5)))
-    index = torch.argmax(dist.logit_probs / temperature + gumbel, 1, keepdim=True)  # (B, 1, S, S)
-    components = torch.arange(dist.num_mix, device=index.device).view(1, -1, 1, 1)
-    sel = (index == components).float().unsqueeze(1)  # one-hot (B, 1, M, S, S), without the OneHot op
-    means = (dist.means * sel).sum(2)
-    log_scales = (dist.log_scales * sel).sum(2)
-    coeffs = (dist.coeffs * sel).sum(2)
-    u = u_pix.clamp(1e-5, 1 - 1e-5)
-    x = means + torch.exp(log_scales) * temperature * (torch.log(u) - torch.log1p(-u))
-    return dist._couple_and_clamp(x, coeffs)
 
 
 def uniform_shapes(cfg: NVAEConfig, decode: str) -> list[tuple[str, tuple[int, int, int]]]:
