@@ -26,11 +26,21 @@ VARIANTS = {
     "bf16-cl": {"precision": "bf16", "channels_last": True, "compile": False},
     "fp32-compile": {"precision": "fp32", "channels_last": False, "compile": True},
     "fp32-cl-compile": {"precision": "fp32", "channels_last": True, "compile": True},
+    # BN+Swish without the fused, recomputing op (two saved activations instead of one)
+    "fp32-unfused": {"precision": "fp32", "channels_last": False, "compile": False, "fused": False},
+    "fp32-cl-unfused": {"precision": "fp32", "channels_last": True, "compile": False, "fused": False},
 }
 
 
 def run_variant(
-    preset: str, batch: int, steps: int, warmup: int, precision: str, channels_last: bool, compile: bool
+    preset: str,
+    batch: int,
+    steps: int,
+    warmup: int,
+    precision: str,
+    channels_last: bool,
+    compile: bool,
+    fused: bool = True,
 ):
     import torch
 
@@ -41,7 +51,7 @@ def run_variant(
 
     configure_cpu()
     torch.manual_seed(0)
-    cfg = apply_overrides(get_preset(preset), {"batch_size": batch})
+    cfg = apply_overrides(get_preset(preset), {"batch_size": batch, "fused_bn_swish": fused})
     model = NVAE(cfg)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

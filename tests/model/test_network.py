@@ -130,3 +130,17 @@ def test_residual_posterior_can_be_switched_off(tiny_cfg):
     torch.manual_seed(1)
     kb = b(x).kl_all[1]
     assert not torch.allclose(ka, kb)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_cuda_autocast_forward_backward(precision, make_tiny):
+    cfg = make_tiny()
+    model = NVAE(cfg).cuda()
+    x = torch.rand(4, 1, cfg.data_size, cfg.data_size, device="cuda")
+    scaler = torch.amp.GradScaler("cuda", init_scale=1024.0, enabled=precision == "fp16")
+    with autocast("cuda", precision):
+        terms = nvae_loss(model, x, 0, 100, kl_balance_alphas(cfg.groups_per_scale).cuda())
+    scaler.scale(terms.loss).backward()
+    assert torch.isfinite(terms.loss.detach())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
