@@ -33,8 +33,8 @@ class PipelineParams:
     gpus: int = 0
     accelerator: str = "nvidia.com/gpu"
     seed: int = 0
-    iw_samples: int = 100
-    eval_limit: int = 500  # 0: the whole test split
+    iw_samples: int = 50
+    eval_limit: int = 200  # 0: the whole test split
     temperature: float = 0.8
     readjust_iters: int = 500
     num_samples: int = 64
