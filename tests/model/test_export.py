@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from tiny import TINY
 
 from model.checkpoint import load_model, save_checkpoint
 from model.config import apply_overrides, get_preset
@@ -24,15 +25,6 @@ from model.onnx_sampler import OnnxSampler, resolve_providers
 from model.sample import decode_images, draw_noise, sample_images
 from nvae_cli import main
 
-TINY = {
-    "channels": 8,
-    "z_channels": 4,
-    "groups": 2,
-    "cells_enc": 1,
-    "cells_dec": 1,
-    "pre_cells": 1,
-    "post_cells": 1,
-}
 READJUST = {"temperature": 0.7, "iters": 10, "batch": 32}
 PARITY: dict = {}  # (batch, temperature) -> max |diff|, printed at the end of the module (pytest -s)
 

@@ -10,6 +10,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from tiny import TINY
 
 from model.config import apply_overrides, get_preset
 from model.export import export_model, randomize_bn
@@ -18,15 +19,6 @@ from model.onnx_sampler import OnnxSampler
 from model.serve import BackgroundServer, ServeConfig, create_app, to_uint8_nhwc
 from nvae_cli import main
 
-TINY = {
-    "channels": 8,
-    "z_channels": 4,
-    "groups": 2,
-    "cells_enc": 1,
-    "cells_dec": 1,
-    "pre_cells": 1,
-    "post_cells": 1,
-}
 LIMITS = ServeConfig(max_images_per_request=32, max_batch=8, timeout_s=20, max_concurrency=1, max_queue=8)
 INFER = "/v2/models/nvae-decoder/infer"
 

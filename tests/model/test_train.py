@@ -86,6 +86,8 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from tiny import TINY_SET  # noqa: E402
+
 from model import cli as train_cli  # noqa: E402
 from model.distributed import convert_sync_batchnorm  # noqa: E402
 from model.layers import BatchNormSwish, SyncBatchNormSwish  # noqa: E402
@@ -95,17 +97,6 @@ from nvae_cli import main as nvae_main  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-# A few-thousand-parameter fmnist-cpu network (28x28 data, two scales, flows, DMoL) for subprocess runs.
-TINY_SET = [
-    "channels=8",
-    "z_channels=4",
-    "groups=2",
-    "cells_enc=1",
-    "cells_dec=1",
-    "pre_cells=1",
-    "post_cells=1",
-    "num_mix=2",
-]
 
 
 @pytest.fixture(autouse=True)

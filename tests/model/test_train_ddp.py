@@ -8,19 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import TINY_SET
 
 REPO = Path(__file__).resolve().parents[2]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-TINY_SET = [
-    "channels=8",
-    "z_channels=4",
-    "groups=2",
-    "cells_enc=1",
-    "cells_dec=1",
-    "pre_cells=1",
-    "post_cells=1",
-    "num_mix=2",
-]
 
 # Each torchrun worker runs `nvae train` with two spies: the network the loop builds (to dump its final
 # parameters) and the loaders it asks for (to record which samples each rank was given).
