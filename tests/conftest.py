@@ -57,3 +57,21 @@ def s3_server():
         yield info
     finally:
         server.stop()
+
+
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.fixture(scope="session")
+def fmnist64(tmp_path_factory):
+    """The first 64 images of each split of the real Fashion-MNIST, prepared once by `nvae prepare`'s
+    library function; tests only read it."""
+    from pathlib import Path
+
+    from data.prepare import prepare
+
+    if not Path(FASHION_MNIST).exists():
+        pytest.skip(f"{FASHION_MNIST} is not available (apt-get install dataset-fashion-mnist)")
+    out = tmp_path_factory.mktemp("prepared") / "fmnist64"
+    prepare("fashion-mnist", FASHION_MNIST, out, limit=64)
+    return out

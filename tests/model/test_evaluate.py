@@ -13,8 +13,6 @@ from model.regularizers import bn_layers
 from model.sample import fixed_scale_rows, nearest_neighbours, sample_images
 from nvae_cli import main
 
-FMNIST = "/usr/share/datasets/fashion-mnist"
-
 
 def _trained_bn(model, x, steps=3):
     """Move BN statistics away from their init with a few train-mode passes (no optimisation needed)."""
@@ -101,15 +99,6 @@ def test_nearest_neighbours_finds_the_duplicate():
 
 
 # ------------------------------------------------------------------------------------ CLI, end to end
-@pytest.fixture(scope="module")
-def fmnist_dir(tmp_path_factory):
-    from data.prepare import prepare
-
-    out = tmp_path_factory.mktemp("prep") / "fmnist"
-    prepare("fashion-mnist", FMNIST, out, limit=64)
-    return out
-
-
 @pytest.fixture
 def fmnist_ckpt(tmp_path, make_tiny):
     torch.manual_seed(0)
@@ -120,7 +109,7 @@ def fmnist_ckpt(tmp_path, make_tiny):
     return path
 
 
-def test_cli_evaluate_readjust_sample_nearest(tmp_path, fmnist_dir, fmnist_ckpt, capsys):
+def test_cli_evaluate_readjust_sample_nearest(tmp_path, fmnist64, fmnist_ckpt, capsys):
     metrics = tmp_path / "m.json"
     assert (
         main(
@@ -129,7 +118,7 @@ def test_cli_evaluate_readjust_sample_nearest(tmp_path, fmnist_dir, fmnist_ckpt,
                 "--checkpoint",
                 str(fmnist_ckpt),
                 "--data",
-                str(fmnist_dir),
+                str(fmnist64),
                 "--iw-samples",
                 "3",
                 "--limit",
@@ -186,7 +175,7 @@ def test_cli_evaluate_readjust_sample_nearest(tmp_path, fmnist_dir, fmnist_ckpt,
                 "--fix-scales",
                 "--reconstruct",
                 "--data",
-                str(fmnist_dir),
+                str(fmnist64),
             ]
         )
         == 0
@@ -229,7 +218,7 @@ def test_cli_evaluate_readjust_sample_nearest(tmp_path, fmnist_dir, fmnist_ckpt,
                 "--samples",
                 str(out / "samples.npz"),
                 "--data",
-                str(fmnist_dir),
+                str(fmnist64),
                 "--k",
                 "2",
                 "--out",
@@ -241,7 +230,7 @@ def test_cli_evaluate_readjust_sample_nearest(tmp_path, fmnist_dir, fmnist_ckpt,
     assert (tmp_path / "nn.png").exists()
 
 
-def test_cli_bad_inputs_fail_before_work(tmp_path, fmnist_dir, fmnist_ckpt, make_tiny, capsys):
+def test_cli_bad_inputs_fail_before_work(tmp_path, fmnist64, fmnist_ckpt, make_tiny, capsys):
     other = NVAE(make_tiny(dataset="mnist", data_size=28, image_size=32))
     save_checkpoint(tmp_path / "other.pt", other)
     assert (
@@ -251,7 +240,7 @@ def test_cli_bad_inputs_fail_before_work(tmp_path, fmnist_dir, fmnist_ckpt, make
                 "--checkpoint",
                 str(tmp_path / "other.pt"),
                 "--data",
-                str(fmnist_dir),
+                str(fmnist64),
                 "--iw-samples",
                 "2",
                 "--out",

@@ -96,7 +96,6 @@ from model.train import TrainingInterrupted, cpu_has_native_bf16, default_precis
 from nvae_cli import main as nvae_main  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 @pytest.fixture(autouse=True)
@@ -106,31 +105,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def fmnist256(tmp_path_factory) -> Path:
-    """64 training images of the real Fashion-MNIST, prepared by `nvae prepare` (4 batches of 16)."""
-    if not FASHION_MNIST.exists():
-        pytest.skip(f"{FASHION_MNIST} is not available")
-    out = tmp_path_factory.mktemp("prepared") / "fmnist"
-    assert (
-        nvae_main(
-            [
-                "prepare",
-                "--dataset",
-                "fashion-mnist",
-                "--source",
-                str(FASHION_MNIST),
-                "--out",
-                str(out),
-                "--limit",
-                "64",
-            ]
-        )
-        == 0
-    )
-    return out
 
 
 def _train_argv(data: Path, out: Path, *extra: str) -> list[str]:
@@ -174,15 +148,15 @@ def _weights(path: Path) -> dict:
     return torch.load(path, weights_only=True)
 
 
-def test_sigkilled_run_resumes_to_bitwise_identical_weights(tmp_path, fmnist256):
+def test_sigkilled_run_resumes_to_bitwise_identical_weights(tmp_path, fmnist64):
     # 6 steps over 4 batches per epoch, checkpoints at 2 and 4; killed inside step 4 (after its backward), so
     # the resumed run restarts at step 2 (epoch 0, batch 2) and crosses into epoch 1.
     common = ["--steps", "6", "--checkpoint-every", "2", "--eval-every", "3", "--samples", "4"]
-    killed = _run_child(_train_argv(fmnist256, tmp_path / "killed", *common), kill_at=4)
-    assert nvae_main(_train_argv(fmnist256, tmp_path / "straight", *common)) == 0  # meanwhile, in-process
+    killed = _run_child(_train_argv(fmnist64, tmp_path / "killed", *common), kill_at=4)
+    assert nvae_main(_train_argv(fmnist64, tmp_path / "straight", *common)) == 0  # meanwhile, in-process
     assert killed.wait(timeout=120) == -signal.SIGKILL, killed.stderr.read().decode()[-2000:]
     assert _weights(tmp_path / "killed" / "checkpoint.pt")["step"] == 2
-    assert nvae_main(_train_argv(fmnist256, tmp_path / "killed", *common)) == 0  # resumes at step 2
+    assert nvae_main(_train_argv(fmnist64, tmp_path / "killed", *common)) == 0  # resumes at step 2
     a = _weights(tmp_path / "straight" / "checkpoint.pt")
     b = _weights(tmp_path / "killed" / "checkpoint.pt")
     assert a["step"] == b["step"] == 6 and (a["epoch"], a["batch_in_epoch"]) == (1, 2)
@@ -211,9 +185,9 @@ def test_sigkilled_run_resumes_to_bitwise_identical_weights(tmp_path, fmnist256)
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_then_exits_143(tmp_path, fmnist256):
+def test_sigterm_checkpoints_then_exits_143(tmp_path, fmnist64):
     out = tmp_path / "run"
-    proc = _run_child(_train_argv(fmnist256, out, "--steps", "400", "--log-every", "1", "--samples", "0"))
+    proc = _run_child(_train_argv(fmnist64, out, "--steps", "400", "--log-every", "1", "--samples", "0"))
     metrics = out / "train_metrics.jsonl"
     deadline = time.monotonic() + 90
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
@@ -251,11 +225,11 @@ def test_sigterm_in_process_raises_after_checkpoint_and_resume_is_exact(tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_exit_codes_of_train(tmp_path, fmnist256, monkeypatch, capsys):
+def test_exit_codes_of_train(tmp_path, fmnist64, monkeypatch, capsys):
     from model import train as train_mod
     from model.storage import StorageError
 
-    argv = _train_argv(fmnist256, tmp_path / "run", "--steps", "1")
+    argv = _train_argv(fmnist64, tmp_path / "run", "--steps", "1")
 
     def raising(exc):
         def fake(*args, **kwargs):
@@ -277,7 +251,7 @@ def test_exit_codes_of_train(tmp_path, fmnist256, monkeypatch, capsys):
     assert nvae_main([*argv[:-2], "--preset", "mnist"]) == 2  # preset for another dataset
 
 
-def test_nonfinite_run_exits_1_keeping_the_last_good_checkpoint(tmp_path, fmnist256, monkeypatch, capsys):
+def test_nonfinite_run_exits_1_keeping_the_last_good_checkpoint(tmp_path, fmnist64, monkeypatch, capsys):
     from model import train as train_mod
 
     real_loss = train_mod.nvae_loss
@@ -301,7 +275,7 @@ def test_nonfinite_run_exits_1_keeping_the_last_good_checkpoint(tmp_path, fmnist
         "0",
         "--no-dvclive",
     ]
-    assert nvae_main(_train_argv(fmnist256, out, *extra)) == train_cli.EXIT_FAILED
+    assert nvae_main(_train_argv(fmnist64, out, *extra)) == train_cli.EXIT_FAILED
     assert "2 consecutive non-finite steps at step 3" in capsys.readouterr().err
     kept = _weights(out / "checkpoint.pt")
     assert kept["step"] == 2 and kept["skipped"] == 0  # the last good checkpoint, untouched

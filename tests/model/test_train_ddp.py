@@ -6,12 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from tiny import TINY_SET
 
 REPO = Path(__file__).resolve().parents[2]
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 # Each torchrun worker runs `nvae train` with two spies: the network the loop builds (to dump its final
 # parameters) and the loaders it asks for (to record which samples each rank was given).
@@ -44,28 +42,6 @@ with open(f"{spy_dir}/loaders-{rank}.json", "w") as fh:
     json.dump(seen, fh)
 sys.exit(code)
 """
-
-
-@pytest.fixture(scope="module")
-def fmnist64(tmp_path_factory) -> Path:
-    from nvae_cli import main
-
-    if not FASHION_MNIST.exists():
-        pytest.skip(f"{FASHION_MNIST} is not available")
-    out = tmp_path_factory.mktemp("prepared") / "fmnist"
-    argv = [
-        "prepare",
-        "--dataset",
-        "fashion-mnist",
-        "--source",
-        str(FASHION_MNIST),
-        "--out",
-        str(out),
-        "--limit",
-        "64",
-    ]
-    assert main(argv) == 0
-    return out
 
 
 def test_two_gloo_ranks_train_in_sync_on_disjoint_shards(tmp_path, fmnist64):
