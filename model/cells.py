@@ -6,7 +6,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.layers import BatchNormSwish, DownSkip, SqueezeExcite, UpSkip, WNConv2d, batch_norm
+from model.layers import (
+    BatchNormSwish,
+    DownSkip,
+    FusedSequential,
+    SqueezeExcite,
+    UpSkip,
+    WNConv2d,
+    batch_norm,
+)
 
 RESIDUAL_SCALE = 0.1
 
@@ -21,7 +29,7 @@ class EncoderCell(nn.Module):
         super().__init__()
         stride = 2 if down else 1
         self.skip = DownSkip(c_in, c_out) if down else nn.Identity()
-        self.branch = nn.Sequential(
+        self.branch = FusedSequential(
             BatchNormSwish(c_in, fused_bn_swish),
             WNConv2d(c_in, c_out, 3, stride=stride, padding=1, bias=True),
             BatchNormSwish(c_out, fused_bn_swish),
@@ -60,7 +68,7 @@ class DecoderCell(nn.Module):
             batch_norm(c_out),
             SqueezeExcite(c_out),
         ]
-        self.branch = nn.Sequential(*layers)
+        self.branch = FusedSequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.skip(x) + RESIDUAL_SCALE * self.branch(x)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,18 +49,133 @@ class WNConv2d(nn.Conv2d):
         else:
             self.register_parameter("log_g", None)
 
+    # Set by `shared_effective_weights`: within one training step the normalised weight is computed once and
+    # reused by the forward pass and the spectral regularizer (one autograd node, both gradients summed in it).
+    _weight_cache: list[torch.Tensor] | None = None
+
     def effective_weight(self) -> torch.Tensor:
         """The weight the convolution uses: masked and weight-normalised, (C_out, C_in/groups, k, k)."""
+        cache = self._weight_cache
+        if cache:
+            return cache[0]
+        w = self._normalised_weight()
+        if cache is not None:
+            cache.append(w)
+        return w
+
+    def _normalised_weight(self) -> torch.Tensor:
         w = self.weight
         if self.mask is not None:
             w = w * self.mask
         if self.log_g is not None:
             norm = w.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-            w = self.log_g.exp() * w / (norm + 1e-5)
+            w = w * (self.log_g.exp() / (norm + 1e-5))  # per-channel scale first: one weight-sized product
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.effective_weight(), self.bias, self.stride, self.padding, 1, self.groups)
+        w = self.effective_weight()
+        if self._fast_depthwise(x):
+            return _DepthwiseConv.apply(x, w, self.padding[0])
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, 1, self.groups)
+
+    def _fast_depthwise(self, x: torch.Tensor) -> bool:
+        c = self.in_channels
+        return (
+            x.device.type == "cpu"
+            and torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")
+            and self.groups == c == self.out_channels
+            and self.bias is None
+            and self.stride == (1, 1)
+            and self.padding[0] == self.padding[1]
+            and self.kernel_size[0] == self.kernel_size[1]
+            and x.size(-1) * x.size(-2) <= DEPTHWISE_SHIFTED_MAX_PIXELS
+        )
+
+
+# At or below this many pixels (H*W) per map, a depthwise conv's weight gradient is computed as k*k shifted
+# products on CPU: oneDNN's backward for small maps is slow (4x4 maps, 1536 channels: 45 ms against 9 ms).
+DEPTHWISE_SHIFTED_MAX_PIXELS = 16
+
+
+class _DepthwiseConv(torch.autograd.Function):
+    """Depthwise stride-1 convolution with a CPU backward for small maps (decoder cells' 5x5 conv).
+
+    See `_depthwise_backward`. Same values as `F.conv2d`'s autograd up to float rounding.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, padding):
+        ctx.save_for_backward(x, weight)
+        ctx.padding = padding
+        return F.conv2d(x, weight, None, 1, padding, 1, x.size(1))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_x, grad_w = _depthwise_backward(grad_out, x, weight, ctx.padding, ctx.needs_input_grad[:2])
+        return grad_x, grad_w, None
+
+
+def _depthwise_backward(grad_out, x, weight, p: int, needs: tuple[bool, bool]):
+    """(grad_x, grad_w) of a depthwise stride-1 conv with padding p.
+
+    grad_x is the convolution of grad_out with the flipped kernel (oneDNN's fast forward kernel);
+    grad_w[c, i, j] = sum over (b, h, w) of x_pad[b, c, h + i, w + j] * grad_out[b, c, h, w], as k*k
+    broadcast products reduced over (b, h, w).
+    """
+    k, c = weight.size(-1), x.size(1)
+    grad_out = grad_out.contiguous(memory_format=_memory_format(x))
+    grad_x = grad_w = None
+    if needs[0]:
+        grad_x = F.conv2d(grad_out, weight.flip(2, 3), None, 1, k - 1 - p, 1, c)
+    if needs[1]:
+        h, w = grad_out.shape[-2:]
+        xp = F.pad(x, (p, p, p, p))
+        grad_w = torch.stack(
+            [(xp[:, :, i : i + h, j : j + w] * grad_out).sum((0, 2, 3)) for i in range(k) for j in range(k)],
+            dim=1,
+        ).view_as(weight)
+    return grad_x, grad_w
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+        return torch.contiguous_format
+    return torch.channels_last
+
+
+@contextlib.contextmanager
+def shared_effective_weights(model: nn.Module) -> Iterator[None]:
+    """Within the block, every `WNConv2d` of `model` normalises its weight once and reuses the result.
+
+    A training step uses each weight twice (the forward pass and the spectral regularizer); sharing the
+    normalised weight halves the weight-norm work in forward and backward without changing any value.
+    Only for one step: parameters must not change inside the block.
+    """
+    convs = [m for m in model.modules() if isinstance(m, WNConv2d)]
+    for m in convs:
+        m._weight_cache = []
+    try:
+        yield
+    finally:
+        for m in convs:
+            m._weight_cache = None
+
+
+def _bn_recompute(x, weight, bias, running_mean, running_var, save_mean, save_invstd, training, eps):
+    """BN's forward output again, from the statistics the forward pass used (batch or running)."""
+    if training:
+        mean, var = save_mean, save_invstd.pow(-2) - eps
+    else:
+        mean, var = running_mean, running_var
+    return torch.ops.aten.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps)[0]
+
+
+def _bn_backward(grad_y, x, weight, running_mean, running_var, save_mean, save_invstd, training, eps):
+    return torch.ops.aten.native_batch_norm_backward(
+        grad_y, x, weight, running_mean, running_var, save_mean, save_invstd, training, eps, [True, True, True]
+    )
 
 
 class _BNSwishFunction(torch.autograd.Function):
@@ -78,25 +197,87 @@ class _BNSwishFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, bias, running_mean, running_var, save_mean, save_invstd = ctx.saved_tensors
-        if ctx.training:  # recompute y with the batch statistics saved in forward
-            mean, var = save_mean, save_invstd.pow(-2) - ctx.eps
-        else:
-            mean, var = running_mean, running_var
-        y, _, _ = torch.ops.aten.native_batch_norm(x, weight, bias, mean, var, False, 0.0, ctx.eps)
+        bn = (running_mean, running_var, save_mean, save_invstd, ctx.training, ctx.eps)
+        y = _bn_recompute(x, weight, bias, *bn)
         grad_y = torch.ops.aten.silu_backward(grad_out, y)
-        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-            grad_y,
-            x,
-            weight,
-            running_mean,
-            running_var,
-            save_mean,
-            save_invstd,
-            ctx.training,
-            ctx.eps,
-            [True, True, True],
-        )
+        grad_x, grad_w, grad_b = _bn_backward(grad_y, x, weight, *bn)
         return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+class _BNSwishConvFunction(torch.autograd.Function):
+    """conv(swish(batchnorm(x))) that saves only `x`, BN's statistics and the conv weight.
+
+    The conv's input (the Swish output) is recomputed in backward from `x`, so a BN-Swish-conv block keeps one
+    activation alive where `_BNSwishFunction` followed by a conv keeps two (the conv saves its input).
+    Under autocast the conv runs in the autocast dtype in both passes, as autocast itself would run it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, bn_w, bn_b, running_mean, running_var, training, momentum, eps, w, b, conv_args):
+        y, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
+            x, bn_w, bn_b, running_mean, running_var, training, momentum, eps
+        )
+        device_type = x.device.type
+        dtype = _autocast_dtype(device_type)
+        a, wc, bc = _cast(dtype, F.silu(y), w, b)
+        with torch.autocast(device_type, enabled=False) if dtype is not None else contextlib.nullcontext():
+            out = F.conv2d(a, wc, bc, conv_args.stride, conv_args.padding, 1, conv_args.groups)
+        ctx.save_for_backward(x, bn_w, bn_b, running_mean, running_var, save_mean, save_invstd, w)
+        ctx.training, ctx.eps, ctx.dtype, ctx.has_bias, ctx.conv_args = training, eps, dtype, b is not None, conv_args
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, bn_w, bn_b, running_mean, running_var, save_mean, save_invstd, w = ctx.saved_tensors
+        bn = (running_mean, running_var, save_mean, save_invstd, ctx.training, ctx.eps)
+        args = ctx.conv_args
+        y = _bn_recompute(x, bn_w, bn_b, *bn)
+        a, wc = _cast(ctx.dtype, F.silu(y), w, None)[:2]
+        if args.fast_depthwise:
+            grad_a, grad_w = _depthwise_backward(grad_out, a, wc, args.padding[0], (True, True))
+            grad_b = None
+        else:
+            grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                grad_out,
+                a,
+                wc,
+                [wc.size(0)] if ctx.has_bias else None,
+                args.stride,
+                args.padding,
+                [1, 1],
+                False,
+                [0, 0],
+                args.groups,
+                [True, True, ctx.has_bias],
+            )
+        grad_y = torch.ops.aten.silu_backward(grad_a.to(y.dtype), y)
+        grad_x, grad_bn_w, grad_bn_b = _bn_backward(grad_y, x, bn_w, *bn)
+        grad_w = grad_w.to(w.dtype)
+        grad_b = grad_b.to(w.dtype) if grad_b is not None else None
+        return grad_x, grad_bn_w, grad_bn_b, None, None, None, None, None, grad_w, grad_b, None
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast would run a conv in on `device_type`, or None (autocast off, or a device such as
+    `meta` that has no autocast)."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return None
+    return torch.get_autocast_dtype(device_type) if enabled else None
+
+
+def _cast(dtype, *tensors):
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if t is not None else None for t in tensors)
+
+
+class _ConvArgs(NamedTuple):
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    groups: int
+    fast_depthwise: bool
 
 
 class BatchNormSwish(nn.BatchNorm2d):
@@ -110,22 +291,47 @@ class BatchNormSwish(nn.BatchNorm2d):
         super().__init__(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
         self.fused = fused
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        use_batch_stats = self.training or self.running_mean is None
-        if not (self.fused and torch.is_grad_enabled() and x.requires_grad):
-            return F.silu(super().forward(x))
+    def uses_fused_op(self, x: torch.Tensor) -> bool:
+        return self.fused and torch.is_grad_enabled() and x.requires_grad
+
+    def _fused_bn_args(self) -> tuple:
+        """The BN arguments of the fused autograd functions; counts the batch like `nn.BatchNorm2d` does."""
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
-        return _BNSwishFunction.apply(
-            x,
-            self.weight,
-            self.bias,
-            self.running_mean,
-            self.running_var,
-            use_batch_stats,
-            self.momentum,
-            self.eps,
-        )
+        use_batch_stats = self.training or self.running_mean is None
+        return (self.weight, self.bias, self.running_mean, self.running_var, use_batch_stats, self.momentum, self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.uses_fused_op(x):
+            return F.silu(super().forward(x))
+        return _BNSwishFunction.apply(x, *self._fused_bn_args())
+
+    def forward_with_conv(self, x: torch.Tensor, conv: WNConv2d) -> torch.Tensor:
+        """`conv(self(x))` keeping only `x` for backward (see `_BNSwishConvFunction`); needs `uses_fused_op(x)`."""
+        w = conv.effective_weight()
+        args = _ConvArgs(conv.stride, conv.padding, conv.groups, conv._fast_depthwise(x))
+        return _BNSwishConvFunction.apply(x, *self._fused_bn_args(), w, conv.bias, args)
+
+
+class FusedSequential(nn.Sequential):
+    """`nn.Sequential` that runs each (BatchNormSwish, WNConv2d) pair as one recomputing op in training.
+
+    Same modules, parameters and state-dict keys as `nn.Sequential`; without gradients it is the plain chain.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mods = list(self)
+        i = 0
+        while i < len(mods):
+            m = mods[i]
+            nxt = mods[i + 1] if i + 1 < len(mods) else None
+            if type(m) is BatchNormSwish and isinstance(nxt, WNConv2d) and m.uses_fused_op(x):
+                x = m.forward_with_conv(x, nxt)
+                i += 2
+            else:
+                x = m(x)
+                i += 1
+        return x
 
 
 def batch_norm(channels: int) -> nn.BatchNorm2d:

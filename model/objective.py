@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from model.config import NVAEConfig
+from model.layers import shared_effective_weights
 
 
 def kl_warmup_beta(
@@ -77,12 +78,13 @@ class LossTerms:
 def nvae_loss(model, x: torch.Tensor, step: int, total_steps: int, alphas: torch.Tensor) -> LossTerms:
     """One training objective evaluation on a batch x (B, C, D, D) in [0, 1]."""
     cfg = model.cfg
-    out = model(x)
+    with shared_effective_weights(model):
+        out = model(x)
+        spectral = model.spectral_loss()
     recon = model.reconstruction_nll(out.logits, x)
     beta = kl_warmup_beta(step, total_steps, cfg.kl_anneal_portion, cfg.kl_const_portion, cfg.kl_const_coeff)
     weighted_kl, coeffs = balanced_kl(out.kl_all, beta, alphas)
     lam = regularization_lambda(cfg, beta)
-    spectral = model.spectral_loss()
     bn = model.bn_loss()
     loss = (recon + weighted_kl).mean() + lam * (spectral + bn)
     kl_stack = torch.stack(out.kl_all, dim=1)

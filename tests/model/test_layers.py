@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from model.layers import BatchNormSwish, DownSkip, SqueezeExcite, UpSkip, WNConv2d
+from model.layers import BatchNormSwish, DownSkip, SqueezeExcite, UpSkip, WNConv2d, _DepthwiseConv
 
 
 def _saved_bytes(fn):
@@ -113,3 +113,131 @@ def test_squeeze_excite_hidden_width_and_gating():
 def test_bn_counts_as_batchnorm_for_readjustment():
     assert isinstance(BatchNormSwish(4), nn.BatchNorm2d)
     assert BatchNormSwish(4).momentum == 0.05 and BatchNormSwish(4).eps == 1e-5
+
+
+def _depthwise(channels: int) -> WNConv2d:
+    return WNConv2d(channels, channels, 5, padding=2, groups=channels, bias=False, weight_norm=False)
+
+
+def test_depthwise_small_map_backward_matches_conv2d_autograd_in_both_layouts():
+    torch.manual_seed(0)
+    conv = _depthwise(12).double()
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(3, 12, 4, 4, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
+        assert conv._fast_depthwise(x)
+        y = conv(x)
+        g = torch.randn_like(y)
+        gx, gw = torch.autograd.grad(y, (x, conv.weight), g)
+        ref = torch.nn.functional.conv2d(x, conv.weight, None, 1, 2, 1, 12)
+        rx, rw = torch.autograd.grad(ref, (x, conv.weight), g)
+        torch.testing.assert_close(y, ref)
+        torch.testing.assert_close(gx, rx)
+        torch.testing.assert_close(gw, rw)
+    x = torch.randn(2, 12, 3, 3, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda x, w: _DepthwiseConv.apply(x, w, 2), (x, conv.weight))
+
+
+def test_depthwise_fast_path_only_where_it_applies():
+    conv = _depthwise(8)
+    small, large = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 8, 8)
+    assert conv._fast_depthwise(small)
+    assert not conv._fast_depthwise(large)  # oneDNN's backward is as fast from 8x8 up
+    with torch.no_grad():
+        assert not conv._fast_depthwise(small)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not conv._fast_depthwise(small)
+    assert not WNConv2d(8, 8, 5, padding=2, groups=8, bias=True, weight_norm=False)._fast_depthwise(small)
+
+
+def test_shared_effective_weights_normalises_once_and_sums_both_gradients():
+    from model.layers import shared_effective_weights
+
+    torch.manual_seed(0)
+    conv = WNConv2d(4, 6, 3, padding=1)
+    x = torch.randn(2, 4, 5, 5)
+
+    def loss():
+        return conv(x).square().mean() + conv.effective_weight().abs().sum()
+
+    ref = torch.autograd.grad(loss(), (conv.weight, conv.log_g))
+    with shared_effective_weights(conv):
+        first = conv.effective_weight()
+        assert conv.effective_weight() is first
+        shared = torch.autograd.grad(loss(), (conv.weight, conv.log_g))
+    assert conv._weight_cache is None and conv.effective_weight() is not first
+    for a, b in zip(ref, shared, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def _bn_conv_chains(conv_kwargs, c=6, dtype=torch.float64):
+    """A FusedSequential (BN-Swish, conv) and an identical plain nn.Sequential."""
+    from model.layers import FusedSequential
+
+    torch.manual_seed(0)
+    fused = FusedSequential(BatchNormSwish(c), WNConv2d(c, **conv_kwargs)).to(dtype)
+    with torch.no_grad():
+        fused[0].weight.uniform_(0.5, 1.5)
+        fused[0].bias.uniform_(-0.5, 0.5)
+    plain = nn.Sequential(BatchNormSwish(c, fused=False), WNConv2d(c, **conv_kwargs)).to(dtype)
+    plain.load_state_dict(fused.state_dict())
+    return fused, plain
+
+
+CONV_CASES = [
+    {"c_out": 8, "kernel_size": 3, "stride": 2, "padding": 1},  # encoder down cell conv (weight norm, bias)
+    {"c_out": 6, "kernel_size": 5, "padding": 2, "groups": 6, "bias": False, "weight_norm": False},  # dw, 4x4
+    {"c_out": 9, "kernel_size": 1, "bias": False, "weight_norm": False},
+]
+
+
+def test_bn_swish_conv_block_matches_the_plain_chain_in_both_layouts():
+    for kwargs in CONV_CASES:
+        for layout in (torch.contiguous_format, torch.channels_last):
+            fused, plain = _bn_conv_chains(kwargs)
+            x = (torch.randn(3, 6, 4, 4, dtype=torch.float64) * 2 + 1).contiguous(memory_format=layout)
+            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            ya, yb = fused(xa), plain(xb)
+            torch.testing.assert_close(ya, yb)
+            g = torch.randn_like(ya)
+            (ya * g).sum().backward()
+            (yb * g).sum().backward()
+            torch.testing.assert_close(xa.grad, xb.grad)
+            for (name, pa), pb in zip(fused.named_parameters(), plain.parameters(), strict=True):
+                torch.testing.assert_close(pa.grad, pb.grad, msg=f"{kwargs} {layout} {name}")
+            torch.testing.assert_close(fused[0].running_var, plain[0].running_var)
+            assert fused[0].num_batches_tracked == plain[0].num_batches_tracked == 1
+
+
+def test_bn_swish_conv_block_gradcheck_and_eval_mode():
+    fused, _ = _bn_conv_chains(CONV_CASES[0], c=3)
+    fused[0].momentum = 0.0
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: fused(t), (x,))
+    fused.eval()
+    assert torch.autograd.gradcheck(lambda t: fused(t), (x,))
+
+
+def test_bn_swish_conv_block_keeps_only_its_input_for_backward():
+    fused, plain = _bn_conv_chains({"c_out": 16, "kernel_size": 1, "bias": False, "weight_norm": False}, 16)
+    fused.float(), plain.float()
+    x = torch.randn(8, 16, 32, 32, requires_grad=True)
+    activation = x.numel() * 4
+    _, fused_bytes = _saved_bytes(lambda: fused(x))
+    _, plain_bytes = _saved_bytes(lambda: plain(x))
+    assert fused_bytes < 1.1 * activation
+    assert plain_bytes >= 3 * activation  # BN input, Swish input, conv input
+
+
+def test_bn_swish_conv_block_under_bf16_autocast_matches_autocast_chain():
+    fused, plain = _bn_conv_chains(CONV_CASES[0], dtype=torch.float32)
+    x = torch.randn(3, 6, 8, 8)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ya, yb = fused(xa), plain(xb)
+    assert ya.dtype == yb.dtype == torch.bfloat16
+    torch.testing.assert_close(ya, yb)
+    ya.float().sum().backward()
+    yb.float().sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(fused[1].weight.grad, plain[1].weight.grad, atol=5e-2, rtol=5e-2)
+    assert fused[1].weight.grad.dtype == torch.float32

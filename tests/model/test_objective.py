@@ -101,3 +101,14 @@ def test_bn_regularization_is_sum_of_max_abs_gamma():
         net[0].weight.copy_(torch.tensor([0.5, -2.0, 1.0]))
         net[2].weight.copy_(torch.tensor([0.1, 0.3]))
     assert float(bn_regularization(net)) == pytest.approx(2.3)
+
+
+def test_bilinear_form_value_and_gradient_match_autograd():
+    from model.regularizers import _BilinearForm
+
+    torch.manual_seed(0)
+    w = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    u, v = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64)
+    ref = torch.einsum("lr,lrc,lc->l", u, w, v)
+    torch.testing.assert_close(_BilinearForm.apply(w, u, v), ref)
+    assert torch.autograd.gradcheck(lambda w: _BilinearForm.apply(w, u, v), (w,))
