@@ -174,7 +174,16 @@ def _bn_recompute(x, weight, bias, running_mean, running_var, save_mean, save_in
 
 def _bn_backward(grad_y, x, weight, running_mean, running_var, save_mean, save_invstd, training, eps):
     return torch.ops.aten.native_batch_norm_backward(
-        grad_y, x, weight, running_mean, running_var, save_mean, save_invstd, training, eps, [True, True, True]
+        grad_y,
+        x,
+        weight,
+        running_mean,
+        running_var,
+        save_mean,
+        save_invstd,
+        training,
+        eps,
+        [True, True, True],
     )
 
 
@@ -223,7 +232,8 @@ class _BNSwishConvFunction(torch.autograd.Function):
         with torch.autocast(device_type, enabled=False) if dtype is not None else contextlib.nullcontext():
             out = F.conv2d(a, wc, bc, conv_args.stride, conv_args.padding, 1, conv_args.groups)
         ctx.save_for_backward(x, bn_w, bn_b, running_mean, running_var, save_mean, save_invstd, w)
-        ctx.training, ctx.eps, ctx.dtype, ctx.has_bias, ctx.conv_args = training, eps, dtype, b is not None, conv_args
+        ctx.training, ctx.eps, ctx.dtype, ctx.conv_args = training, eps, dtype, conv_args
+        ctx.has_bias = b is not None
         return out
 
     @staticmethod
@@ -299,7 +309,15 @@ class BatchNormSwish(nn.BatchNorm2d):
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
         use_batch_stats = self.training or self.running_mean is None
-        return (self.weight, self.bias, self.running_mean, self.running_var, use_batch_stats, self.momentum, self.eps)
+        return (
+            self.weight,
+            self.bias,
+            self.running_mean,
+            self.running_var,
+            use_batch_stats,
+            self.momentum,
+            self.eps,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_fused_op(x):
