@@ -183,9 +183,10 @@ def _torchrun_argv(args: argparse.Namespace) -> list[str]:
     ):
         if value is not None:
             argv += [flag, str(value)]
+    if args.channels_last is not None:
+        argv.append("--channels-last" if args.channels_last else "--no-channels-last")
     for flag, on in (
         ("--compile", args.compile),
-        ("--channels-last", args.channels_last),
         ("--no-progress", args.no_progress),
         ("--no-dvclive", args.no_dvclive),
     ):
@@ -268,7 +269,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--nproc", type=int, default=1, help="launch torchrun with N processes on this machine")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
-    p.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster on CPU)")
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="NHWC memory format for activations and weights (default: on for CPU, where a step is 1.4x "
+        "faster; off on CUDA)",
+    )
     p.add_argument("--log-every", type=int, default=1, help="steps between logged metrics")
     p.add_argument(
         "--eval-every", type=int, help="steps between latent statistics and sample grids (default: an epoch)"

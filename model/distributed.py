@@ -137,7 +137,7 @@ def parameter_digest(module: nn.Module) -> str:
     h = hashlib.sha256()
     for name, p in sorted(module.named_parameters()):
         h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(p.detach().cpu().numpy().tobytes())  # C order whatever the memory format
     return h.hexdigest()
 
 

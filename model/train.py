@@ -86,7 +86,7 @@ class TrainOptions:
     sample_count: int = 16
     sample_temperature: float = 1.0
     dvclive: bool = True
-    channels_last: bool = False
+    channels_last: bool | None = None  # None: on for CPU (1.4x faster steps there), off on CUDA
     compile: bool = False
     handle_signals: bool = True  # checkpoint and stop on SIGTERM/SIGINT (main thread only)
     dist: DistContext | None = None
@@ -229,7 +229,8 @@ def train(cfg: NVAEConfig, batches: BatchSource, opts: TrainOptions) -> dict[str
     if ctx.distributed and device.type == "cuda":
         model = convert_sync_batchnorm(model)
     model = model.to(device)
-    if opts.channels_last:
+    channels_last = opts.channels_last if opts.channels_last is not None else device.type == "cpu"
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model)
     scaler = torch.amp.GradScaler(device.type, init_scale=1024.0, enabled=opts.precision == "fp16")
@@ -318,7 +319,7 @@ def train(cfg: NVAEConfig, batches: BatchSource, opts: TrainOptions) -> dict[str
                     break
                 produced = True
                 x = x.to(device, non_blocking=True)
-                if opts.channels_last:
+                if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 lr = learning_rate(cfg, step, opts.steps, opts.batches_per_epoch)
                 for group in optimizer.param_groups:
