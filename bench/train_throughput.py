@@ -29,6 +29,13 @@ VARIANTS = {
     # BN+Swish without the fused, recomputing op (two saved activations instead of one)
     "fp32-unfused": {"precision": "fp32", "channels_last": False, "compile": False, "fused": False},
     "fp32-cl-unfused": {"precision": "fp32", "channels_last": True, "compile": False, "fused": False},
+    # glibc's default malloc (large blocks mmap'd and unmapped on free) instead of `keep_malloc_arena`
+    "fp32-cl-glibc-default": {
+        "precision": "fp32",
+        "channels_last": True,
+        "compile": False,
+        "keep_arena": False,
+    },
 }
 
 
@@ -41,6 +48,7 @@ def run_variant(
     channels_last: bool,
     compile: bool,
     fused: bool = True,
+    keep_arena: bool = True,
 ):
     import torch
 
@@ -49,7 +57,7 @@ def run_variant(
     from model.runtime import autocast, configure_cpu
     from model.train import Objective, make_optimizer
 
-    configure_cpu()
+    configure_cpu(keep_freed_memory=keep_arena)
     torch.manual_seed(0)
     cfg = apply_overrides(get_preset(preset), {"batch_size": batch, "fused_bn_swish": fused})
     model = NVAE(cfg)

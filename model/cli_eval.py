@@ -46,7 +46,10 @@ def _device(arg: str | None) -> str:
 
 def _load(checkpoint: str, device: str):
     from model.checkpoint import load_model
+    from model.runtime import configure_cpu
 
+    if device == "cpu":
+        configure_cpu()  # denormals flushed, malloc arena kept: as in training
     model, payload = load_model(checkpoint, map_location=device)
     model.eval()
     return model, payload

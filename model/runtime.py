@@ -3,15 +3,47 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 
 import torch
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-def configure_cpu() -> None:
-    """Flush denormal floats on CPU: they stall NVAE's steps up to 25x during the early KL blow-up."""
+def configure_cpu(keep_freed_memory: bool = True) -> None:
+    """Flush denormal floats on CPU: they stall NVAE's steps up to 25x during the early KL blow-up.
+
+    With `keep_freed_memory`, also stop glibc's malloc from returning freed activation memory to the kernel
+    (see `keep_malloc_arena`): a training step then stops re-faulting its pages every step.
+    """
     torch.set_flush_denormal(True)
+    if keep_freed_memory:
+        keep_malloc_arena()
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def keep_malloc_arena() -> bool:
+    """Serve tensors up to 32 MiB from the malloc heap and never trim it (glibc only; True when applied).
+
+    By default glibc maps large blocks with mmap and unmaps them on free, so every step's activations are
+    page-faulted in afresh (a `mnist` batch-32 step spent ~1.5 s per step in the kernel); measured 1.16x faster
+    steps with the same peak RSS (bench/RESULTS.md). 32 MiB is the largest threshold glibc accepts on 64-bit.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return all(
+            libc.mallopt(param, value) == 1
+            for param, value in (
+                (_M_MMAP_THRESHOLD, 32 * 1024 * 1024),
+                (_M_TRIM_THRESHOLD, 2**31 - 1),
+                (_M_TOP_PAD, 64 * 1024 * 1024),
+            )
+        )
+    except (OSError, AttributeError):  # not glibc
+        return False
 
 
 def autocast(device: torch.device | str, precision: str):

@@ -317,3 +317,12 @@ def test_latent_stats_counts_active_channels():
     stats = latent_stats(kl_diag)
     assert stats["active_channels"] == 3 and stats["kl_group/00"] == pytest.approx(0.25)
     assert stats["kl_group/01"] == pytest.approx(1.2)
+
+
+def test_keep_malloc_arena_applies_on_glibc():
+    import platform
+
+    from model.runtime import keep_malloc_arena
+
+    applied = keep_malloc_arena()
+    assert applied == (platform.libc_ver()[0] == "glibc")
