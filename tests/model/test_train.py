@@ -326,3 +326,32 @@ def test_keep_malloc_arena_applies_on_glibc():
 
     applied = keep_malloc_arena()
     assert applied == (platform.libc_ver()[0] == "glibc")
+
+
+@pytest.mark.slow
+def test_compiled_objective_matches_eager_values_and_gradients():
+    """`--compile` (inductor, C++ on CPU) through the custom autograd functions; ~2 min of compilation."""
+    import torch._inductor.config as inductor_config
+
+    from model.config import apply_overrides, get_preset
+    from model.network import NVAE
+    from model.train import Objective
+    from tiny import TINY
+
+    results = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(inductor_config, "fallback_random", True)  # the same posterior noise as eager
+        for compiled in (False, True):
+            torch.manual_seed(0)
+            model = NVAE(apply_overrides(get_preset("fmnist-cpu"), {**TINY, "batch_size": 8}))
+            model = model.to(memory_format=torch.channels_last)
+            objective = Objective(model)
+            if compiled:
+                model.compile()
+            x = torch.rand(8, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+            loss = objective(x, 0, 100).loss
+            loss.backward()
+            results.append((loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (eager_loss, eager_grad), (comp_loss, comp_grad) = results
+    torch.testing.assert_close(comp_loss, eager_loss, rtol=1e-5, atol=1e-3)
+    assert (comp_grad - eager_grad).abs().max() <= 1e-4 * eager_grad.abs().max()
