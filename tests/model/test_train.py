@@ -332,11 +332,11 @@ def test_keep_malloc_arena_applies_on_glibc():
 def test_compiled_objective_matches_eager_values_and_gradients():
     """`--compile` (inductor, C++ on CPU) through the custom autograd functions; ~2 min of compilation."""
     import torch._inductor.config as inductor_config
+    from tiny import TINY
 
     from model.config import apply_overrides, get_preset
     from model.network import NVAE
     from model.train import Objective
-    from tiny import TINY
 
     results = []
     with pytest.MonkeyPatch.context() as mp:
