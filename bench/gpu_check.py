@@ -36,7 +36,7 @@ def section(results: dict, name: str):
     return wrap
 
 
-def train_steps(preset: str, batch: int, precision: str, steps: int) -> dict:
+def train_steps(preset: str, batch: int, precision: str, steps: int, channels_last: bool = False) -> dict:
     import torch
 
     from model.config import get_preset
@@ -48,12 +48,16 @@ def train_steps(preset: str, batch: int, precision: str, steps: int) -> dict:
     torch.manual_seed(0)
     cfg = get_preset(preset)
     model = NVAE(cfg).cuda()
+    if channels_last:  # NHWC: the CPU default; whether it should be CUDA's too is what this measures
+        model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(cfg, model)
     scaler = torch.amp.GradScaler("cuda", init_scale=1024.0, enabled=precision == "fp16")
     alphas = kl_balance_alphas(cfg.groups_per_scale).cuda()
     x = torch.rand(batch, cfg.in_channels, cfg.data_size, cfg.data_size, device="cuda")
     if cfg.binarize:
         x = (x > 0.5).float()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
     for i in range(steps + 2):
@@ -105,6 +109,9 @@ def main() -> None:
             section(results, f"train_{preset}_b{batch}_{precision}")(
                 lambda p=preset, b=batch, q=precision: train_steps(p, b, q, steps)
             )
+        section(results, f"train_{preset}_b{batch}_fp16_channels_last")(
+            lambda p=preset, b=batch: train_steps(p, b, "fp16", steps, channels_last=True)
+        )
 
     @section(results, "pytest_gpu")
     def _pytest():
