@@ -3,7 +3,8 @@
 The step is the training loop's: `Objective` (forward, reconstruction, balanced KL, spectral and BN terms)
 under autocast, backward through GradScaler, grad norm, AdaMax. Each variant runs in its own process, so its
 peak RSS is its own; img/s is the batch over the median step time after warm-up. Ratios are against the first
-variant, measured side by side in this one run.
+variant, measured side by side in this one run. With `--rounds N` every variant runs N times, alternating, and
+the round with the median step time is reported (this VM's speed drifts by up to 30 % within minutes).
 
     python bench/train_throughput.py --preset mnist --batch 32 --steps 3 --warmup 1 \
         --variants fp32 fp32-cl
@@ -101,6 +102,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--variants", nargs="*", default=["fp32", "fp32-cl", "bf16"], choices=list(VARIANTS))
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every variant this many times, alternating, and report the median round (shared machines)",
+    )
     ap.add_argument("--reference-img-s", type=float, default=14.5, help="the authors' code, same machine")
     ap.add_argument("--reference-rss-gb", type=float, default=5.0)
     ap.add_argument("--_child", help=argparse.SUPPRESS)
@@ -115,15 +122,23 @@ def main() -> None:
         f"preset={args.preset} batch={args.batch} steps={args.steps} (median after {args.warmup} warm-up) "
         f"torch={torch.__version__} threads={torch.get_num_threads()} cpu={torch.backends.cpu.get_cpu_capability()}"
     )
+    runs: dict[str, list[dict]] = {name: [] for name in args.variants}
+    for _ in range(args.rounds):
+        for name in args.variants:
+            cmd = [sys.executable, __file__, "--preset", args.preset, "--batch", str(args.batch)]
+            cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--_child", name]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                print(f"{name}: failed: {proc.stderr.strip().splitlines()[-1:]}")
+                continue
+            runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     results = {}
-    for name in args.variants:
-        cmd = [sys.executable, __file__, "--preset", args.preset, "--batch", str(args.batch)]
-        cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--_child", name]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            print(f"{name}: failed: {proc.stderr.strip().splitlines()[-1:]}")
-            continue
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, rs in runs.items():
+        if rs:
+            step_times = [r["step_s"] for r in rs]
+            results[name] = dict(sorted(rs, key=lambda r: r["step_s"])[len(rs) // 2])
+            if len(rs) > 1:
+                print(f"{name}: s/step per round " + " ".join(f"{t:.3f}" for t in step_times))
     if not results:
         return
     base = next(iter(results.values()))
