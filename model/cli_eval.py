@@ -45,6 +45,8 @@ def _device(arg: str | None) -> str:
 
 
 def _load(checkpoint: str, device: str):
+    import torch
+
     from model.checkpoint import load_model
     from model.runtime import configure_cpu
 
@@ -52,6 +54,8 @@ def _load(checkpoint: str, device: str):
         configure_cpu()  # denormals flushed, malloc arena kept: as in training
     model, payload = load_model(checkpoint, map_location=device)
     model.eval()
+    if device == "cpu":  # NHWC: IW evaluation of fmnist-cpu measured 1.3-1.8x faster than NCHW
+        model = model.to(memory_format=torch.channels_last)
     return model, payload
 
 

@@ -99,13 +99,16 @@ def evaluate(
     """Evaluate `model` (put in eval mode) over `batches` of (B, C, D, D) images; returns the metrics dict.
 
     k: importance samples per image. chunk: samples per pass (default: as many as keep a pass near 256
-    images). limit: stop after this many images.
+    images on CUDA, 64 on CPU, where larger passes page-fault their blocks above glibc's 32 MiB mmap threshold:
+    64 measured 1.6x faster than 256 for fmnist-cpu; the results do not depend on it). limit: stop after this
+    many images.
     """
     if k < 1:
         raise ValueError(f"iw_samples={k} must be >= 1")
     cfg = model.cfg
     model.eval()
     device = model.h.device
+    per_pass = 256 if device.type == "cuda" else 64
     generator = torch.Generator().manual_seed(seed)
     sums = {"log_px": 0.0, "elbo": 0.0, "recon": 0.0, "kl": 0.0}
     kl_groups = torch.zeros(model.num_groups, dtype=torch.float64)
@@ -118,7 +121,7 @@ def evaluate(
         if limit is not None:
             x = x[: limit - n_images]
         x = x.to(device)
-        step_chunk = chunk or max(1, min(k, 256 // max(1, x.size(0))))
+        step_chunk = chunk or max(1, min(k, per_pass // max(1, x.size(0))))
         res = iw_batch(model, x, k, step_chunk, generator)
         for key in sums:
             sums[key] += float(getattr(res, key).double().sum())
