@@ -25,7 +25,7 @@ class _BilinearForm(torch.autograd.Function):
     """u_l^T W_l v_l for stacked W (L, rows, cols) and constant u (L, rows), v (L, cols) -> (L,).
 
     Saves only u and v; the backward's outer products are one broadcast multiply (autograd's bmm form
-    computes them as a K = 1 batched matmul, several times slower, and keeps the stacked W alive).
+    computes them as a K = 1 batched matmul: 97 ms of a `mnist` step).
     """
 
     @staticmethod

@@ -29,8 +29,9 @@ def keep_malloc_arena() -> bool:
     """Serve tensors up to 32 MiB from the malloc heap and never trim it (glibc only; True when applied).
 
     By default glibc maps large blocks with mmap and unmaps them on free, so every step's activations are
-    page-faulted in afresh (a `mnist` batch-32 step spent ~1.5 s per step in the kernel); measured 1.16x faster
-    steps with the same peak RSS (bench/RESULTS.md). 32 MiB is the largest threshold glibc accepts on 64-bit.
+    page-faulted in afresh. Measured on `mnist` batch 32 (bench/RESULTS.md): 1.16x faster steps in paired runs,
+    no difference in a 3-round run, same peak RSS. 32 MiB is the largest threshold glibc accepts on 64-bit;
+    larger blocks are still mmap'd (hence `evaluate`'s small passes on CPU).
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
