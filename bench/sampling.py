@@ -38,12 +38,12 @@ def bench_preset(
     import numpy as np
     import torch
 
+    from inference.export import export_model, randomize_bn
     from model.config import get_preset
-    from model.export import export_model, randomize_bn
     from model.network import NVAE
-    from model.onnx_sampler import OnnxSampler
     from model.runtime import configure_cpu
-    from model.sample import sample_images
+    from model.sampling import sample_images
+    from serving.sampler import OnnxSampler
 
     configure_cpu()
     torch.manual_seed(0)

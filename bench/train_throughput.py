@@ -56,7 +56,7 @@ def run_variant(
     from model.config import apply_overrides, get_preset
     from model.network import NVAE
     from model.runtime import autocast, configure_cpu
-    from model.train import Objective, make_optimizer
+    from training.train import Objective, make_optimizer
 
     configure_cpu(keep_freed_memory=keep_arena)
     torch.manual_seed(0)

@@ -25,7 +25,7 @@ def split_overrides(overrides: str) -> list[str]:
 
 def run_cli(argv: list[str]) -> None:
     """Run `nvae ARGV...` in this process; raise StepFailed on a non-zero exit."""
-    from nvae_cli import main
+    from cli.main import main
 
     print("+ nvae " + " ".join(shlex.quote(a) for a in argv), flush=True)
     code = main(argv)
@@ -45,7 +45,7 @@ def run_train(argv: list[str], nproc: int) -> None:
         "--standalone",
         f"--nproc_per_node={nproc}",
         "-m",
-        "nvae_cli",
+        "cli",
         "train",
         *argv,
     ]

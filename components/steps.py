@@ -24,7 +24,7 @@ def validate_params(
     num_samples: int,
 ):
     """Fail the run before any work when a parameter is out of range."""
-    from pipelines.params import validate_pipeline_args
+    from components.params import validate_pipeline_args
 
     validate_pipeline_args(
         preset=preset,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.errors import DataError
+from common.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.errors import DataError
 from data.prepare import MANIFEST_NAME
-from model.errors import DataError
 
 EVAL_BINARIZE_SEED = 20200708  # fixed: binarized test sets are identical across runs and seeds
 _FLIP_STREAM, _NOISE_STREAM, _ORDER_STREAM = 1, 2, 3

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from common.errors import DataError
 from data.dali_ops import ArrayPipeline, ImagePipeline, resolve_device
 from data.recipes import Recipe, get_recipe
 from data.sources import (
@@ -41,7 +42,6 @@ from data.sources import (
     sha256_bytes,
     sha256_file,
 )
-from model.errors import DataError
 
 log = logging.getLogger(__name__)
 

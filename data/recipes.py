@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from model.errors import DataError
+from common.errors import DataError
 
 SourceKind = Literal["idx", "cifar10", "imagenet32", "images"]
 SplitRule = Literal["files", "partition", "fraction", "subdirs"]

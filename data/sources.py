@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from common.errors import DataError
 from data.recipes import CELEBA_PARTITION_BOUNDS, TRAIN_FRACTION, Recipe
-from model.errors import DataError
 
 log = logging.getLogger(__name__)
 

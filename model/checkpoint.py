@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
+from common.errors import CheckpointError, ConfigError
 from model.config import NVAEConfig
-from model.errors import CheckpointError, ConfigError
 
 FORMAT = "nvae-pipeline-checkpoint"
 VERSION = 1

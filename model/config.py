@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from model.errors import ConfigError
+from common.errors import ConfigError
 
 
 def _rng(lo: float, hi: float, help: str = "") -> dict:

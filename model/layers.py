@@ -403,7 +403,7 @@ class SyncBatchNormSwish(nn.SyncBatchNorm):
     """SyncBatchNorm followed by Swish: what `BatchNormSwish` becomes under multi-GPU DDP.
 
     `nn.SyncBatchNorm.convert_sync_batchnorm` would turn a `BatchNormSwish` into a plain SyncBatchNorm and
-    silently drop the Swish; `model.distributed.convert_sync_batchnorm` maps it here instead. Unfused (the
+    silently drop the Swish; `training.distributed.convert_sync_batchnorm` maps it here instead. Unfused (the
     synchronised statistics need SyncBatchNorm's own autograd function), so it keeps two activations.
     (B, C, H, W) -> (B, C, H, W).
     """

@@ -1,1 +1,1 @@
-"""pipelines."""
+"""The Kubeflow pipeline: the DAG over `components`, compile, local runs (kfp.local) and submission."""

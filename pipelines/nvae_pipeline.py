@@ -11,7 +11,7 @@ from typing import Any
 from kfp import compiler, dsl, kubernetes
 
 from components import steps as comp
-from pipelines.params import PipelineParams
+from components.params import PipelineParams
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,14 @@ ENV PATH=/opt/venv/bin:$PATH
 # PyPI's Linux torch is the CUDA build (GBs of CUDA libraries); the CPU image takes the CPU build, same version.
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.14.1 torchvision==0.29.1
 WORKDIR /src
-COPY pyproject.toml README.md nvae_cli.py ./
+COPY pyproject.toml README.md ./
+COPY common ./common
 COPY model ./model
 COPY data ./data
+COPY training ./training
+COPY inference ./inference
+COPY serving ./serving
+COPY cli ./cli
 COPY components ./components
 COPY pipelines ./pipelines
 RUN pip install ".[data,train,onnx,serve]"

@@ -14,9 +14,14 @@ RUN apt-get update \
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml README.md nvae_cli.py ./
+COPY pyproject.toml README.md ./
+COPY common ./common
 COPY model ./model
 COPY data ./data
+COPY training ./training
+COPY inference ./inference
+COPY serving ./serving
+COPY cli ./cli
 COPY components ./components
 COPY pipelines ./pipelines
 # The `onnx` extra is left out on purpose: it pulls the CPU `onnxruntime`, which must not be installed beside

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from common.errors import DataError
 from data.loaders import PreparedDataset, epoch_plan, load_split, make_loader
-from model.errors import DataError
 
 
 def _all(loader) -> list[torch.Tensor]:

@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 import data.prepare as prep
+from common.errors import DataError
 from data.dali_ops import ImagePipeline
 from data.loaders import load_split
 from data.prepare import prepare
-from model.errors import DataError
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 

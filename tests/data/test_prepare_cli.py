@@ -9,15 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import cli.data
+import cli.main
 import data
-import nvae_cli
-from data import cli
 from data.loaders import read_manifest
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nvae")
-    cli.register(parser.add_subparsers(dest="command"))
+    cli.data.register(parser.add_subparsers(dest="command"))
     return parser
 
 
@@ -62,7 +62,7 @@ def test_nvae_entry_point_reports_bad_input_in_one_line(
         "--out",
         str(tmp_path / "o"),
     ]
-    assert nvae_cli.main([*argv, "--device", "cpu"]) == 2
+    assert cli.main.main([*argv, "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert (
         err[-1] == f"nvae prepare: error: {bad}: wrong idx magic number 0x00000801 (expected 0x00000803, "
@@ -87,4 +87,4 @@ def test_data_layer_imports_nothing_above_it() -> None:
             for name in names:
                 top = name.split(".")[0]
                 assert top not in forbidden, f"{path.name} imports {name}"
-                assert top != "model" or name == "model.errors", f"{path.name} imports {name}"
+                assert top != "model" or name == "common.errors", f"{path.name} imports {name}"

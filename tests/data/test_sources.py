@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.errors import DataError
 from data.recipes import get_recipe
 from data.sources import (
     check_encoded,
@@ -21,7 +22,6 @@ from data.sources import (
     read_image_source,
     read_imagenet32_source,
 )
-from model.errors import DataError
 
 
 def test_idx_roundtrip_plain_and_gz(tmp_path: Path, datagen) -> None:

@@ -118,7 +118,7 @@ def test_trainjob_loads_into_the_kubeflow_trainer_models_without_dropping_fields
     assert model.to_dict() == job
     trainer = model.spec.trainer
     assert trainer.num_nodes >= 2 and trainer.num_proc_per_node >= 2, "multi-node, multi-GPU"
-    assert trainer.command == ["torchrun"] and trainer.args[:3] == ["-m", "nvae_cli", "train"]
+    assert trainer.command == ["torchrun"] and trainer.args[:3] == ["-m", "cli", "train"]
     assert job["spec"]["trainer"]["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == str(
         trainer.num_proc_per_node
     )

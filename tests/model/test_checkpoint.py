@@ -4,8 +4,8 @@ import zipfile
 import pytest
 import torch
 
+from common.errors import CheckpointError
 from model.checkpoint import load_model, read_checkpoint, save_checkpoint
-from model.errors import CheckpointError
 from model.network import NVAE
 
 

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
+from common.errors import ConfigError
 from model.config import PRESETS, NVAEConfig, apply_overrides, build_config, get_preset, parse_set_args
-from model.errors import ConfigError
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import yaml
 
-from model.errors import ConfigError
-from nvae_cli import main
+from cli.main import main
+from common.errors import ConfigError
+from components.params import PipelineParams
 from pipelines.nvae_pipeline import COMPILED, compile_pipeline, find_local_outputs
-from pipelines.params import PipelineParams
 
 TASKS = {"validate-params", "prepare", "train", "evaluate", "readjust-bn", "export-onnx", "sample"}
 
@@ -151,7 +151,7 @@ TINY = "channels=8 z_channels=4 groups=2 cells_enc=1 cells_dec=1 pre_cells=1 pos
 
 def test_local_pipeline_end_to_end(tmp_path, capsys):
     """The README's main job, tiny: every step runs with kfp.local and leaves its artifact."""
-    pytest.importorskip("model.export", reason="ONNX export (issue 6) not in this tree yet")
+    pytest.importorskip("inference.export", reason="ONNX export (issue 6) not in this tree yet")
     args = [
         "pipeline",
         "run",

@@ -1,4 +1,5 @@
-"""`nvae evaluate`, `nvae readjust-bn`, `nvae sample`, `nvae nearest` and `nvae plot-kl`."""
+"""`nvae evaluate`, `readjust-bn`, `sample`, `nearest`, `plot-kl` and `export-onnx`: a few lines each over
+`inference` (and `serving.sampler` for `sample --onnx`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.errors import NVAEError
+from common.errors import NVAEError
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
 # ------------------------------------------------------------------------------------------- evaluate
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from data.loaders import EVAL_BINARIZE_SEED, make_loader
-    from model.evaluate import evaluate, file_sha256, plot_kl_per_group
+    from inference.evaluate import evaluate, file_sha256, plot_kl_per_group
 
     device = _device(args.device)
     model, payload = _load(args.checkpoint, device)
@@ -139,9 +140,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------ readjust-bn
 def cmd_readjust(args: argparse.Namespace) -> int:
+    from inference.evaluate import file_sha256
+    from inference.readjust import readjust_bn
     from model.checkpoint import save_checkpoint
-    from model.evaluate import file_sha256
-    from model.readjust import readjust_bn
 
     model, payload = _load(args.checkpoint, _device(args.device))
     settings = readjust_bn(model, args.temperature, args.iters, args.batch, args.seed)
@@ -164,7 +165,9 @@ def _to_uint8(images) -> np.ndarray:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from model.sample import fixed_scale_rows, image_grid, reconstructions, sample_images, save_png
+    from data.images import image_grid, save_png
+    from inference.sample import fixed_scale_rows, reconstructions
+    from model.sampling import sample_images
 
     if bool(args.checkpoint) == bool(args.onnx):
         raise NVAEError("give exactly one of --checkpoint or --onnx")
@@ -176,7 +179,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     arrays: dict[str, np.ndarray] = {"temperatures": np.asarray(args.temperature, dtype=np.float32)}
     written = []
     if args.onnx:
-        from model.onnx_sampler import OnnxSampler
+        from serving.sampler import OnnxSampler
 
         sampler = OnnxSampler(args.onnx)
         if args.decode and args.decode != sampler.decode:
@@ -236,8 +239,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_nearest(args: argparse.Namespace) -> int:
     import torch
 
+    from data.images import image_grid, save_png
     from data.loaders import load_split, read_manifest
-    from model.sample import image_grid, nearest_neighbours, save_png
+    from inference.sample import nearest_neighbours
 
     try:
         with np.load(args.samples) as npz:
@@ -267,7 +271,7 @@ def cmd_nearest(args: argparse.Namespace) -> int:
 
 
 def cmd_plot_kl(args: argparse.Namespace) -> int:
-    from model.evaluate import plot_kl_per_group
+    from inference.evaluate import plot_kl_per_group
 
     try:
         metrics = json.loads(Path(args.metrics).read_text())
@@ -280,7 +284,38 @@ def cmd_plot_kl(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    from inference.export import export_onnx
+
+    result = export_onnx(
+        args.checkpoint,
+        args.out,
+        fp16=args.fp16,
+        opset=args.opset,
+        decode=args.decode,
+        exporter=args.exporter,
+        verify=not args.no_verify,
+    )
+    print(f"onnx: {result.path} ({result.seconds:.1f} s, {result.metadata['nvae.exporter']})")
+    for kind, ports in (("input", result.inputs), ("output", result.outputs)):
+        for name, shape in ports.items():
+            print(f"  {kind:6s} {name:18s} {shape}")
+    keys = (
+        "nvae.preset",
+        "nvae.decode",
+        "nvae.precision",
+        "nvae.bn_readjust_temperature",
+        "nvae.checkpoint_sha256",
+    )
+    print("  metadata " + json.dumps({k: result.metadata[k] for k in keys}))
+    if result.max_abs_diff is not None:
+        print(f"  parity vs PyTorch (onnxruntime CPU, batch 2): max |diff| = {result.max_abs_diff:.2e}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    from inference.export import DECODE_MODES, DEFAULT_OPSET, EXPORTERS
+
     p = sub.add_parser(
         "evaluate",
         help="importance-weighted NLL (bits/dim), ELBO, KL per group, active channels",
@@ -373,3 +408,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics", required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_plot_kl)
+
+    p = sub.add_parser(
+        "export-onnx",
+        help="export the decoder (generative path) of a checkpoint to ONNX",
+        description="Export learned h, prior heads, decoder tower, postprocess and the pixel distribution's "
+        "mean (or a sample) with the checkpoint's BN statistics baked in. Inputs: eps_0..eps_{G-1} "
+        "(standard-normal noise per group, coarse first), temperature (1,); dynamic batch. Outputs: "
+        "images and images_continuous (B, C, D, D) in [0, 1].",
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint (ideally BN-readjusted)")
+    p.add_argument("--out", required=True, help="ONNX file to write")
+    p.add_argument("--fp16", action="store_true", help="run the network in half precision (I/O stays fp32)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.add_argument("--decode", default="mean", choices=DECODE_MODES, help="pixel distribution mean or sample")
+    p.add_argument(
+        "--exporter",
+        default="dynamo",
+        choices=EXPORTERS,
+        help="torch.onnx.export(dynamo=True) (default) or the legacy TorchScript tracer (faster to export)",
+    )
+    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime-vs-PyTorch check")
+    p.set_defaults(func=cmd_export_onnx)

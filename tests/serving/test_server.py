@@ -12,12 +12,12 @@ import pytest
 import torch
 from tiny import TINY
 
+from cli.main import main
+from inference.export import export_model, randomize_bn
 from model.config import apply_overrides, get_preset
-from model.export import export_model, randomize_bn
 from model.network import NVAE
-from model.onnx_sampler import OnnxSampler
-from model.serve import BackgroundServer, ServeConfig, create_app, to_uint8_nhwc
-from nvae_cli import main
+from serving.sampler import OnnxSampler
+from serving.server import BackgroundServer, ServeConfig, create_app, to_uint8_nhwc
 
 LIMITS = ServeConfig(max_images_per_request=32, max_batch=8, timeout_s=20, max_concurrency=1, max_queue=8)
 INFER = "/v2/models/nvae-decoder/infer"

@@ -1,4 +1,6 @@
-"""Exceptions raised by the library; the CLI turns them into one line and exit code 2."""
+"""Exceptions raised by the library; the CLI turns them into one line and exit code 2.
+
+Shared by every layer, so it imports nothing of the project."""
 
 
 class NVAEError(Exception):
@@ -15,3 +17,7 @@ class CheckpointError(NVAEError):
 
 class DataError(NVAEError):
     """Input data is missing, corrupt, or not what was asked for."""
+
+
+class StorageError(NVAEError):
+    """An object store (S3 API) or a checkpoint store cannot be reached, read or written."""

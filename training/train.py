@@ -33,9 +33,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from common.errors import DataError, NVAEError
 from model.checkpoint import FORMAT, VERSION, config_from_checkpoint
 from model.config import NVAEConfig
-from model.distributed import (
+from model.network import NVAE
+from model.objective import LossTerms, kl_balance_alphas, nvae_loss
+from model.runtime import autocast, configure_cpu
+from training.distributed import (
     DistContext,
     any_flags,
     barrier,
@@ -44,12 +48,8 @@ from model.distributed import (
     gather_objects,
     mean_over_ranks,
 )
-from model.errors import DataError, NVAEError
-from model.metrics import RunLogger, latent_stats
-from model.network import NVAE
-from model.objective import LossTerms, kl_balance_alphas, nvae_loss
-from model.runtime import autocast, configure_cpu
-from model.storage import open_store
+from training.metrics import RunLogger, latent_stats
+from training.storage import open_store
 
 log = logging.getLogger(__name__)
 
@@ -475,7 +475,8 @@ def _evaluate_interval(
     stats = latent_stats(mean_over_ranks(ctx, kl_diag))
     grid_path = None
     if ctx.is_main and opts.sample_count > 0:
-        from model.sample import image_grid, sample_images, save_png
+        from data.images import image_grid, save_png
+        from model.sampling import sample_images
 
         model.eval()
         with _rng_guard(ctx.device):

@@ -9,7 +9,7 @@ from model.config import parse_set_args
 
 
 def _params(args):
-    from pipelines.params import PipelineParams
+    from components.params import PipelineParams
 
     return PipelineParams.from_overrides(parse_set_args(args.set))
 

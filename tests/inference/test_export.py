@@ -8,9 +8,8 @@ import pytest
 import torch
 from tiny import TINY
 
-from model.checkpoint import load_model, save_checkpoint
-from model.config import apply_overrides, get_preset
-from model.export import (
+from cli.main import main
+from inference.export import (
     ExportError,
     GenerativePath,
     check_graph,
@@ -20,10 +19,11 @@ from model.export import (
     metadata_of,
     randomize_bn,
 )
+from model.checkpoint import load_model, save_checkpoint
+from model.config import apply_overrides, get_preset
 from model.network import NVAE
-from model.onnx_sampler import OnnxSampler, resolve_providers
-from model.sample import decode_images, draw_noise, sample_images
-from nvae_cli import main
+from model.sampling import decode_images, draw_noise, sample_images
+from serving.sampler import OnnxSampler, resolve_providers
 
 READJUST = {"temperature": 0.7, "iters": 10, "batch": 32}
 PARITY: dict = {}  # (batch, temperature) -> max |diff|, printed at the end of the module (pytest -s)

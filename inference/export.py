@@ -14,12 +14,12 @@ Graph interface (batch dimension `batch` is dynamic; S = network side, D = data 
     outputs  images              float32 (batch, C, D, D)       in [0, 1], quantised like `sample_images`
              images_continuous   float32 (batch, C, D, D)       in [0, 1], before quantisation
 
-`images` equals `model.sample.sample_images(...)` for the same noise; `images_continuous` is what parity is
+`images` equals `model.sampling.sample_images(...)` for the same noise; `images_continuous` is what parity is
 measured on (quantisation turns a 1e-7 difference at a rounding boundary into one whole level).
 Metadata keys are listed in `METADATA_KEYS`. The fp16 export runs the network in half precision with the
 same float32 inputs and outputs (distributions and quantisation stay float32, as in PyTorch).
 
-    python -m model.export --gpu-check OUTDIR   # onnxruntime-gpu parity and ms/image on CUDA
+The CUDA parity and speed check of exported graphs is `bench/gpu_check.py` (`onnx_gpu_check`).
 """
 
 from __future__ import annotations
@@ -33,14 +33,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from common.errors import NVAEError
 from model.config import PRESETS, NVAEConfig, get_preset
-from model.errors import NVAEError
 from model.network import NVAE
 
 log = logging.getLogger(__name__)
@@ -111,7 +110,7 @@ class GenerativePath(nn.Module):
         else:
             x = dist.sample_from_uniform(uniforms[0], uniforms[1], temperature)
         x = self.model.crop(x)
-        if self.decode == "sample" or self.bits > 1:  # as model.sample.decode_images
+        if self.decode == "sample" or self.bits > 1:  # as model.sampling.decode_images
             levels = 2**self.bits - 1
             return torch.round(x.clamp(0, 1) * levels) / levels, x
         return x, x
@@ -422,64 +421,6 @@ def metadata_of(path: str | Path) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- GPU day
-def gpu_check(
-    outdir: str | Path,
-    preset: str = "mnist",
-    batches: tuple[int, ...] = (1, 16, 64, 256),
-    exporter: str = "dynamo",
-) -> dict:
-    """On a CUDA machine with onnxruntime-gpu: export fp32 and fp16 graphs of a random-init `preset` (BN
-    statistics randomised), check parity against PyTorch (CPU fp32 reference, batch 64, t=0.8) and time
-    PyTorch CUDA eager vs onnxruntime (ms/image). Writes `outdir/onnx/onnx_gpu_check.json`, returns the dict.
-    Budget: two mnist exports take about a minute each with the dynamo exporter (seconds with torchscript)."""
-    import onnxruntime as ort
-
-    from model.onnx_sampler import OnnxSampler
-
-    outdir = Path(outdir) / "onnx"
-    outdir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    model = NVAE(get_preset(preset))
-    randomize_bn(model)
-    report: dict[str, Any] = {"preset": preset, "ort_version": ort.__version__, "torch": torch.__version__}
-    report["exporter"] = exporter
-    report["available_providers"] = ort.get_available_providers()
-    g = torch.Generator().manual_seed(1)
-    eps = [torch.randn((64, *s), generator=g) for s in model.latent_shapes()]
-    ref = GenerativePath(_export_copy(model, False))(torch.tensor([0.8]), *eps)[1].numpy()
-    for precision in ("fp32", "fp16"):
-        path = outdir / f"{preset}-{precision}.onnx"
-        export_model(model, path, fp16=precision == "fp16", verify=False, exporter=exporter)
-        sampler = OnnxSampler(path, providers="auto")
-        entry: dict[str, Any] = {"providers": sampler.providers}
-        feeds = {"temperature": np.array([0.8], np.float32)}
-        feeds.update({f"eps_{j}": e.numpy() for j, e in enumerate(eps)})
-        got = sampler.session.run(["images_continuous"], feeds)[0]
-        entry["max_abs_diff_vs_torch_cpu_fp32"] = float(np.abs(got - ref).max())
-        entry["mean_abs_diff_vs_torch_cpu_fp32"] = float(np.abs(got - ref).mean())
-        entry["ms_per_image"] = {}
-        for b in batches:
-            sampler.sample(b, 0.8, seed=0, batch_size=b)  # warm-up (cuDNN algorithm search per shape)
-            t = time.perf_counter()
-            sampler.sample(b, 0.8, seed=0, batch_size=b)
-            entry["ms_per_image"][b] = 1000 * (time.perf_counter() - t) / b
-        report[precision] = entry
-    if torch.cuda.is_available():
-        from model.sample import sample_images
-
-        cuda_model = _export_copy(model, False).cuda()
-        report["torch_cuda_eager_ms_per_image"] = {}
-        for b in batches:
-            sample_images(cuda_model, b, 0.8, 0, batch_size=b)
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            sample_images(cuda_model, b, 0.8, 0, batch_size=b)
-            torch.cuda.synchronize()
-            report["torch_cuda_eager_ms_per_image"][b] = 1000 * (time.perf_counter() - t) / b
-    (outdir / "onnx_gpu_check.json").write_text(json.dumps(report, indent=2))
-    return report
-
-
 def randomize_bn(model: nn.Module, seed: int = 0) -> None:
     """Give every BN layer non-trivial affine parameters and running statistics (for parity checks)."""
     g = torch.Generator().manual_seed(seed)
@@ -491,23 +432,6 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> None:
                 m.bias.copy_(0.1 * torch.randn(c, generator=g))
                 m.running_mean.copy_(0.2 * torch.randn(c, generator=g))
                 m.running_var.copy_(0.5 + torch.rand(c, generator=g))
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(description="GPU-day checks of the ONNX export (see gpu_check).")
-    ap.add_argument("--gpu-check", metavar="OUTDIR", required=True)
-    ap.add_argument("--preset", default="mnist", choices=list(PRESETS))
-    ap.add_argument("--exporter", default="dynamo", choices=EXPORTERS)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    print(json.dumps(gpu_check(args.gpu_check, args.preset, exporter=args.exporter), indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
 
 
 __all__ = [

@@ -1,6 +1,6 @@
 """`nvae`: one entry point for the whole product; each subcommand is a few lines over a library function.
 
-Subcommands are registered by the layer that owns them (`model.cli`, `data.cli`, ...), each exposing
+Subcommands are registered by the layer that owns them (`cli.train`, `cli.data`, ...), each exposing
 `register(subparsers)`. Library errors (`NVAEError` and subclasses, `ValueError` from validation) become one
 clear line on stderr and exit code 2; anything else is a bug and keeps its traceback.
 """
@@ -13,7 +13,7 @@ import logging
 import sys
 
 # Modules that contribute subcommands, in the order `nvae --help` lists them.
-_COMMAND_MODULES = ("data.cli", "model.cli", "model.cli_eval", "model.cli_onnx", "pipelines.cli")
+_COMMAND_MODULES = ("cli.data", "cli.train", "cli.inference", "cli.serve", "cli.pipeline")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from model.errors import NVAEError
+    from common.errors import NVAEError
 
     try:
         return int(args.func(args) or 0)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from model.storage import LocalCheckpointStore, S3CheckpointStore, StorageError, open_store, parse_s3_uri
-from model.train import TrainOptions, train
+from training.storage import LocalCheckpointStore, S3CheckpointStore, StorageError, open_store, parse_s3_uri
+from training.train import TrainOptions, train
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from fastapi import Request  # at module level: FastAPI resolves the handlers' string annotations here
 
-from model.onnx_sampler import MAX_SEED, OnnxSampler
+from serving.sampler import MAX_SEED, OnnxSampler
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +173,19 @@ def to_uint8_nhwc(images: np.ndarray) -> np.ndarray:
     return (np.clip(images, 0, 1).transpose(0, 2, 3, 1) * 255 + 0.5).astype(np.uint8)
 
 
+def tile(arr: np.ndarray, pad: int = 2) -> np.ndarray:
+    """(B, H, W, C) uint8 -> one (H', W', C) grid, ceil(sqrt(B)) images a row, `pad` white pixels between
+    (the layout of the training and `nvae sample` grids)."""
+    b, h, w, c = arr.shape
+    cols = max(1, math.ceil(math.sqrt(b)))
+    rows = math.ceil(b / cols)
+    cells = np.full((rows * cols, h + pad, w + pad, c), 255, dtype=np.uint8)
+    cells[:b, :h, :w] = arr
+    grid = cells.reshape(rows, cols, h + pad, w + pad, c).transpose(0, 2, 1, 3, 4)
+    grid = grid.reshape(rows * (h + pad), cols * (w + pad), c)
+    return np.pad(grid, ((pad, 0), (pad, 0), (0, 0)), constant_values=255)
+
+
 def png_bytes(array: np.ndarray) -> bytes:
     from PIL import Image
 
@@ -195,11 +208,7 @@ def encode_output(images: np.ndarray, fmt: str) -> dict[str, Any]:
             "data": data,
             "parameters": {"content_type": "image/png", "encoding": "base64"},
         }
-    import torch
-
-    from model.sample import image_grid
-
-    grid = image_grid(torch.from_numpy(images))
+    grid = tile(arr)
     return {
         "name": "images",
         "datatype": "BYTES",

@@ -1,6 +1,6 @@
-"""Fast batch sampling from an exported decoder (`model.export`) with onnxruntime.
+"""Fast batch sampling from an exported decoder (`inference.export`) with onnxruntime.
 
-The noise is drawn exactly as the PyTorch backend draws it (`model.sample.draw_noise`: a CPU torch generator
+The noise is drawn exactly as the PyTorch backend draws it (`model.sampling.draw_noise`: a CPU torch generator
 seeded with `seed`, `torch.randn` per group coarse first; for decode=sample the uniforms of
 `decode_images`, per block of `SAMPLE_NOISE_BLOCK` images seeded `seed + offset`), so `--checkpoint` and
 `--onnx` with the same seed give the same images. Torch is used only for those random numbers.
@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from model.errors import NVAEError
+from common.errors import NVAEError
 
 log = logging.getLogger(__name__)
 
-# `model.sample.sample_images` decodes in chunks of its `batch_size` (default 64) and seeds the pixel noise
+# `model.sampling.sample_images` decodes in chunks of its `batch_size` (default 64) and seeds the pixel noise
 # of each chunk with `seed + offset`; decode=sample matches it at that default.
 SAMPLE_NOISE_BLOCK = 64
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of activations per run on CPU

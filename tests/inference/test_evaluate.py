@@ -5,13 +5,14 @@ import numpy as np
 import pytest
 import torch
 
+from cli.main import main
+from inference.evaluate import evaluate, iw_batch
+from inference.readjust import readjust_bn
+from inference.sample import fixed_scale_rows, nearest_neighbours
 from model.checkpoint import load_model, save_checkpoint
-from model.evaluate import evaluate, iw_batch
 from model.network import NVAE
-from model.readjust import readjust_bn
 from model.regularizers import bn_layers
-from model.sample import fixed_scale_rows, nearest_neighbours, sample_images
-from nvae_cli import main
+from model.sampling import sample_images
 
 
 def _trained_bn(model, x, steps=3):

@@ -67,9 +67,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return _launch_torchrun(args)
 
-    from model.distributed import RankDivergenceError, init_distributed, shutdown
-    from model.storage import StorageError
-    from model.train import NonFiniteLossError, TrainingInterrupted
+    from training.distributed import RankDivergenceError, init_distributed, shutdown
+    from training.storage import StorageError
+    from training.train import NonFiniteLossError, TrainingInterrupted
 
     ctx = init_distributed(args.device)
     try:
@@ -92,7 +92,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, ctx) -> dict:
     from data.loaders import make_loader, read_manifest
-    from model.train import TrainOptions, default_precision, train
+    from training.train import TrainOptions, default_precision, train
 
     extra = {"batch_size": args.batch_size} if args.batch_size else {}
     cfg = _config(args, extra)
@@ -196,7 +196,7 @@ def _torchrun_argv(args: argparse.Namespace) -> list[str]:
 
 
 def _launch_torchrun(args: argparse.Namespace) -> int:
-    """Run `torchrun --standalone --nproc_per_node N -m nvae_cli train ...`; forward SIGTERM/SIGINT to it."""
+    """Run `torchrun --standalone --nproc_per_node N -m cli.main train ...`; forward SIGTERM/SIGINT to it."""
     cmd = [
         sys.executable,
         "-m",
@@ -204,7 +204,7 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
         "--standalone",
         f"--nproc_per_node={args.nproc}",
         "-m",
-        "nvae_cli",
+        "cli.main",
         *_torchrun_argv(args),
     ]
     log.info("launching: %s", " ".join(cmd))

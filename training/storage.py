@@ -17,24 +17,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
+from common.errors import StorageError  # noqa: F401  (re-exported: callers catch it from here)
+from common.s3 import parse_s3_uri, s3_client_from_env
 from model.checkpoint import atomic_torch_save, read_checkpoint
-from model.errors import NVAEError
 
 log = logging.getLogger(__name__)
 
 LOCAL_NAME = "checkpoint.pt"
 LATEST_NAME = "latest.json"
-
-
-class StorageError(NVAEError):
-    """The checkpoint store cannot be reached, read or written."""
 
 
 class CheckpointStore(Protocol):
@@ -69,31 +65,6 @@ class LocalCheckpointStore:
     def load_latest(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
         path = self.directory / LOCAL_NAME
         return read_checkpoint(path, map_location) if path.is_file() else None
-
-
-def parse_s3_uri(uri: str) -> tuple[str, str]:
-    """`s3://bucket/some/prefix` -> ('bucket', 'some/prefix'); the prefix may be empty."""
-    if not uri.startswith("s3://"):
-        raise StorageError(f"{uri!r} is not an s3://bucket/prefix URI")
-    bucket, _, prefix = uri[len("s3://") :].partition("/")
-    if not bucket:
-        raise StorageError(f"{uri!r} names no bucket; expected s3://bucket/prefix")
-    return bucket, prefix.strip("/")
-
-
-def s3_client_from_env():
-    """A boto3 S3 client configured only from the environment (path-style addressing, for MinIO)."""
-    try:
-        import boto3
-        from botocore.config import Config
-    except ModuleNotFoundError as exc:  # the `train` extra
-        raise StorageError(
-            f"s3:// checkpoints need boto3 (pip install 'nvae-pipeline[train]'): {exc}"
-        ) from None
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
-    config = Config(s3={"addressing_style": "path"}, retries={"max_attempts": 5, "mode": "standard"})
-    return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config)
 
 
 def _sha256(path: Path) -> str:

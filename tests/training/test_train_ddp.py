@@ -17,7 +17,7 @@ WORKER = """
 import json, os, sys
 import torch
 import data.loaders as loaders
-import model.train as train_mod
+import training.train as train_mod
 
 rank, spy_dir = int(os.environ["RANK"]), os.environ["SPY_DIR"]
 built, seen = [], []
@@ -35,7 +35,7 @@ def make_loader(*args, **kwargs):
     return loader
 
 train_mod.NVAE, loaders.make_loader = nvae, make_loader
-from nvae_cli import main
+from cli.main import main
 code = main(sys.argv[1:])
 torch.save({k: v for k, v in built[-1].named_parameters()}, f"{spy_dir}/params-{rank}.pt")
 with open(f"{spy_dir}/loaders-{rank}.json", "w") as fh:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from model.errors import NVAEError
+from common.errors import NVAEError
 from model.layers import BatchNormSwish, SyncBatchNormSwish
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 import json
 
-from nvae_cli import main
+from cli.main import main
 
 
 def test_info_json_reports_parity_numbers(capsys):

@@ -1,0 +1,93 @@
+"""The layers of the house: a lower package never imports a higher one (every import, lazy ones included,
+read with `ast`)."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# What each top-level package may import of the project (itself always allowed).
+ALLOWED = {
+    "common": set(),
+    "model": {"common"},
+    "data": {"common"},
+    "serving": {"common.errors"},
+    "training": {"common", "model", "data"},
+    "inference": {"common", "model", "data"},
+    "cli": {"common", "model", "data", "training", "inference", "serving", "components", "pipelines"},
+    "components": {"common", "model", "data", "training", "inference", "serving", "cli"},
+    "pipelines": {"common", "model", "data", "training", "inference", "serving", "cli", "components"},
+    "bench": {
+        "common",
+        "model",
+        "data",
+        "training",
+        "inference",
+        "serving",
+        "cli",
+        "components",
+        "pipelines",
+    },
+}
+PROJECT = set(ALLOWED)
+
+
+def imported_modules(path: Path) -> list[tuple[int, str]]:
+    """(line, dotted module) for every absolute import in a Python file."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found += [(node.lineno, f"{node.module}.{alias.name}") for alias in node.names]
+    return found
+
+
+def permitted(module: str, allowed: set[str]) -> bool:
+    return any(module == a or module.startswith(a + ".") for a in allowed)
+
+
+def violations(root: Path) -> list[str]:
+    """Every import under `root` that crosses the layering, as 'file:line imports module'."""
+    out = []
+    for package, allowed in ALLOWED.items():
+        for path in sorted((root / package).rglob("*.py")):
+            for line, module in imported_modules(path):
+                top = module.split(".")[0]
+                if top in PROJECT and top != package and not permitted(module, allowed):
+                    out.append(f"{path.relative_to(root)}:{line} imports {module}")
+    return out
+
+
+def test_every_layer_imports_only_what_lies_below_it():
+    assert violations(ROOT) == []
+
+
+def test_every_package_is_under_the_rule():
+    """A new top-level package must be placed in ALLOWED before it can import or be imported."""
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")}
+    assert packages - PROJECT == set()
+
+
+@pytest.mark.parametrize(
+    ("package", "source", "bad"),
+    [
+        ("model", "from data.loaders import make_loader\n", "data.loaders"),
+        ("data", "def f():\n    import model.network\n", "model.network"),
+        ("training", "from inference.sample import reconstructions\n", "inference.sample"),
+        ("inference", "from training import train\n", "training.train"),
+        ("serving", "from model.sampling import draw_noise\n", "model.sampling"),
+        ("serving", "from common.s3 import parse_s3_uri\n", "common.s3"),
+        ("components", "from pipelines.nvae_pipeline import compile_pipeline\n", "pipelines.nvae_pipeline"),
+        ("common", "from model.config import NVAEConfig\n", "model.config"),
+        ("inference", "from cli.main import main\n", "cli.main"),
+    ],
+)
+def test_a_violation_is_reported(tmp_path, package, source, bad):
+    (tmp_path / package).mkdir()
+    (tmp_path / package / "mod.py").write_text(source)
+    found = violations(tmp_path)
+    assert len(found) == 1 and f"imports {bad}" in found[0]
