@@ -1,4 +1,4 @@
-"""`nvae prepare`: the command line over `data.prepare.prepare`."""
+"""`nvae prepare` and `nvae data upload`: the command line over `data.prepare` and `data.remote`."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--source",
         required=True,
         metavar="PATH",
-        help="raw data: a directory (idx files, CIFAR batches, npz batches, images) or the CIFAR .tar.gz",
+        help="raw data: a directory (idx files, CIFAR batches, npz batches, images), the CIFAR .tar.gz, or "
+        "s3://bucket/prefix (endpoint and keys from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)",
     )
     p.add_argument(
         "--out", required=True, metavar="DIR", help="output directory (must not exist, or be empty)"
@@ -72,6 +73,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=run)
 
+    d = subparsers.add_parser("data", help="raw datasets in the object store (upload for cluster runs)")
+    dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
+    dsub.required = True
+    u = dsub.add_parser(
+        "upload",
+        help="check a raw dataset, then upload its files to s3://bucket/prefix",
+        description="Read the source with the dataset's recipe first (a wrong directory fails before "
+        "anything is sent), then upload every file under it, keeping the relative layout. The pipeline's "
+        "prepare step reads it back with --source s3://bucket/prefix. Endpoint and keys come from "
+        "AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.",
+    )
+    u.add_argument("--dataset", required=True, choices=list(RECIPES), metavar="NAME", help="dataset recipe")
+    u.add_argument("--source", required=True, metavar="DIR", help="directory with the raw files")
+    u.add_argument("--to", required=True, metavar="S3_URI", help="e.g. s3://nvae/raw/fashion-mnist")
+    u.set_defaults(func=upload)
+
 
 def run(args: argparse.Namespace) -> int:
     """Run `prepare` from parsed arguments; returns the exit code (errors are raised as DataError)."""
@@ -88,4 +105,15 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit,
         overwrite=args.overwrite,
     )
+    return 0
+
+
+def upload(args: argparse.Namespace) -> int:
+    from data.prepare import check_source
+    from data.remote import upload_source
+
+    check_source(args.dataset, args.source)
+    objects = upload_source(args.source, args.to)
+    total = sum(o["bytes"] for o in objects)
+    print(f"uploaded {len(objects)} files ({total / 1e6:.1f} MB) to {args.to}")
     return 0

@@ -8,16 +8,26 @@ import json
 from model.config import parse_set_args
 
 
-def _params(args):
-    from components.params import PipelineParams
+def _params(args, local_source: bool = False):
+    from components.params import LOCAL_SOURCE, PipelineParams
 
-    return PipelineParams.from_overrides(parse_set_args(args.set))
+    values = parse_set_args(args.set)
+    if local_source and "source" not in values:
+        # The subprocess runner reads this machine's files: the embedded Fashion-MNIST, not the store.
+        values["source"] = LOCAL_SOURCE
+    return PipelineParams.from_overrides(values)
+
+
+def _images(args):
+    from components.images import Images
+
+    return Images(args.image_registry, args.image_tag)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from pipelines.nvae_pipeline import compile_pipeline
 
-    print(f"pipeline spec -> {compile_pipeline(args.out)}")
+    print(f"pipeline spec -> {compile_pipeline(args.out, _images(args))}")
     return 0
 
 
@@ -26,7 +36,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if not args.local:
         raise ValueError("only --local runs here; use `nvae pipeline submit --host URL` for a cluster")
-    found = run_local(_params(args), args.root)
+    params = _params(args, local_source=args.runner == "subprocess")
+    print(f"source: {params.source}  (runner: {args.runner})", flush=True)
+    found = run_local(params, args.root, _images(args), args.runner)
     print("local pipeline run finished; results:")
     for key, path in found.items():
         print(f"  {key:12s} {path}")
@@ -36,10 +48,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from pipelines.nvae_pipeline import submit
 
-    result = submit(args.host, _params(args), args.experiment, args.run_name, args.package)
+    result = submit(args.host, _params(args), args.experiment, args.run_name, args.package, _images(args))
     run_id = getattr(result, "run_id", None)
     print(json.dumps({"run_id": run_id, "host": args.host, "experiment": args.experiment}))
     return 0
+
+
+def add_images(q: argparse.ArgumentParser) -> None:
+    from components.images import DEFAULT_REGISTRY, DEFAULT_TAG
+
+    q.add_argument(
+        "--image-registry",
+        default=DEFAULT_REGISTRY,
+        help=f"registry the nvae-cpu/nvae-gpu images are pulled from (default {DEFAULT_REGISTRY})",
+    )
+    q.add_argument("--image-tag", default=DEFAULT_TAG, help=f"their tag (default {DEFAULT_TAG})")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -54,6 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     c = psub.add_parser("compile", help="write the pipeline spec YAML")
     c.add_argument("--out", default="pipelines/nvae_pipeline.yaml")
+    add_images(c)
     c.set_defaults(func=cmd_compile)
 
     def add_set(q):
@@ -67,9 +91,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     r = psub.add_parser("run", help="run the pipeline on this machine with kfp.local")
     r.add_argument(
-        "--local", action="store_true", required=True, help="execute with kfp.local (SubprocessRunner)"
+        "--local", action="store_true", required=True, help="execute with kfp.local on this machine"
     )
     r.add_argument("--root", default="runs/pipeline", help="where the local artifacts go")
+    r.add_argument(
+        "--runner",
+        choices=("subprocess", "docker"),
+        default="subprocess",
+        help="subprocess: every step in this Python (fast, no images; source defaults to the embedded "
+        "Fashion-MNIST); docker: every step in its image as on a cluster, via DOCKER_HOST (podman works)",
+    )
+    add_images(r)
     add_set(r)
     r.set_defaults(func=cmd_run)
 
@@ -77,6 +109,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
     s.add_argument("--experiment", default="nvae")
     s.add_argument("--run-name")
-    s.add_argument("--package", default="pipelines/nvae_pipeline.yaml", help="compiled spec to upload")
+    s.add_argument(
+        "--package",
+        default="pipelines/nvae_pipeline.yaml",
+        help="compiled spec to upload (recompiled when other images are given)",
+    )
+    add_images(s)
     add_set(s)
     s.set_defaults(func=cmd_submit)

@@ -1,4 +1,52 @@
-"""Container images the components run in (the same names as k8s/ and the Dockerfiles; a test checks)."""
+"""The container images the components run in: the one place their registry, names and tag are set.
 
-CPU_IMAGE = "ghcr.io/nvae-pipeline/nvae-cpu:0.1.0"
-GPU_IMAGE = "ghcr.io/nvae-pipeline/nvae-gpu:0.1.0"
+The committed spec (`pipelines/nvae_pipeline.yaml`), k8s/images.yaml and the Dockerfiles' labels use the
+defaults; `nvae pipeline compile|run|submit --image-registry R --image-tag T` points a run at the registry the
+images were pushed to (`scripts/images.sh --registry R --tag T` builds them under those names).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+DEFAULT_REGISTRY = "ghcr.io/nvae-pipeline"
+DEFAULT_TAG = "0.1.0"  # the project version
+NAMES = {"cpu": "nvae-cpu", "gpu": "nvae-gpu"}
+
+# A registry host[:port] with an optional path (no scheme); a tag as Docker defines it.
+_REGISTRY = re.compile(r"[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-][a-z0-9]+)*)*")
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
+@dataclass(frozen=True)
+class Images:
+    """`registry/nvae-cpu:tag` and `registry/nvae-gpu:tag`."""
+
+    registry: str = DEFAULT_REGISTRY
+    tag: str = DEFAULT_TAG
+
+    def __post_init__(self):
+        if not _REGISTRY.fullmatch(self.registry):
+            raise ValueError(
+                f"image registry {self.registry!r} is not a registry path such as "
+                "ghcr.io/org or localhost:5000/nvae (lower case, no scheme, no tag)"
+            )
+        if not _TAG.fullmatch(self.tag):
+            raise ValueError(f"image tag {self.tag!r}: letters, digits, '_', '.', '-' (at most 128)")
+
+    def ref(self, kind: str) -> str:
+        return f"{self.registry}/{NAMES[kind]}:{self.tag}"
+
+    @property
+    def cpu(self) -> str:
+        return self.ref("cpu")
+
+    @property
+    def gpu(self) -> str:
+        return self.ref("gpu")
+
+
+DEFAULT_IMAGES = Images()
+CPU_IMAGE = DEFAULT_IMAGES.cpu
+GPU_IMAGE = DEFAULT_IMAGES.gpu

@@ -19,12 +19,16 @@ DATASETS = (
 )
 
 
+LOCAL_SOURCE = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist, on this machine
+STORE_SOURCE = "s3://nvae/raw/fashion-mnist"  # where `nvae data upload` puts it for a cluster
+
+
 @dataclass
 class PipelineParams:
     """Every parameter of the pipeline, with the embedded default (Fashion-MNIST on a CPU) as defaults."""
 
     dataset: str = "fashion-mnist"
-    source: str = "/usr/share/datasets/fashion-mnist"
+    source: str = STORE_SOURCE  # a path (mounted volume) or s3://bucket/prefix
     prepare_limit: int = 0  # 0: every image
     preset: str = "fmnist-cpu"
     overrides: str = ""  # "key=value key=value" over the preset

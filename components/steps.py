@@ -2,17 +2,19 @@
 
 (No `from __future__ import annotations` here: KFP reads the real annotation objects.)
 
-Components are lightweight Python components in the project image (`kfp.local` runs them in this
-environment); everything they import comes from the installed package.
+The step functions are plain functions; `build(images)` turns them into lightweight Python components in
+the project images. kfp is installed in those images, so the components are compiled with
+`install_kfp_package=False`: nothing in a pod installs anything or reaches a package index.
 """
+
+from types import SimpleNamespace
 
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
-from components.images import CPU_IMAGE, GPU_IMAGE
+from components.images import DEFAULT_IMAGES, Images
 
 
-@dsl.component(base_image=CPU_IMAGE)
 def validate_params(
     preset: str,
     dataset: str,
@@ -38,17 +40,19 @@ def validate_params(
     )
 
 
-@dsl.component(base_image=CPU_IMAGE)
 def prepare(dataset: str, source: str, limit: int, data: Output[Dataset]):
-    """DALI dataset preparation -> uint8 arrays + manifest."""
-    from components.runtime import run_cli
+    """DALI dataset preparation -> uint8 arrays + manifest. `source`: a path (a mounted volume) or
+    s3://bucket/prefix (endpoint and keys from the nvae-s3-credentials Secret's variables)."""
+    from components.runtime import read_json, run_cli
 
     argv = ["prepare", "--dataset", dataset, "--source", source, "--out", data.path]
     run_cli(argv + (["--limit", str(limit)] if limit > 0 else []))
+    manifest = read_json(data.path + "/manifest.json")
     data.metadata["dataset"] = dataset
+    data.metadata["source"] = source
+    data.metadata["source_listing_sha256"] = manifest["source"]["listing_sha256"]  # ETags for s3://
 
 
-@dsl.component(base_image=GPU_IMAGE)  # CUDA build of torch; runs on CPU nodes too
 def train(
     data: Input[Dataset],
     preset: str,
@@ -83,7 +87,6 @@ def train(
     model.metadata["preset"] = preset
 
 
-@dsl.component(base_image=CPU_IMAGE)
 def evaluate(
     model: Input[Model],
     data: Input[Dataset],
@@ -122,7 +125,6 @@ def evaluate(
         fh.write(png_html(plot, f"KL per group ({values['active_channels']} active channels)"))
 
 
-@dsl.component(base_image=CPU_IMAGE)
 def readjust_bn(model: Input[Model], temperature: float, iters: int, readjusted: Output[Model]):
     """BN statistics re-estimated from prior samples at the sampling temperature."""
     import os
@@ -146,7 +148,6 @@ def readjust_bn(model: Input[Model], temperature: float, iters: int, readjusted:
     readjusted.metadata["temperature"] = temperature
 
 
-@dsl.component(base_image=CPU_IMAGE)
 def export_onnx(model: Input[Model], onnx_model: Output[Model]):
     """ONNX export of the generative path, readjusted BN baked in."""
     from components.runtime import run_cli
@@ -155,7 +156,6 @@ def export_onnx(model: Input[Model], onnx_model: Output[Model]):
     onnx_model.metadata["format"] = "onnx"
 
 
-@dsl.component(base_image=CPU_IMAGE)
 def sample(
     onnx_model: Input[Model],
     num_samples: int,
@@ -188,3 +188,25 @@ def sample(
                 f"{samples.path}/grid_t{temperature:g}.png", f"{num_samples} samples at t={temperature:g}"
             )
         )
+
+
+# Which image each step runs in: train takes the CUDA build of torch (it runs on CPU nodes too).
+_STEPS = {
+    "validate_params": (validate_params, "cpu"),
+    "prepare": (prepare, "cpu"),
+    "train": (train, "gpu"),
+    "evaluate": (evaluate, "cpu"),
+    "readjust_bn": (readjust_bn, "cpu"),
+    "export_onnx": (export_onnx, "cpu"),
+    "sample": (sample, "cpu"),
+}
+
+
+def build(images: Images = DEFAULT_IMAGES) -> SimpleNamespace:
+    """The pipeline's components, each in its image from `images`, with kfp taken from the image."""
+    return SimpleNamespace(
+        **{
+            name: dsl.component(fn, base_image=images.ref(kind), install_kfp_package=False)
+            for name, (fn, kind) in _STEPS.items()
+        }
+    )

@@ -15,6 +15,7 @@ import logging
 import os
 import platform
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from common.errors import DataError
 from data.dali_ops import ArrayPipeline, ImagePipeline, resolve_device
 from data.recipes import Recipe, get_recipe
+from data.remote import fetch_source, is_s3_uri
 from data.sources import (
     ArraySource,
     ImageSource,
@@ -72,12 +74,15 @@ def prepare(
     size: int | None = None,
     limit: int | None = None,
     overwrite: bool = False,
+    _remote: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Prepare `dataset` from `source` into `out`; returns the manifest written to `out/manifest.json`.
 
     bits: 8 or 5 (None: the recipe's default, 5 for CelebA HQ / FFHQ). size: stored side, only for
     `image-folder`. limit: keep the first N images of each split (for tests and smoke runs).
     skip_corrupt: skip undecodable images and record them, instead of failing.
+    source: a directory or file, or s3://bucket/prefix (fetched first; the manifest records each object's
+    key, ETag and size).
     """
     recipe = get_recipe(dataset)
     bits = recipe.default_bits if bits is None else bits
@@ -92,6 +97,15 @@ def prepare(
     dali_device = resolve_device(device)
 
     start = time.perf_counter()
+    if is_s3_uri(source):  # fetched beside the output, read like a local source, then removed
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.source-", dir=out.parent) as fetched:
+            objects = fetch_source(str(source), fetched)
+            manifest = prepare(
+                dataset, fetched, out, bits=bits, device=device, skip_corrupt=skip_corrupt, size=size,
+                limit=limit, overwrite=overwrite, _remote={"uri": str(source), "objects": objects},
+            )  # fmt: skip
+        return manifest
     src = _read_source(recipe, source, limit)  # validates the source before anything is written
     total = sum(_split_count(src, s) for s in src.splits)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -121,6 +135,11 @@ def prepare(
                     "sha256": sha256_file(path),
                 }
         manifest = _manifest(recipe, src, splits, side, bits, dali_device, limit, progress)
+        if _remote is not None:
+            manifest["source"]["uri"] = _remote["uri"]
+            manifest["source"]["objects"] = [
+                {k: o[k] for k in ("key", "etag", "bytes")} for o in _remote["objects"]
+            ]
         _write_sources_listing(tmp / SOURCES_NAME, progress.files)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         _move_into_place(tmp, out)
@@ -160,6 +179,11 @@ def _stored_size(recipe: Recipe, size: int | None) -> int:
             f"dataset {recipe.name!r} is stored at {recipe.size}x{recipe.size}; size={size} is not allowed"
         )
     return recipe.size
+
+
+def check_source(dataset: str, source: str | Path) -> None:
+    """Raise DataError unless `source` reads as `dataset`'s raw data (its first image of each split)."""
+    _read_source(get_recipe(dataset), source, 1)
 
 
 def _read_source(recipe: Recipe, source: str | Path, limit: int | None) -> ArraySource | ImageSource:

@@ -1,17 +1,20 @@
 """The NVAE pipeline: validate -> prepare -> train -> evaluate / readjust BN -> export ONNX -> sample.
 
-`compile_pipeline` writes the spec uploaded to Kubeflow; `run_local` executes the same DAG with `kfp.local`;
-`submit` starts a run on a Kubeflow Pipelines endpoint.
+`build_pipeline(images)` makes the DAG with its components in `images`; `compile_pipeline` writes the spec
+uploaded to Kubeflow; `run_local` executes the same DAG with `kfp.local` (in this process's Python, or every
+task in its image with the docker runner); `submit` starts a run on a Kubeflow Pipelines endpoint.
 """
 
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from kfp import compiler, dsl, kubernetes
 
-from components import steps as comp
+from components.images import DEFAULT_IMAGES, Images
 from components.params import PipelineParams
+from components.steps import build as build_components
 
 log = logging.getLogger(__name__)
 
@@ -19,110 +22,131 @@ PIPELINE_NAME = "nvae-pipeline"
 COMPILED = Path(__file__).with_name("nvae_pipeline.yaml")
 S3_SECRET = "nvae-s3-credentials"  # k8s Secret with the object store's endpoint and keys
 STORE_CLIENT_LABEL = "nvae.io/store-client"
+S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")  # the Secret's keys
 _D = PipelineParams()
+RUNNERS = ("subprocess", "docker")
 
 
-@dsl.pipeline(
-    name=PIPELINE_NAME,
-    description="NVAE: DALI preparation, training, IW evaluation, BN readjustment, ONNX export and sampling.",
-)
-def nvae_pipeline(
-    dataset: str = _D.dataset,
-    source: str = _D.source,
-    prepare_limit: int = _D.prepare_limit,
-    preset: str = _D.preset,
-    overrides: str = _D.overrides,
-    steps: int = _D.steps,
-    batch_size: int = _D.batch_size,
-    gpus: int = _D.gpus,
-    accelerator: str = _D.accelerator,
-    seed: int = _D.seed,
-    iw_samples: int = _D.iw_samples,
-    eval_limit: int = _D.eval_limit,
-    temperature: float = _D.temperature,
-    readjust_iters: int = _D.readjust_iters,
-    num_samples: int = _D.num_samples,
-):
-    check = comp.validate_params(
-        preset=preset,
-        dataset=dataset,
-        overrides=overrides,
-        steps=steps,
-        gpus=gpus,
-        iw_samples=iw_samples,
-        temperature=temperature,
-        num_samples=num_samples,
-    ).set_display_name("validate parameters")
-    check.set_caching_options(False)
+def build_pipeline(images: Images = DEFAULT_IMAGES):
+    """The pipeline function (a KFP `GraphComponent`) with every step in its image from `images`."""
+    comp = build_components(images)
 
-    prep = comp.prepare(dataset=dataset, source=source, limit=prepare_limit).after(check)
-    prep.set_display_name("prepare (DALI)").set_cpu_request("2").set_memory_request("4G")
-
-    fit = comp.train(
-        data=prep.outputs["data"],
-        preset=preset,
-        overrides=overrides,
-        steps=steps,
-        batch_size=batch_size,
-        gpus=gpus,
-        seed=seed,
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="NVAE: DALI preparation, training, IW evaluation, BN readjustment, ONNX export and "
+        "sampling.",
     )
-    fit.set_display_name("train (torchrun)").set_cpu_request("4").set_memory_request("16G").set_memory_limit(
-        "64G"
-    )
-    fit.set_accelerator_type(accelerator).set_accelerator_limit(gpus).set_retry(3, backoff_duration="60s")
-    kubernetes.add_toleration(fit, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
-    kubernetes.empty_dir_mount(
-        fit, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit="16Gi"
-    )
-    kubernetes.use_secret_as_env(
-        fit,
-        S3_SECRET,
-        {
-            "AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL",
-            "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
-        },
-        optional=True,
-    )
+    def nvae_pipeline(
+        dataset: str = _D.dataset,
+        source: str = _D.source,
+        prepare_limit: int = _D.prepare_limit,
+        preset: str = _D.preset,
+        overrides: str = _D.overrides,
+        steps: int = _D.steps,
+        batch_size: int = _D.batch_size,
+        gpus: int = _D.gpus,
+        accelerator: str = _D.accelerator,
+        seed: int = _D.seed,
+        iw_samples: int = _D.iw_samples,
+        eval_limit: int = _D.eval_limit,
+        temperature: float = _D.temperature,
+        readjust_iters: int = _D.readjust_iters,
+        num_samples: int = _D.num_samples,
+    ):
+        check = comp.validate_params(
+            preset=preset,
+            dataset=dataset,
+            overrides=overrides,
+            steps=steps,
+            gpus=gpus,
+            iw_samples=iw_samples,
+            temperature=temperature,
+            num_samples=num_samples,
+        ).set_display_name("validate parameters")
+        check.set_caching_options(False)
 
-    ev = comp.evaluate(
-        model=fit.outputs["model"], data=prep.outputs["data"], iw_samples=iw_samples, limit=eval_limit
-    )
-    ev.set_display_name("evaluate (IW bits/dim)").set_cpu_request("2").set_memory_request("8G")
+        prep = comp.prepare(dataset=dataset, source=source, limit=prepare_limit).after(check)
+        prep.set_display_name("prepare (DALI)").set_cpu_request("2").set_memory_request("4G")
 
-    adj = comp.readjust_bn(model=fit.outputs["model"], temperature=temperature, iters=readjust_iters)
-    adj.set_display_name("readjust BN").set_cpu_request("2").set_memory_request("4G")
+        fit = comp.train(
+            data=prep.outputs["data"],
+            preset=preset,
+            overrides=overrides,
+            steps=steps,
+            batch_size=batch_size,
+            gpus=gpus,
+            seed=seed,
+        )
+        fit.set_display_name("train (torchrun)").set_cpu_request("4").set_memory_request(
+            "16G"
+        ).set_memory_limit("64G")
+        fit.set_accelerator_type(accelerator).set_accelerator_limit(gpus).set_retry(3, backoff_duration="60s")
+        kubernetes.add_toleration(fit, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
+        kubernetes.empty_dir_mount(
+            fit, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit="16Gi"
+        )
 
-    onnx = comp.export_onnx(model=adj.outputs["readjusted"])
-    onnx.set_display_name("export ONNX").set_cpu_request("1").set_memory_request("4G")
+        ev = comp.evaluate(
+            model=fit.outputs["model"], data=prep.outputs["data"], iw_samples=iw_samples, limit=eval_limit
+        )
+        ev.set_display_name("evaluate (IW bits/dim)").set_cpu_request("2").set_memory_request("8G")
 
-    smp = comp.sample(
-        onnx_model=onnx.outputs["onnx_model"], num_samples=num_samples, temperature=temperature, seed=seed
-    )
-    smp.set_display_name("sample (onnxruntime)").set_cpu_request("1").set_memory_request("2G")
+        adj = comp.readjust_bn(model=fit.outputs["model"], temperature=temperature, iters=readjust_iters)
+        adj.set_display_name("readjust BN").set_cpu_request("2").set_memory_request("4G")
 
-    # The object store's NetworkPolicy admits only pods carrying this label (k8s/base/store).
-    for task in (prep, fit, ev, adj, onnx, smp):
-        kubernetes.add_pod_label(task, STORE_CLIENT_LABEL, "true")
+        onnx = comp.export_onnx(model=adj.outputs["readjusted"])
+        onnx.set_display_name("export ONNX").set_cpu_request("1").set_memory_request("4G")
+
+        smp = comp.sample(
+            onnx_model=onnx.outputs["onnx_model"], num_samples=num_samples, temperature=temperature, seed=seed
+        )
+        smp.set_display_name("sample (onnxruntime)").set_cpu_request("1").set_memory_request("2G")
+
+        # The object store's NetworkPolicy admits only pods carrying this label (k8s/base/store).
+        for task in (prep, fit, ev, adj, onnx, smp):
+            kubernetes.add_pod_label(task, STORE_CLIENT_LABEL, "true")
+        # prepare reads s3:// sources and train writes s3:// checkpoints with the store's endpoint and keys.
+        for task in (prep, fit):
+            kubernetes.use_secret_as_env(task, S3_SECRET, {k: k for k in S3_ENV}, optional=True)
+
+    return nvae_pipeline
 
 
-def compile_pipeline(out: str | Path = COMPILED) -> Path:
-    """Write the pipeline spec (YAML) that is uploaded to Kubeflow."""
+nvae_pipeline = build_pipeline()  # the committed spec's DAG (default images)
+
+
+def compile_pipeline(out: str | Path = COMPILED, images: Images = DEFAULT_IMAGES) -> Path:
+    """Write the pipeline spec (YAML) that is uploaded to Kubeflow, its steps in `images`."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(nvae_pipeline, str(out))
+    pipeline = nvae_pipeline if images == DEFAULT_IMAGES else build_pipeline(images)
+    compiler.Compiler().compile(pipeline, str(out))
     return out
 
 
-def run_local(params: PipelineParams, root: str | Path = "runs/pipeline") -> dict[str, str]:
-    """Run the same DAG on this machine with kfp.local's SubprocessRunner; returns where the results are."""
+def run_local(
+    params: PipelineParams,
+    root: str | Path = "runs/pipeline",
+    images: Images = DEFAULT_IMAGES,
+    runner: str = "subprocess",
+) -> dict[str, str]:
+    """Run the same DAG on this machine with kfp.local; returns where the results are.
+
+    runner `subprocess`: every step in this process's Python (images are ignored). `docker`: every step in
+    its image with the compiled command, as on a cluster (`pipelines.container_runner`)."""
     from kfp import local
 
+    if runner not in RUNNERS:
+        raise ValueError(f"runner={runner!r}; choose one of: {', '.join(RUNNERS)}")
     params.validate()
     root = Path(root).resolve()
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
-    task = nvae_pipeline(**params.as_arguments())
+    if runner == "docker":
+        from pipelines.container_runner import docker_runner
+
+        local.init(runner=docker_runner(root, env_names=S3_ENV), pipeline_root=str(root))
+    else:
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
+    task = build_pipeline(images)(**params.as_arguments())
     del task
     return find_local_outputs(root)
 
@@ -158,15 +182,19 @@ def submit(
     experiment: str = "nvae",
     run_name: str | None = None,
     package: str | Path = COMPILED,
+    images: Images = DEFAULT_IMAGES,
 ) -> Any:
     """Upload-and-run on a Kubeflow Pipelines endpoint (the compiled spec, with these arguments)."""
     import kfp
 
     params.validate()
     client = kfp.Client(host=host)
-    return client.create_run_from_pipeline_package(
-        str(package),
-        arguments=params.as_arguments(),
-        run_name=run_name,
-        experiment_name=experiment,
-    )
+    with tempfile.TemporaryDirectory(prefix="nvae-spec-") as tmp:
+        if images != DEFAULT_IMAGES:  # the committed spec names the default images: compile one for these
+            package = compile_pipeline(Path(tmp) / "nvae_pipeline.yaml", images)
+        return client.create_run_from_pipeline_package(
+            str(package),
+            arguments=params.as_arguments(),
+            run_name=run_name,
+            experiment_name=experiment,
+        )

@@ -22,6 +22,8 @@ stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
 if [ ! -f "$stamp" ]; then
   echo "setup: installing dependencies into .venv (first run: a few minutes)" >&2
   .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+  # DALI's CUDA 12 wheel (before the switch to -cuda130) installs the same nvidia.dali package: never both.
+  .venv/bin/python -m pip uninstall -y -q nvidia-dali-cuda120 2>/dev/null || true
   .venv/bin/python -m pip install -q -e ".[all]" 2>&1 | grep -v -e "^WARNING: Location" -e "BuildBackendWarning" -e '^ ' || true
   .venv/bin/python -c "import torch, model" # fail here, clearly, if the install did not work
   rm -f .venv/.installed-*

@@ -61,6 +61,16 @@ def s3_server():
         server.stop()
 
 
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """Endpoint and credentials through the environment only, as in a pod."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server["endpoint_url"])
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server["access_key"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server["secret_key"])
+    monkeypatch.setenv("AWS_DEFAULT_REGION", s3_server["region"])
+    return s3_server
+
+
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 

@@ -1,16 +1,24 @@
 # syntax=docker/dockerfile:1.7
 # ghcr.io/nvae-pipeline/nvae-cpu:0.1.0 (the name in k8s/images.yaml): the `nvae` CLI with PyTorch's CPU build,
-# DALI (CPU mode), onnxruntime and the sampler server. Build from the repository root:
+# DALI (CPU mode), onnxruntime, the sampler server and kfp (the pipeline's executor runs from the image; no
+# pod installs anything). Build from the repository root with scripts/images.sh, or:
 #   docker build -f k8s/images/cpu.Dockerfile -t ghcr.io/nvae-pipeline/nvae-cpu:0.1.0 .
+# Build arguments: BASE_IMAGE (a Debian 12 image with python3 3.11; scripts/images.sh --debian-base makes one
+# from Debian packages where no registry is reachable), TORCH_INDEX_URL (PyTorch's CPU wheel index; empty:
+# PyPI's torch, the CUDA build: larger, same API), PIP_EXTRA_INDEX_URL / PIP_FIND_LINKS (local mirrors).
+# Versions come from k8s/images/constraints.txt, so a rebuild resolves the same set.
+ARG BASE_IMAGE=python:3.11.13-slim-bookworm
 
 # --- build: a virtual environment with the project and its runtime extras ------------------------------------
-FROM python:3.11.13-slim-bookworm AS build
+FROM ${BASE_IMAGE} AS build
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG PIP_EXTRA_INDEX_URL=
+ARG PIP_FIND_LINKS=
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python -m venv /opt/venv
+RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-# PyPI's Linux torch is the CUDA build (GBs of CUDA libraries); the CPU image takes the CPU build, same version.
-RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.14.1 torchvision==0.29.1
 WORKDIR /src
+COPY k8s/images/constraints.txt ./constraints.txt
 COPY pyproject.toml README.md ./
 COPY common ./common
 COPY model ./model
@@ -21,10 +29,12 @@ COPY serving ./serving
 COPY cli ./cli
 COPY components ./components
 COPY pipelines ./pipelines
-RUN pip install ".[data,train,onnx,serve]"
+RUN PIP_EXTRA_INDEX_URL="${TORCH_INDEX_URL} ${PIP_EXTRA_INDEX_URL}" PIP_FIND_LINKS="${PIP_FIND_LINKS}" \
+    pip install -c constraints.txt ".[data,train,onnx,serve,pipeline]" \
+ && python -c "import kfp, torch, nvidia.dali, onnxruntime, cli.main"
 
 # --- runtime: the environment only, as a non-root user -------------------------------------------------------
-FROM python:3.11.13-slim-bookworm
+FROM ${BASE_IMAGE}
 LABEL org.opencontainers.image.ref.name="ghcr.io/nvae-pipeline/nvae-cpu:0.1.0" \
       org.opencontainers.image.version="0.1.0" \
       org.opencontainers.image.title="nvae-cpu" \

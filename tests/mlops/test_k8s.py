@@ -10,13 +10,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from components import images as images_mod
+
 from .conftest import REPO, run, tool
 
 K8S = REPO / "k8s"
 KUSTOMIZATIONS = ["base", "overlays/cpu-dev", "overlays/gpu", "overlays/kserve", "train"]
 K8S_VERSION = "1.33.0"  # schema version the manifests target (kubernetes-validate bundles it)
 IMAGES = yaml.safe_load((K8S / "images.yaml").read_text())
-PROJECT_REPO = "ghcr.io/nvae-pipeline/"
+PROJECT_REPO = images_mod.DEFAULT_REGISTRY + "/"
 
 
 def _build(path: str) -> list[dict]:
@@ -270,6 +272,7 @@ def test_images_file_names_the_cpu_and_gpu_images_at_the_project_version():
     import tomllib
 
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert images_mod.DEFAULT_TAG == version
     assert IMAGES == {
         "cpu": f"{PROJECT_REPO}nvae-cpu:{version}",
         "gpu": f"{PROJECT_REPO}nvae-gpu:{version}",
@@ -302,13 +305,20 @@ def test_pipeline_components_use_the_images_in_images_yaml():
     from components import images
 
     assert {images.CPU_IMAGE, images.GPU_IMAGE} == set(IMAGES.values())
+    pattern = re.escape(PROJECT_REPO) + r"[\w.:/-]+"
     for path in [*REPO.glob("components/*.py"), *REPO.glob("pipelines/*.py"), *REPO.glob("pipelines/*.yaml")]:
-        for image in re.findall(r"ghcr\.io/nvae-pipeline/[\w.:/-]+", path.read_text()):
+        for image in re.findall(pattern, path.read_text()):
             assert image in IMAGES.values(), f"{path.relative_to(REPO)}: {image}"
 
 
 def _stages(dockerfile: Path) -> list[str]:
-    return re.findall(r"^FROM\s+(\S+)", dockerfile.read_text(), flags=re.M)
+    """The base of every stage, with `${ARG}` replaced by the ARG's default."""
+    text = dockerfile.read_text()
+    args = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", text, flags=re.M))
+    return [
+        re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m.group(1), m.group(0)), base)
+        for base in re.findall(r"^FROM\s+(\S+)", text, flags=re.M)
+    ]
 
 
 # ids avoid the bare word "gpu": tests/conftest.py skips items with a "gpu" keyword on machines without CUDA.
@@ -352,6 +362,9 @@ def test_gpu_dockerfile_has_cuda_dali_and_only_the_gpu_onnxruntime():
     text = (K8S / "images" / "gpu.Dockerfile").read_text()
     assert any(base.startswith("nvidia/cuda:") for base in _stages(K8S / "images" / "gpu.Dockerfile"))
     assert re.search(r"nvidia-dali-cuda\d+==", text) or ".[data" in text
+    # DALI's wheel for CUDA 13, the CUDA of torch 2.14.1's build, from the pinned set.
+    assert "nvidia-dali-cuda130==" in (REPO / "k8s/images/constraints.txt").read_text()
+    assert "pipeline]" in text and "-c constraints.txt" in text
     assert re.search(r"onnxruntime-gpu(\[[\w,]+\])?==[\d.]+", text)
     # onnxruntime and onnxruntime-gpu must not be installed together: the `onnx` extra (which pulls the CPU
     # onnxruntime) is not installed in the GPU image.
@@ -360,4 +373,29 @@ def test_gpu_dockerfile_has_cuda_dali_and_only_the_gpu_onnxruntime():
 
 def test_cpu_dockerfile_installs_the_project_with_its_runtime_extras():
     text = (K8S / "images" / "cpu.Dockerfile").read_text()
-    assert ".[data,train,onnx,serve]" in text
+    assert ".[data,train,onnx,serve,pipeline]" in text  # kfp too: the executor runs from the image
+    assert "-c constraints.txt" in text and "ARG TORCH_INDEX_URL=" in text and "ARG BASE_IMAGE=" in text
+
+
+def test_image_constraints_pin_every_runtime_dependency_exactly():
+    """The images resolve from k8s/images/constraints.txt: each dependency of the installed extras has one
+    exact version there, so a rebuild cannot drift to a new release."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    wanted = project["dependencies"] + [
+        r for e in ("data", "train", "onnx", "serve", "pipeline") for r in extras[e]
+    ]
+    pins = {}
+    for line in (K8S / "images" / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not an exact pin"
+            pins[name.lower().replace("_", "-")] = version
+    for req in map(Requirement, wanted):
+        name = req.name.lower().replace("_", "-")
+        assert name in pins, f"{name} is not pinned in k8s/images/constraints.txt"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} violates {req}"

@@ -9,7 +9,8 @@ import yaml
 
 from cli.main import main
 from common.errors import ConfigError
-from components.params import PipelineParams
+from components.images import DEFAULT_IMAGES
+from components.params import LOCAL_SOURCE, STORE_SOURCE, PipelineParams
 from pipelines.nvae_pipeline import COMPILED, compile_pipeline, find_local_outputs
 
 TASKS = {"validate-params", "prepare", "train", "evaluate", "readjust-bn", "export-onnx", "sample"}
@@ -40,13 +41,15 @@ def test_spec_loads_back_with_kfp_and_has_the_dag(tmp_path):
     assert deps["sample"] == {"export-onnx"}
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert params["preset"]["defaultValue"] == "fmnist-cpu" and params["gpus"]["defaultValue"] == 0
+    # A cluster run reads the dataset from the store (`nvae data upload`), not from this machine's disk.
+    assert params["source"]["defaultValue"] == STORE_SOURCE
     assert set(params) == set(PipelineParams().as_arguments())
 
 
 def test_train_task_resources_and_kubernetes_settings():
     spec, platform = _docs(COMPILED)
     train_exec = spec["deploymentSpec"]["executors"]["exec-train"]["container"]
-    assert train_exec["image"] == "ghcr.io/nvae-pipeline/nvae-gpu:0.1.0"
+    assert train_exec["image"] == DEFAULT_IMAGES.gpu
     res = train_exec["resources"]
     assert res["memoryRequest"] == 16.0 and res["cpuRequest"] == 4.0
     assert "accelerator" in res  # type and count come from pipeline parameters
@@ -54,9 +57,44 @@ def test_train_task_resources_and_kubernetes_settings():
     assert k8s["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert k8s["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
     assert k8s["secretAsEnv"][0]["secretName"] == "nvae-s3-credentials"
+    prep = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-prepare"]
+    assert prep["secretAsEnv"][0]["secretName"] == "nvae-s3-credentials"  # s3:// sources
     assert spec["root"]["dag"]["tasks"]["train"]["retryPolicy"]["maxRetryCount"] == 3
     for name, ex in spec["deploymentSpec"]["executors"].items():
-        assert ex["container"]["image"].startswith("ghcr.io/nvae-pipeline/nvae-"), name
+        assert ex["container"]["image"] in (DEFAULT_IMAGES.cpu, DEFAULT_IMAGES.gpu), name
+
+
+def _executors(spec_path):
+    spec, _ = _docs(spec_path)
+    return spec["deploymentSpec"]["executors"]
+
+
+def test_no_executor_installs_anything_at_run_time():
+    """kfp comes from the image: nothing in a pod runs pip or reaches a package index."""
+    for name, ex in _executors(COMPILED).items():
+        command = " ".join(ex["container"].get("command", []) + ex["container"].get("args", []))
+        assert "kfp.dsl.executor_main" in command, name
+        for word in ("pip install", "pip3 install", "ensurepip", "--index-url", "apt-get", "uv pip"):
+            assert word not in command, f"{name}: {word}"
+
+
+def test_image_registry_and_tag_are_chosen_at_compile_time(tmp_path):
+    out = tmp_path / "spec.yaml"
+    argv = ["pipeline", "compile", "--out", str(out), "--image-registry", "registry.example:5000/team"]
+    assert main([*argv, "--image-tag", "v7"]) == 0
+    images = {ex["container"]["image"] for ex in _executors(out).values()}
+    assert images == {"registry.example:5000/team/nvae-cpu:v7", "registry.example:5000/team/nvae-gpu:v7"}
+    assert _executors(out)["exec-train"]["container"]["image"].endswith("/nvae-gpu:v7")
+
+
+@pytest.mark.parametrize(
+    "flag, value", [("--image-registry", "https://ghcr.io/x"), ("--image-tag", "bad tag")]
+)
+def test_a_bad_image_name_is_one_line_naming_it(tmp_path, capsys, flag, value):
+    assert main(["pipeline", "compile", "--out", str(tmp_path / "s.yaml"), flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and value in err and "image" in err
+    assert not (tmp_path / "s.yaml").exists()
 
 
 def test_parameters_are_validated_before_anything_runs(capsys):
@@ -146,6 +184,32 @@ def test_submit_builds_the_run_request(capsys):
     assert spec["pipelineInfo"]["name"] == "nvae-pipeline"
 
 
+def test_submit_with_other_images_sends_a_spec_naming_them():
+    _KfpStub.requests = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _KfpStub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        host = f"http://127.0.0.1:{server.server_port}"
+        argv = [
+            "pipeline",
+            "submit",
+            "--host",
+            host,
+            "--image-registry",
+            "localhost/team",
+            "--image-tag",
+            "t1",
+        ]
+        assert main(argv) == 0
+    finally:
+        server.shutdown()
+    (run,) = [r for r in _KfpStub.requests if r[0] == "POST" and r[1].startswith("/apis/v2beta1/runs")]
+    spec = run[2]["pipeline_spec"]
+    spec = spec.get("pipeline_spec", spec)
+    images = {ex["container"]["image"] for ex in spec["deploymentSpec"]["executors"].values()}
+    assert images == {"localhost/team/nvae-cpu:t1", "localhost/team/nvae-gpu:t1"}
+
+
 TINY = "channels=8 z_channels=4 groups=2 cells_enc=1 cells_dec=1 pre_cells=1 post_cells=1 num_mix=3"
 
 
@@ -174,7 +238,8 @@ def test_local_pipeline_end_to_end(tmp_path, capsys):
         "num_samples=4",
     ]
     assert main(args) == 0
-    assert "local pipeline run finished" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "local pipeline run finished" in out and f"source: {LOCAL_SOURCE}" in out
     found = find_local_outputs(tmp_path / "runs")
     metrics = json.loads(Path(found["metrics"]).read_text())
     assert metrics["num_images"] == 8 and np.isfinite(metrics["nll_bpd"])

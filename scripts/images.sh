@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Build the project's container images with podman or docker (whichever exists; podman first).
+#
+# Usage: bash scripts/images.sh [--gpu | --all] [--registry R] [--tag T] [--debian-base]
+#                               [--torch-index URL|pypi] [--lock]
+#   (default)        the cpu image, REGISTRY/nvae-cpu:TAG
+#   --gpu / --all    the gpu image instead / both
+#   --registry, --tag  the names the pipeline is compiled against (`nvae pipeline compile --image-registry R
+#                    --image-tag T`); defaults from components/images.py
+#   --debian-base    make the base image from Debian's own packages (mmdebstrap + import), for machines that
+#                    reach no container registry; it is passed to the Dockerfiles as BASE_IMAGE
+#   --torch-index    PyTorch's wheel index for the cpu image (default: its CPU build index); `pypi`: take
+#                    torch from PyPI (the CUDA build: larger, same API), for machines that reach only PyPI
+#   --lock           regenerate k8s/images/constraints.txt from .venv, then stop
+# Local package mirrors named in this machine's pip configuration (file:// indexes, find-links folders) are
+# mounted read-only into the build and passed on, so pip takes what is on disk before it downloads.
+# Prints each image's size at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+registry=$(sed -n 's/^DEFAULT_REGISTRY = "\(.*\)"/\1/p' components/images.py)
+tag=$(sed -n 's/^DEFAULT_TAG = "\([^"]*\)".*/\1/p' components/images.py)
+kinds=(cpu) debian_base=0 torch_index=https://download.pytorch.org/whl/cpu
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --gpu) kinds=(gpu) ;;
+    --all) kinds=(cpu gpu) ;;
+    --registry) registry=$2; shift ;;
+    --tag) tag=$2; shift ;;
+    --debian-base) debian_base=1 ;;
+    --torch-index) torch_index=$2; shift ;;
+    --lock)
+      { sed -n '1,2p' k8s/images/constraints.txt
+        .venv/bin/python -m pip freeze --exclude-editable | grep -v -e '^-e ' -e '^nvae-pipeline' | sort -f
+      } > k8s/images/constraints.txt.new
+      mv k8s/images/constraints.txt.new k8s/images/constraints.txt
+      echo "images: wrote k8s/images/constraints.txt ($(grep -vc '^#' k8s/images/constraints.txt) packages)"
+      exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    *) echo "images.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+[ "$torch_index" = pypi ] && torch_index=""
+
+if command -v podman >/dev/null; then engine=podman
+elif docker info >/dev/null 2>&1; then engine=docker
+else echo "images.sh: neither podman nor a running docker engine found (apt-get install podman)" >&2; exit 2
+fi
+
+args=(--network=host)
+# The host's CA bundle, for TLS to the package indexes from inside RUN steps.
+[ -d /etc/ssl/certs ] && args+=(-v /etc/ssl/certs:/etc/ssl/certs:ro)
+
+# Local mirrors from the host's pip configuration: mount each folder read-only and pass the same URLs.
+extra_index="" find_links=""
+pip_conf=$(python3 -m pip config list 2>/dev/null || true)
+for url in $(sed -n "s/^global\.extra-index-url='\(.*\)'/\1/p" <<<"$pip_conf"); do
+  dir=${url#file://}
+  if [ "$dir" != "$url" ] && [ -d "$dir" ]; then
+    mount=$(dirname "$dir"); args+=(-v "$mount:$mount:ro"); extra_index="$extra_index $url"
+  fi
+done
+for dir in $(sed -n "s/^global\.find-links='\(.*\)'/\1/p" <<<"$pip_conf"); do
+  if [ -d "$dir" ]; then args+=(-v "$dir:$dir:ro"); find_links="$find_links $dir"; fi
+done
+args+=(--build-arg "PIP_EXTRA_INDEX_URL=${extra_index# }" --build-arg "PIP_FIND_LINKS=${find_links# }")
+
+if [ "$debian_base" = 1 ]; then
+  base=localhost/nvae-base:bookworm
+  if ! $engine image exists "$base" 2>/dev/null && ! $engine image inspect "$base" >/dev/null 2>&1; then
+    command -v mmdebstrap >/dev/null || { echo "images.sh: --debian-base needs mmdebstrap" >&2; exit 2; }
+    tmp=$(mktemp -d)
+    echo "images: making $base from Debian packages (mmdebstrap)" >&2
+    mmdebstrap --quiet --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$tmp/base.tar"
+    $engine import "$tmp/base.tar" "$base" >/dev/null
+    rm -rf "$tmp"
+  fi
+  args+=(--build-arg "BASE_IMAGE=$base")
+fi
+
+for kind in "${kinds[@]}"; do
+  image="$registry/nvae-$kind:$tag"
+  build=("${args[@]}")
+  [ "$kind" = cpu ] && build+=(--build-arg "TORCH_INDEX_URL=$torch_index")
+  if [ "$engine" = podman ]; then ignore=(--ignorefile "k8s/images/$kind.Dockerfile.dockerignore"); else ignore=(); fi
+  echo "images: building $image with $engine" >&2
+  previous=$($engine image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)
+  start=$(date +%s)
+  $engine build "${build[@]}" "${ignore[@]}" -f "k8s/images/$kind.Dockerfile" -t "$image" .
+  echo "images: built $image in $(( $(date +%s) - start )) s" >&2
+  # A rebuild leaves the previous image untagged (GBs each time): remove it unless something still uses it.
+  if [ -n "$previous" ] && [ "$previous" != "$($engine image inspect --format '{{.Id}}' "$image")" ]; then
+    $engine rmi "$previous" >/dev/null 2>&1 || true
+  fi
+done
+for kind in "${kinds[@]}"; do
+  image="$registry/nvae-$kind:$tag"
+  size=$($engine image inspect --format '{{.Size}}' "$image")
+  echo "images: $image $(( size / 1000000 )) MB"
+done
