@@ -43,6 +43,11 @@ class PipelineParams:
     readjust_iters: int = 500
     num_samples: int = 64
 
+    @staticmethod
+    def describe() -> dict[str, str]:
+        """One line per parameter: what it means and its allowed values (KFP's run form shows these)."""
+        return dict(DESCRIPTIONS)
+
     @classmethod
     def from_overrides(cls, values: dict[str, Any]) -> PipelineParams:
         known = {f.name: f for f in fields(cls)}
@@ -69,7 +74,38 @@ class PipelineParams:
         return asdict(self)
 
 
-_VALIDATED = ("preset", "dataset", "overrides", "steps", "gpus", "iw_samples", "temperature", "num_samples")
+DESCRIPTIONS = {
+    "dataset": f"Dataset recipe, one of: {', '.join(DATASETS)}.",
+    "source": "Raw data: s3://bucket/prefix in the object store (nvae data upload), or a path on a mounted volume.",
+    "prepare_limit": "Keep only the first N images of each split; 0 keeps all (>= 0).",
+    "preset": "Model recipe (nvae info --preset NAME): fmnist-cpu, mnist, cifar10, celeba64, imagenet32, celebahq256, ffhq256.",
+    "overrides": "Config fields over the preset, 'key=value key=value' (validated before any step).",
+    "steps": "Training steps (>= 1).",
+    "batch_size": "Images per process and step; 0 takes the preset's (>= 0).",
+    "gpus": "GPUs for the training step, one torchrun process each; 0 trains on CPU (>= 0).",
+    "accelerator": "Kubernetes accelerator resource of the training step's GPUs.",
+    "seed": "Seed of training, sampling and evaluation noise.",
+    "iw_samples": "Importance samples K per test image for the NLL bound (>= 1; 1000 for reported numbers).",
+    "eval_limit": "Test images evaluated; 0 evaluates the whole test split (>= 0).",
+    "temperature": "Sampling temperature for BN readjustment and the sample grid (0 < t <= 10).",
+    "readjust_iters": "Batches of prior samples for BN readjustment (>= 1).",
+    "num_samples": "Images in the sample grid (>= 1).",
+}
+
+_VALIDATED = (
+    "preset",
+    "dataset",
+    "overrides",
+    "steps",
+    "gpus",
+    "iw_samples",
+    "temperature",
+    "num_samples",
+    "prepare_limit",
+    "batch_size",
+    "eval_limit",
+    "readjust_iters",
+)
 
 
 def validate_pipeline_args(
@@ -82,6 +118,10 @@ def validate_pipeline_args(
     iw_samples: int,
     temperature: float,
     num_samples: int,
+    prepare_limit: int = 0,
+    batch_size: int = 0,
+    eval_limit: int = 0,
+    readjust_iters: int = 1,
 ) -> None:
     """Raise ConfigError naming the parameter and its allowed range; also checks preset + overrides."""
     from components.runtime import split_overrides
@@ -94,6 +134,10 @@ def validate_pipeline_args(
         ("gpus", gpus, 0),
         ("iw_samples", iw_samples, 1),
         ("num_samples", num_samples, 1),
+        ("prepare_limit", prepare_limit, 0),
+        ("batch_size", batch_size, 0),
+        ("eval_limit", eval_limit, 0),
+        ("readjust_iters", readjust_iters, 1),
     ):
         if value < low:
             raise ConfigError(f"{name}={value} is out of range; allowed {name} >= {low}")

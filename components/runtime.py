@@ -73,3 +73,22 @@ def png_html(png_path: str | Path, title: str) -> str:
         f"<html><body><h3>{title}</h3><img style='image-rendering:pixelated;width:512px' "
         f"src='data:image/png;base64,{data}'/></body></html>"
     )
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write an output artifact's file (its folder may not exist yet under kfp.local)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def curves_html(metrics_jsonl: str | Path) -> str:
+    """The training curves (loss, -ELBO in bits/dim, KL, learning rate against step) as one HTML page."""
+    import tempfile
+
+    from training.metrics import plot_training_curves
+
+    with tempfile.TemporaryDirectory() as tmp:
+        png = Path(tmp) / "curves.png"
+        plot_training_curves(metrics_jsonl, png)
+        return png_html(png, "Training curves")

@@ -10,7 +10,7 @@ the project images. kfp is installed in those images, so the components are comp
 from types import SimpleNamespace
 
 from kfp import dsl
-from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
 from components.images import DEFAULT_IMAGES, Images
 
@@ -24,8 +24,12 @@ def validate_params(
     iw_samples: int,
     temperature: float,
     num_samples: int,
+    prepare_limit: int,
+    batch_size: int,
+    eval_limit: int,
+    readjust_iters: int,
 ):
-    """Fail the run before any work when a parameter is out of range."""
+    """Fail the run before any work when a parameter is out of range (the log names it and its range)."""
     from components.params import validate_pipeline_args
 
     validate_pipeline_args(
@@ -37,6 +41,10 @@ def validate_params(
         iw_samples=iw_samples,
         temperature=temperature,
         num_samples=num_samples,
+        prepare_limit=prepare_limit,
+        batch_size=batch_size,
+        eval_limit=eval_limit,
+        readjust_iters=readjust_iters,
     )
 
 
@@ -63,9 +71,18 @@ def train(
     seed: int,
     model: Output[Model],
     train_metrics: Output[Metrics],
+    curves: Output[HTML],
 ):
-    """NVAE training; one process per GPU under torchrun."""
-    from components.runtime import numeric_items, read_json, run_train, split_overrides
+    """NVAE training; one process per GPU under torchrun. Outputs the checkpoint (with the DVCLive run),
+    throughput and step counts as metrics, and the training curves as a page."""
+    from components.runtime import (
+        curves_html,
+        numeric_items,
+        read_json,
+        run_train,
+        split_overrides,
+        write_text,
+    )
 
     argv = [
         "--preset",
@@ -84,6 +101,7 @@ def train(
     summary = read_json(model.path + "/train_summary.json")
     for key, value in numeric_items(summary, ["steps", "skipped_steps", "last_nelbo_bpd", "last_img_per_s"]):
         train_metrics.log_metric(key, value)
+    write_text(curves.path, curves_html(model.path + "/train_metrics.jsonl"))
     model.metadata["preset"] = preset
 
 
@@ -93,36 +111,32 @@ def evaluate(
     iw_samples: int,
     limit: int,
     metrics: Output[Metrics],
-    report: Output[HTML],
+    results: Output[Artifact],
+    kl_report: Output[HTML],
+    reconstructions: Output[HTML],
 ):
-    """Importance-weighted NLL in bits/dim, ELBO, active latent channels; KL-per-group plot."""
+    """Importance-weighted NLL in bits/dim, -ELBO, KL, active latent channels (metrics, and all of it in
+    results/metrics.json with the KL-per-group plot), the KL plot and test reconstructions as pages."""
     import os
+    import tempfile
 
-    from components.runtime import numeric_items, png_html, read_json, run_cli
+    from components.runtime import numeric_items, png_html, read_json, run_cli, write_text
 
-    os.makedirs(os.path.dirname(metrics.path), exist_ok=True)
-    out_json, plot = metrics.path + ".json", metrics.path + ".kl.png"
-    argv = [
-        "evaluate",
-        "--checkpoint",
-        model.path + "/checkpoint.pt",
-        "--data",
-        data.path,
-        "--iw-samples",
-        str(iw_samples),
-        "--out",
-        out_json,
-        "--kl-plot",
-        plot,
-    ]
+    os.makedirs(results.path, exist_ok=True)
+    out_json, plot = results.path + "/metrics.json", results.path + "/kl_per_group.png"
+    argv = ["evaluate", "--checkpoint", model.path + "/checkpoint.pt", "--data", data.path]
+    argv += ["--iw-samples", str(iw_samples), "--out", out_json, "--kl-plot", plot]
     run_cli(argv + (["--limit", str(limit)] if limit > 0 else []))
     values = read_json(out_json)
-    for key, value in numeric_items(
-        values, ["nll_bpd", "nelbo_bpd", "active_channels", "num_images", "iw_samples"]
-    ):
+    keys = ["nll_bpd", "nelbo_bpd", "kl_nats", "active_channels", "num_images", "iw_samples"]
+    for key, value in numeric_items(values, keys):
         metrics.log_metric(key, value)
-    with open(report.path, "w") as fh:
-        fh.write(png_html(plot, f"KL per group ({values['active_channels']} active channels)"))
+    write_text(kl_report.path, png_html(plot, f"KL per group ({values['active_channels']} active channels)"))
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = ["sample", "--checkpoint", model.path + "/checkpoint.pt", "--reconstruct", "--data", data.path]
+        run_cli(argv + ["--n", "16", "--temperature", "1", "--nrow", "8", "--out", tmp])
+        page = png_html(tmp + "/reconstructions.png", "Test images (odd rows) and their reconstructions")
+        write_text(reconstructions.path, page)
 
 
 def readjust_bn(model: Input[Model], temperature: float, iters: int, readjusted: Output[Model]):
@@ -165,7 +179,7 @@ def sample(
     grid: Output[HTML],
 ):
     """Sample a grid with the ONNX decoder (onnxruntime), the way serving does."""
-    from components.runtime import png_html, run_cli
+    from components.runtime import png_html, run_cli, write_text
 
     run_cli(
         [
@@ -182,12 +196,10 @@ def sample(
             samples.path,
         ]
     )
-    with open(grid.path, "w") as fh:
-        fh.write(
-            png_html(
-                f"{samples.path}/grid_t{temperature:g}.png", f"{num_samples} samples at t={temperature:g}"
-            )
-        )
+    page = png_html(
+        f"{samples.path}/grid_t{temperature:g}.png", f"{num_samples} samples at t={temperature:g}"
+    )
+    write_text(grid.path, page)
 
 
 # Which image each step runs in: train takes the CUDA build of torch (it runs on CPU nodes too).

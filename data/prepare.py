@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from common.errors import DataError
+from common.progress import progress as progress_bar
 from data.dali_ops import ArrayPipeline, ImagePipeline, resolve_device
 from data.recipes import Recipe, get_recipe
 from data.remote import fetch_source, is_s3_uri
@@ -58,7 +58,7 @@ INLINE_SOURCE_LIMIT = 1000  # list source checksums in the manifest itself up to
 class _Progress:
     """What the split writers share: the progress bar, skipped images and the source files read."""
 
-    bar: tqdm
+    bar: Any  # common.progress.progress
     skipped: list[dict[str, str]] = field(default_factory=list)
     files: list[SourceFile] = field(default_factory=list)
 
@@ -115,7 +115,7 @@ def prepare(
         shutil.rmtree(tmp)
     try:
         tmp.mkdir()
-        with tqdm(
+        with progress_bar(
             total=total, unit="img", unit_scale=True, desc=f"prepare {dataset}", mininterval=1.0
         ) as bar:
             progress = _Progress(bar, files=list(src.files))
@@ -206,7 +206,7 @@ def _split_count(src: ArraySource | ImageSource, split: str) -> int:
 
 
 def _write_array_split(
-    src: ArraySource, split: str, path: Path, recipe: Recipe, side: int, bits: int, device: str, bar: tqdm
+    src: ArraySource, split: str, path: Path, recipe: Recipe, side: int, bits: int, device: str, bar: Any
 ) -> int:
     """Run the decoded chunks of one split through DALI's bit reduction into `path`; returns the count."""
     shape = (side, side, recipe.channels)

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
+from common.progress import progress as progress_bar
 from model.network import NVAE
 
 ACTIVE_KL_THRESHOLD = 0.1  # nats: a latent channel whose mean KL exceeds this is "active"
@@ -114,7 +114,7 @@ def evaluate(
     kl_groups = torch.zeros(model.num_groups, dtype=torch.float64)
     kl_channels = [torch.zeros(s[0], dtype=torch.float64) for s in model.latent_shapes()]
     n_images = 0
-    bar = tqdm(total=limit or total, disable=not progress, desc=f"evaluate (K={k})", unit="img")
+    bar = progress_bar(total=limit or total, disable=not progress, desc=f"evaluate (K={k})", unit="img")
     for x in batches:
         if limit is not None and n_images >= limit:
             break

@@ -7,8 +7,8 @@ import logging
 import time
 
 import torch
-from tqdm import tqdm
 
+from common.progress import progress as progress_bar
 from model.network import NVAE
 from model.regularizers import bn_layers
 
@@ -41,7 +41,8 @@ def readjust_bn(
     n_bn = sum(len(bn_layers(m)) for m in sampling_path_modules(model))
     generator = torch.Generator(device=model.h.device).manual_seed(seed)
     start = time.perf_counter()
-    for _ in tqdm(range(iters), disable=not progress, desc=f"readjust BN (t={temperature:g})", unit="it"):
+    bar = progress_bar(range(iters), disable=not progress, desc=f"readjust BN (t={temperature:g})", unit="it")
+    for _ in bar:
         model.sample_logits(batch, temperature, generator=generator)
     model.eval()
     seconds = time.perf_counter() - start

@@ -31,11 +31,6 @@ def build_pipeline(images: Images = DEFAULT_IMAGES):
     """The pipeline function (a KFP `GraphComponent`) with every step in its image from `images`."""
     comp = build_components(images)
 
-    @dsl.pipeline(
-        name=PIPELINE_NAME,
-        description="NVAE: DALI preparation, training, IW evaluation, BN readjustment, ONNX export and "
-        "sampling.",
-    )
     def nvae_pipeline(
         dataset: str = _D.dataset,
         source: str = _D.source,
@@ -62,6 +57,10 @@ def build_pipeline(images: Images = DEFAULT_IMAGES):
             iw_samples=iw_samples,
             temperature=temperature,
             num_samples=num_samples,
+            prepare_limit=prepare_limit,
+            batch_size=batch_size,
+            eval_limit=eval_limit,
+            readjust_iters=readjust_iters,
         ).set_display_name("validate parameters")
         check.set_caching_options(False)
 
@@ -109,7 +108,15 @@ def build_pipeline(images: Images = DEFAULT_IMAGES):
         for task in (prep, fit):
             kubernetes.use_secret_as_env(task, S3_SECRET, {k: k for k in S3_ENV}, optional=True)
 
-    return nvae_pipeline
+    # KFP reads parameter descriptions from the docstring's Args section and shows them in the run form.
+    nvae_pipeline.__doc__ = "NVAE pipeline.\n\nArgs:\n" + "".join(
+        f"    {name}: {text}\n" for name, text in PipelineParams.describe().items()
+    )
+    return dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="NVAE: DALI preparation, training, IW evaluation, BN readjustment, ONNX export and "
+        "sampling.",
+    )(nvae_pipeline)
 
 
 nvae_pipeline = build_pipeline()  # the committed spec's DAG (default images)
@@ -159,8 +166,11 @@ def find_local_outputs(root: Path) -> dict[str, str]:
     run = runs[-1]
     found: dict[str, str] = {"run": str(run)}
     patterns = {
-        "metrics": "evaluate/metrics.json",
-        "kl_plot": "evaluate/metrics.kl.png",
+        "metrics": "evaluate/results/metrics.json",
+        "kl_plot": "evaluate/results/kl_per_group.png",
+        "kl_report": "evaluate/kl_report",
+        "reconstructions": "evaluate/reconstructions",
+        "curves": "train/curves",
         "onnx": "export-onnx/onnx_model",
         "checkpoint": "train/model/checkpoint.pt",
         "readjusted": "readjust-bn/readjusted/checkpoint.pt",

@@ -2,7 +2,7 @@
 # Build the project's container images with podman or docker (whichever exists; podman first).
 #
 # Usage: bash scripts/images.sh [--gpu | --all] [--registry R] [--tag T] [--debian-base]
-#                               [--torch-index URL|pypi] [--lock]
+#                               [--torch-index URL|pypi] [--keep-build-cache] [--lock]
 #   (default)        the cpu image, REGISTRY/nvae-cpu:TAG
 #   --gpu / --all    the gpu image instead / both
 #   --registry, --tag  the names the pipeline is compiled against (`nvae pipeline compile --image-registry R
@@ -11,6 +11,7 @@
 #                    reach no container registry; it is passed to the Dockerfiles as BASE_IMAGE
 #   --torch-index    PyTorch's wheel index for the cpu image (default: its CPU build index); `pypi`: take
 #                    torch from PyPI (the CUDA build: larger, same API), for machines that reach only PyPI
+#   --keep-build-cache  keep the build stage's untagged image (faster rebuilds; several GB)
 #   --lock           regenerate k8s/images/constraints.txt from .venv, then stop
 # Local package mirrors named in this machine's pip configuration (file:// indexes, find-links folders) are
 # mounted read-only into the build and passed on, so pip takes what is on disk before it downloads.
@@ -20,7 +21,7 @@ cd "$(dirname "$0")/.."
 
 registry=$(sed -n 's/^DEFAULT_REGISTRY = "\(.*\)"/\1/p' components/images.py)
 tag=$(sed -n 's/^DEFAULT_TAG = "\([^"]*\)".*/\1/p' components/images.py)
-kinds=(cpu) debian_base=0 torch_index=https://download.pytorch.org/whl/cpu
+kinds=(cpu) debian_base=0 keep_cache=0 torch_index=https://download.pytorch.org/whl/cpu
 while [ $# -gt 0 ]; do
   case "$1" in
     --gpu) kinds=(gpu) ;;
@@ -28,6 +29,7 @@ while [ $# -gt 0 ]; do
     --registry) registry=$2; shift ;;
     --tag) tag=$2; shift ;;
     --debian-base) debian_base=1 ;;
+    --keep-build-cache) keep_cache=1 ;;
     --torch-index) torch_index=$2; shift ;;
     --lock)
       { sed -n '1,2p' k8s/images/constraints.txt
@@ -36,7 +38,7 @@ while [ $# -gt 0 ]; do
       mv k8s/images/constraints.txt.new k8s/images/constraints.txt
       echo "images: wrote k8s/images/constraints.txt ($(grep -vc '^#' k8s/images/constraints.txt) packages)"
       exit 0 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "images.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -47,6 +49,8 @@ if command -v podman >/dev/null; then engine=podman
 elif docker info >/dev/null 2>&1; then engine=docker
 else echo "images.sh: neither podman nor a running docker engine found (apt-get install podman)" >&2; exit 2
 fi
+
+dangling() { $engine images --filter dangling=true --format '{{.ID}}' | sort; }
 
 args=(--network=host)
 # The host's CA bundle, for TLS to the package indexes from inside RUN steps.
@@ -85,13 +89,15 @@ for kind in "${kinds[@]}"; do
   [ "$kind" = cpu ] && build+=(--build-arg "TORCH_INDEX_URL=$torch_index")
   if [ "$engine" = podman ]; then ignore=(--ignorefile "k8s/images/$kind.Dockerfile.dockerignore"); else ignore=(); fi
   echo "images: building $image with $engine" >&2
-  previous=$($engine image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)
+  before=$(dangling)
   start=$(date +%s)
   $engine build "${build[@]}" "${ignore[@]}" -f "k8s/images/$kind.Dockerfile" -t "$image" .
   echo "images: built $image in $(( $(date +%s) - start )) s" >&2
-  # A rebuild leaves the previous image untagged (GBs each time): remove it unless something still uses it.
-  if [ -n "$previous" ] && [ "$previous" != "$($engine image inspect --format '{{.Id}}' "$image")" ]; then
-    $engine rmi "$previous" >/dev/null 2>&1 || true
+  # The build stage (a 7 GB venv) and the image this one replaces stay behind untagged: remove what this
+  # build left, unless --keep-build-cache (they make the next build of unchanged sources faster).
+  if [ "$keep_cache" = 0 ]; then
+    left=$(comm -13 <(echo "$before") <(dangling))
+    [ -z "$left" ] || $engine rmi $left >/dev/null 2>&1 || true
   fi
 done
 for kind in "${kinds[@]}"; do

@@ -82,4 +82,32 @@ def _open_live(directory: Path, resume: bool):
     return Live(dir=str(directory), resume=resume, save_dvc_exp=False, dvcyaml=False, report=None)
 
 
-__all__ = ["ACTIVE_KL", "RunLogger", "latent_stats"]
+CURVES = (
+    ("loss", "loss (nats/image)"),
+    ("nelbo_bpd", "-ELBO (bits/dim)"),
+    ("kl", "KL (nats/image)"),
+    ("lr", "learning rate"),
+)
+
+
+def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> None:
+    """Plot loss, -ELBO in bits/dim, KL and learning rate against step from `train_metrics.jsonl`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3), constrained_layout=True)
+    for ax, (key, label) in zip(axes, CURVES, strict=True):
+        points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), int | float)]
+        if points:
+            ax.plot(*zip(*points, strict=True), lw=1)
+        ax.set_xlabel("step")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.savefig(out_png, dpi=80)
+    plt.close(fig)
+
+
+__all__ = ["ACTIVE_KL", "CURVES", "RunLogger", "latent_stats", "plot_training_curves"]

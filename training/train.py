@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from common.errors import DataError, NVAEError
+from common.progress import progress as progress_bar
 from model.checkpoint import FORMAT, VERSION, config_from_checkpoint
 from model.config import NVAEConfig
 from model.network import NVAE
@@ -297,7 +297,7 @@ def train(cfg: NVAEConfig, batches: BatchSource, opts: TrainOptions) -> dict[str
     last: dict[str, Any] = {}
     kl_sum: torch.Tensor | None = None
     kl_steps = 0
-    bar = tqdm(
+    bar = progress_bar(
         total=opts.steps,
         initial=step,
         disable=not (opts.progress and ctx.is_main),

@@ -46,6 +46,39 @@ def test_spec_loads_back_with_kfp_and_has_the_dag(tmp_path):
     assert set(params) == set(PipelineParams().as_arguments())
 
 
+def test_every_parameter_has_its_description_in_the_run_form():
+    spec, _ = _docs(COMPILED)
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    described = PipelineParams.describe()
+    assert set(described) == set(PipelineParams().as_arguments())
+    for name, text in described.items():
+        assert " ".join(params[name]["description"].split()) == text, name
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("prepare_limit=-1", "prepare_limit=-1 is out of range; allowed prepare_limit >= 0"),
+        ("batch_size=-2", "batch_size=-2 is out of range; allowed batch_size >= 0"),
+        ("eval_limit=-1", "eval_limit=-1 is out of range; allowed eval_limit >= 0"),
+        ("readjust_iters=0", "readjust_iters=0 is out of range; allowed readjust_iters >= 1"),
+    ],
+)
+def test_the_validate_step_names_the_parameter_and_its_range(setting, message):
+    from components.steps import validate_params
+
+    values = {**PipelineParams().as_arguments(), **dict([setting.split("=")])}
+    args = {k: type(getattr(PipelineParams(), k))(v) for k, v in values.items() if k in _VALIDATE_ARGS}
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        validate_params(**args)
+
+
+_VALIDATE_ARGS = (
+    "preset dataset overrides steps gpus iw_samples temperature num_samples "
+    "prepare_limit batch_size eval_limit readjust_iters"
+).split()
+
+
 def test_train_task_resources_and_kubernetes_settings():
     spec, platform = _docs(COMPILED)
     train_exec = spec["deploymentSpec"]["executors"]["exec-train"]["container"]
@@ -247,3 +280,31 @@ def test_local_pipeline_end_to_end(tmp_path, capsys):
     assert Path(found["sample_grid"]).read_bytes()[:4] == b"\x89PNG"
     with np.load(found["samples"]) as z:
         assert z["images_t0.8"].shape == (4, 28, 28, 1)
+    # Every declared output of every step is an artifact of its own with content (what a cluster keeps).
+    spec, _ = _docs(COMPILED)
+    run = Path(found["run"])
+    checked = []
+    for task, t in spec["root"]["dag"]["tasks"].items():
+        outputs = spec["components"][t["componentRef"]["name"]].get("outputDefinitions", {})
+        for name, art in outputs.get("artifacts", {}).items():
+            path = run / task / name
+            if art["artifactType"]["schemaTitle"] == "system.Metrics":
+                assert _logged_metrics(run / task, name), f"{task}/{name}: no metrics logged"
+            else:
+                files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+                assert files and all(f.stat().st_size > 0 for f in files), f"{task}/{name} is empty"
+                if art["artifactType"]["schemaTitle"] == "system.HTML":
+                    assert b"data:image/png;base64," in path.read_bytes(), f"{task}/{name}"
+            checked.append(f"{task}/{name}")
+    assert {"train/curves", "evaluate/results", "evaluate/kl_report", "evaluate/reconstructions"} <= set(
+        checked
+    )
+    assert {"train/train_metrics", "evaluate/metrics", "sample/grid"} <= set(checked)
+    assert (run / "evaluate" / "results" / "kl_per_group.png").stat().st_size > 0
+
+
+def _logged_metrics(task_dir: Path, name: str) -> dict:
+    """The scalars a step logged to its Metrics output (kfp.local keeps them in executor_output.json)."""
+    out = json.loads((task_dir / "executor_output.json").read_text())
+    (artifact,) = out["artifacts"][name]["artifacts"]
+    return artifact.get("metadata", {})
