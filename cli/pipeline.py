@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from model.config import parse_set_args
 
@@ -48,9 +49,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from pipelines.nvae_pipeline import submit
 
-    result = submit(args.host, _params(args), args.experiment, args.run_name, args.package, _images(args))
-    run_id = getattr(result, "run_id", None)
-    print(json.dumps({"run_id": run_id, "host": args.host, "experiment": args.experiment}))
+    run = submit(
+        args.host,
+        _params(args),
+        args.experiment,
+        args.run_name,
+        args.package,
+        _images(args),
+        namespace=args.namespace,
+        token_file=args.token_file,
+    )
+    print(f"run {run['run_id']} started: {run['url']}", file=sys.stderr)
+    print(json.dumps({**run, "host": args.host, "experiment": args.experiment, "namespace": args.namespace}))
     return 0
 
 
@@ -107,8 +117,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     s = psub.add_parser("submit", help="upload and start a run on a Kubeflow Pipelines endpoint")
     s.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
-    s.add_argument("--experiment", default="nvae")
-    s.add_argument("--run-name")
+    s.add_argument("--experiment", default="nvae", help="experiment to file the run under (created if new)")
+    s.add_argument(
+        "--run-name", help="the run's name in the UI (default: the pipeline's name and a timestamp)"
+    )
+    s.add_argument("--namespace", help="Kubeflow profile namespace (multi-user Kubeflow)")
+    s.add_argument(
+        "--token-file",
+        help="file with a bearer token for the KFP API (default: the in-cluster service-account token, if "
+        "mounted)",
+    )
     s.add_argument(
         "--package",
         default="pipelines/nvae_pipeline.yaml",

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from common.errors import ConfigError
+from model.config import PRESETS
 
 DATASETS = (
     "fashion-mnist",
@@ -49,6 +50,15 @@ class PipelineParams:
         return dict(DESCRIPTIONS)
 
     @classmethod
+    def markdown_table(cls) -> str:
+        """The run-form parameters as the Markdown table of docs/kubeflow.md (a test keeps them equal)."""
+        rows = ["| parameter | default | meaning |", "|---|---|---|"]
+        for name, value in asdict(cls()).items():
+            shown = f'"{value}"' if value == "" else value
+            rows.append(f"| `{name}` | `{shown}` | {DESCRIPTIONS[name]} |")
+        return "\n".join(rows)
+
+    @classmethod
     def from_overrides(cls, values: dict[str, Any]) -> PipelineParams:
         known = {f.name: f for f in fields(cls)}
         kwargs = {}
@@ -78,7 +88,7 @@ DESCRIPTIONS = {
     "dataset": f"Dataset recipe, one of: {', '.join(DATASETS)}.",
     "source": "Raw data: s3://bucket/prefix in the object store (nvae data upload), or a path on a mounted volume.",
     "prepare_limit": "Keep only the first N images of each split; 0 keeps all (>= 0).",
-    "preset": "Model recipe (nvae info --preset NAME): fmnist-cpu, mnist, cifar10, celeba64, imagenet32, celebahq256, ffhq256.",
+    "preset": f"Model recipe (nvae info --preset NAME): {', '.join(PRESETS)}.",
     "overrides": "Config fields over the preset, 'key=value key=value' (validated before any step).",
     "steps": "Training steps (>= 1).",
     "batch_size": "Images per process and step; 0 takes the preset's (>= 0).",

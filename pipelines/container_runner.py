@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pipelines.local_logs import fold_executor_input, lines_of
+
 
 def run_container(client, image: str, command: list[str], volumes: dict, **run_args) -> int:
     """Run one task's container to completion, streaming its log; returns its exit status.
@@ -30,8 +32,8 @@ def run_container(client, image: str, command: list[str], volumes: dict, **run_a
         image=image, command=command, volumes=volumes, detach=True, stdout=True, stderr=True, **run_args
     )
     try:
-        for chunk in container.logs(stream=True, follow=True):
-            print(chunk.decode(errors="replace"), end="", flush=True)
+        for line in fold_executor_input(lines_of(container.logs(stream=True, follow=True))):
+            print(line, end="", flush=True)
         return int(container.wait()["StatusCode"])
     finally:
         container.remove(force=True)

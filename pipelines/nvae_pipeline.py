@@ -7,11 +7,12 @@ task in its image with the docker runner); `submit` starts a run on a Kubeflow P
 
 import logging
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Any
 
 from kfp import compiler, dsl, kubernetes
 
+from common.errors import NVAEError
 from components.images import DEFAULT_IMAGES, Images
 from components.params import PipelineParams
 from components.steps import build as build_components
@@ -152,8 +153,23 @@ def run_local(
 
         local.init(runner=docker_runner(root, env_names=S3_ENV), pipeline_root=str(root))
     else:
+        from kfp.local import subprocess_task_handler
+
+        from pipelines.local_logs import run_local_subprocess
+
+        subprocess_task_handler.run_local_subprocess = run_local_subprocess  # folds the executor input
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
-    task = build_pipeline(images)(**params.as_arguments())
+    log.info(
+        "local run (%s runner): Kubernetes settings (resources, GPUs, labels, secrets) do not apply", runner
+    )
+    with warnings.catch_warnings():
+        # ... which kfp.local says once per task and setting, and the subprocess runner adds a warning per task
+        # that the images are not used: known here, and 4 lines per task in the log.
+        warnings.filterwarnings("ignore", message=r"Task '.*': settings \[", category=UserWarning)
+        warnings.filterwarnings(
+            "ignore", message="You may be attemping to run a task", category=RuntimeWarning
+        )
+        task = build_pipeline(images)(**params.as_arguments())
     del task
     return find_local_outputs(root)
 
@@ -186,6 +202,52 @@ def find_local_outputs(root: Path) -> dict[str, str]:
     return found
 
 
+# Where a pod finds a token for the KFP API: KFP's own audience-scoped projected token first (multi-user
+# Kubeflow), then the pod's service-account token.
+IN_CLUSTER_TOKENS = (
+    Path("/var/run/secrets/kubeflow/pipelines/token"),
+    Path("/var/run/secrets/kubernetes.io/serviceaccount/token"),
+)
+
+
+class SubmitError(NVAEError):
+    """The Kubeflow Pipelines endpoint refused or could not take the run."""
+
+
+def _bearer_token(token_file: str | Path | None) -> str | None:
+    if token_file is not None:
+        try:
+            return Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise SubmitError(f"--token-file {token_file}: cannot read: {exc.strerror}") from None
+    for path in IN_CLUSTER_TOKENS:
+        if path.is_file():
+            return path.read_text().strip()
+    return None
+
+
+def _check_endpoint(host: str, token: str | None) -> None:
+    """Ask the API's health endpoint once, so a refusal is reported with its HTTP status (kfp.Client retries
+    it five times and then reports only a timeout)."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"{host.rstrip('/')}/apis/v2beta1/healthz")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    hint = " (pass --token-file, or run where a service-account token is mounted)"
+    try:
+        with urllib.request.urlopen(request, timeout=30):
+            pass
+    except urllib.error.HTTPError as exc:
+        raise SubmitError(
+            f"{host}: HTTP {exc.code} {exc.reason}{hint if exc.code in (401, 403) else ''}"
+        ) from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise SubmitError(f"{host}: cannot connect: {reason}") from None
+
+
 def submit(
     host: str,
     params: PipelineParams,
@@ -193,18 +255,38 @@ def submit(
     run_name: str | None = None,
     package: str | Path = COMPILED,
     images: Images = DEFAULT_IMAGES,
-) -> Any:
-    """Upload-and-run on a Kubeflow Pipelines endpoint (the compiled spec, with these arguments)."""
+    namespace: str | None = None,
+    token_file: str | Path | None = None,
+) -> dict[str, str]:
+    """Upload-and-run on a Kubeflow Pipelines endpoint (the compiled spec, with these arguments), in
+    `namespace` (a multi-user Kubeflow profile) with a bearer token from `token_file` or the pod's own.
+    Returns the run id and the run's page in the KFP UI."""
     import kfp
+    from kfp_server_api.exceptions import ApiException
 
     params.validate()
-    client = kfp.Client(host=host)
-    with tempfile.TemporaryDirectory(prefix="nvae-spec-") as tmp:
-        if images != DEFAULT_IMAGES:  # the committed spec names the default images: compile one for these
-            package = compile_pipeline(Path(tmp) / "nvae_pipeline.yaml", images)
-        return client.create_run_from_pipeline_package(
-            str(package),
-            arguments=params.as_arguments(),
-            run_name=run_name,
-            experiment_name=experiment,
+    token = _bearer_token(token_file)
+    _check_endpoint(host, token)
+    try:
+        client = kfp.Client(host=host, namespace=namespace or "kubeflow", existing_token=token)
+        with tempfile.TemporaryDirectory(prefix="nvae-spec-") as tmp:
+            if images != DEFAULT_IMAGES:  # the committed spec names the default images: compile one for these
+                package = compile_pipeline(Path(tmp) / "nvae_pipeline.yaml", images)
+            result = client.create_run_from_pipeline_package(
+                str(package),
+                arguments=params.as_arguments(),
+                run_name=run_name,
+                experiment_name=experiment,
+                namespace=namespace,
+            )
+    except ApiException as exc:
+        hint = (
+            " (pass --token-file, or run where a service-account token is mounted)"
+            if exc.status == 401
+            else ""
         )
+        raise SubmitError(f"{host}: HTTP {exc.status} {exc.reason}{hint}") from None
+    except OSError as exc:  # connection refused, DNS, TLS
+        raise SubmitError(f"{host}: cannot connect: {exc}") from None
+    run_id = result.run_id
+    return {"run_id": run_id, "url": f"{host.rstrip('/')}/#/runs/details/{run_id}"}

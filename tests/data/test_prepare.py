@@ -248,7 +248,9 @@ def test_progress_and_summary_are_reported(tmp_path: Path, small_fmnist: Path, c
     caplog.set_level("INFO", logger="nvae.progress")  # no terminal here: progress comes as log lines
     prepare("fashion-mnist", small_fmnist, tmp_path / "out", device="cpu")
     lines = [r.getMessage() for r in caplog.records if r.name == "nvae.progress"]
-    assert lines and lines[-1].startswith("prepare fashion-mnist: 136/136 img (100%)") and "img/s" in lines[-1]
+    assert (
+        lines and lines[-1].startswith("prepare fashion-mnist: 136/136 img (100%)") and "img/s" in lines[-1]
+    )
     summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("prepared fashion-mnist")]
     assert summary and "136 images (train 96, test 40)" in summary[0] and "images/s" in summary[0]
 

@@ -73,3 +73,26 @@ def test_runner_root_is_writable_by_the_image_user_and_store_settings_pass_throu
     assert runner.container_run_args["network_mode"] == "host"
     assert runner.container_run_args["environment"] == {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
     assert docker_task_handler.run_docker_container is run_container
+
+
+def test_executor_input_is_folded_into_one_line(monkeypatch):
+    from pipelines.local_logs import fold_executor_input, lines_of
+
+    monkeypatch.delenv("NVAE_FULL_EXECUTOR_LOG", raising=False)
+    log = [
+        "[KFP Executor 2026 INFO]: Loading component\n",
+        "[KFP Executor 2026 INFO]: Got executor_input:\n",
+        "{\n",
+        '    "inputs": {"parameterValues": {"a": "{not a brace}"}},\n',
+        '    "outputs": {\n',
+        '        "outputFile": "/x"\n',
+        "    }\n",
+        "}\n",
+        "+ nvae train ...\n",
+    ]
+    out = list(fold_executor_input(log))
+    assert out[:2] == log[:2] and out[-1] == "+ nvae train ...\n"
+    assert len(out) == 4 and "6 lines of JSON folded" in out[2]
+    monkeypatch.setenv("NVAE_FULL_EXECUTOR_LOG", "1")
+    assert list(fold_executor_input(log)) == log
+    assert list(lines_of([b"a\nb", b"c\n", b"d"])) == ["a\n", "bc\n", "d"]

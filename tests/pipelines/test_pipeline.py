@@ -147,13 +147,16 @@ class _KfpStub(BaseHTTPRequestHandler):
     """Just enough of the KFP v2beta1 REST API for kfp.Client to create a run."""
 
     requests: list = []
+    headers_seen: list = []
+    status = 200
 
     def log_message(self, *args):
         pass
 
     def _reply(self, body: dict):
-        data = json.dumps(body).encode()
-        self.send_response(200)
+        self.headers_seen.append(self.headers.get("Authorization"))
+        data = json.dumps(body if self.status == 200 else {"error": "denied", "code": 16}).encode()
+        self.send_response(self.status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -179,13 +182,16 @@ class _KfpStub(BaseHTTPRequestHandler):
             self._reply({})
 
 
-def test_submit_builds_the_run_request(capsys):
-    _KfpStub.requests = []
+def _serve_stub(status=200):
+    _KfpStub.requests, _KfpStub.headers_seen, _KfpStub.status = [], [], status
     server = ThreadingHTTPServer(("127.0.0.1", 0), _KfpStub)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_port}"
+
+
+def test_submit_builds_the_run_request(capsys):
+    server, host = _serve_stub()
     try:
-        host = f"http://127.0.0.1:{server.server_port}"
         assert (
             main(
                 [
@@ -217,12 +223,55 @@ def test_submit_builds_the_run_request(capsys):
     assert spec["pipelineInfo"]["name"] == "nvae-pipeline"
 
 
-def test_submit_with_other_images_sends_a_spec_naming_them():
-    _KfpStub.requests = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _KfpStub)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+def test_submit_into_a_namespace_with_a_token_prints_the_run_page(tmp_path, capsys):
+    token = tmp_path / "token"
+    token.write_text("secret-token\n")
+    server, host = _serve_stub()
     try:
-        host = f"http://127.0.0.1:{server.server_port}"
+        argv = ["pipeline", "submit", "--host", host, "--namespace", "team-a", "--token-file", str(token)]
+        assert main([*argv, "--experiment", "exp", "--run-name", "my run"]) == 0
+    finally:
+        server.shutdown()
+    out, err = capsys.readouterr()
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["url"] == f"{host}/#/runs/details/run-1" and result["namespace"] == "team-a"
+    assert f"{host}/#/runs/details/run-1" in err
+    assert set(_KfpStub.headers_seen) == {"Bearer secret-token"}
+    (exp,) = [r for r in _KfpStub.requests if r[0] == "POST" and r[1].startswith("/apis/v2beta1/experiments")]
+    assert exp[2]["namespace"] == "team-a" and exp[2]["display_name"] == "exp"
+    (run,) = [r for r in _KfpStub.requests if r[0] == "POST" and r[1].startswith("/apis/v2beta1/runs")]
+    assert run[2]["display_name"] == "my run"
+
+
+def test_submit_uses_the_in_cluster_token_when_mounted(tmp_path, monkeypatch):
+    from pipelines import nvae_pipeline
+
+    sa = tmp_path / "sa-token"
+    sa.write_text("pod-token")
+    monkeypatch.setattr(nvae_pipeline, "IN_CLUSTER_TOKENS", (tmp_path / "absent", sa))
+    server, host = _serve_stub()
+    try:
+        assert main(["pipeline", "submit", "--host", host]) == 0
+    finally:
+        server.shutdown()
+    assert set(_KfpStub.headers_seen) == {"Bearer pod-token"}
+
+
+def test_a_refused_submission_is_one_line_naming_host_and_status(tmp_path, capsys):
+    server, host = _serve_stub(status=401)
+    try:
+        assert main(["pipeline", "submit", "--host", host]) == 2
+    finally:
+        server.shutdown()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and host in err and "401" in err and "--token-file" in err
+    assert main(["pipeline", "submit", "--host", host, "--token-file", str(tmp_path / "none")]) == 2
+    assert "--token-file" in capsys.readouterr().err
+
+
+def test_submit_with_other_images_sends_a_spec_naming_them():
+    server, host = _serve_stub()
+    try:
         argv = [
             "pipeline",
             "submit",
