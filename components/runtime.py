@@ -65,13 +65,21 @@ def numeric_items(metrics: dict, keys: list[str]) -> list[tuple[str, float]]:
 
 
 def png_html(png_path: str | Path, title: str) -> str:
-    """A self-contained HTML page showing a PNG (the KFP UI renders HTML artifacts)."""
+    """A self-contained HTML page showing a PNG (the KFP UI renders HTML artifacts). Small images (sample
+    grids of 28-pixel images, under 256 pixels wide) are enlarged by a whole factor to at least 512 pixels,
+    without smoothing; plots keep their size."""
     import base64
 
+    from PIL import Image
+
+    with Image.open(png_path) as img:
+        width = img.width
+    style = f"width:{width}px;max-width:100%"
+    if width < 256:
+        style = f"image-rendering:pixelated;width:{width * -(-512 // width)}px"
     data = base64.b64encode(Path(png_path).read_bytes()).decode()
     return (
-        f"<html><body><h3>{title}</h3><img style='image-rendering:pixelated;width:512px' "
-        f"src='data:image/png;base64,{data}'/></body></html>"
+        f"<html><body><h3>{title}</h3><img style='{style}' src='data:image/png;base64,{data}'/></body></html>"
     )
 
 

@@ -98,6 +98,8 @@ manifest = json.loads((Path(found["run"]) / "prepare" / "data" / "manifest.json"
 objects = manifest["source"]["objects"]
 assert manifest["source"]["uri"] == "s3://nvae/raw/fashion-mnist" and objects, manifest["source"]
 assert math.isfinite(metrics["nll_bpd"]) and metrics["nll_bpd"] > 0, metrics
+for page in ("curves", "kl_report", "reconstructions"):  # the UI's visualisations, each its own artifact
+    assert b"data:image/png;base64," in Path(found[page]).read_bytes(), page
 # Written inside the containers, by the images' user, not by this (root) process.
 owners = {p.relative_to(found["run"]).as_posix(): p.stat().st_uid for p in map(Path, found.values())}
 assert set(owners.values()) == {10001}, owners
