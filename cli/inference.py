@@ -7,36 +7,15 @@ import argparse
 import io
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
 
+from cli.args import positive_int, temperature
 from common.errors import NVAEError
 
 log = logging.getLogger(__name__)
-
-
-def _positive_int(name: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {value}")
-        return value
-
-    return parse
-
-
-def _temperature(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"temperature must be a number, got {text!r}") from None
-    if not (0 < value < float("inf")):
-        raise argparse.ArgumentTypeError(f"temperature must be > 0 and finite, got {text}")
-    return value
 
 
 def _device(arg: str | None) -> str:
@@ -127,7 +106,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         }
     )
     out = Path(args.out)
-    _atomic_write_text(out, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    bad = [k for k in ("nll_bpd", "nelbo_bpd", "kl_nats") if not math.isfinite(metrics[k])]
+    if bad:  # NaN is not JSON, and a metrics file holding it would look like a result
+        raise NVAEError(
+            f"{args.checkpoint}: non-finite {', '.join(bad)} (NaN or inf weights?); nothing written"
+        )
+    _atomic_write_text(out, json.dumps(metrics, indent=2, sort_keys=True, allow_nan=False) + "\n")
     if args.kl_plot:
         plot_kl_per_group(metrics, args.kl_plot)
     print(
@@ -162,6 +146,19 @@ def _to_uint8(images) -> np.ndarray:
     return (np.clip(arr, 0, 1).transpose(0, 2, 3, 1) * 255 + 0.5).astype(np.uint8)
 
 
+MAX_SAMPLE_BYTES = 2 << 30  # float32 images held at once by one `nvae sample` call
+
+
+def _check_sample_count(n: int, image_shape: tuple[int, ...]) -> None:
+    per_image = 4 * math.prod(image_shape)
+    most = MAX_SAMPLE_BYTES // per_image
+    if n > most:
+        raise NVAEError(
+            f"--n {n} would hold {n * per_image / 2**30:.1f} GiB of {tuple(image_shape)} images; at most {most} "
+            "per call (run several with different --seed)"
+        )
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
@@ -187,10 +184,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
                 f"{args.onnx} was exported with decode={sampler.decode}; re-export with "
                 f"`nvae export-onnx --decode {args.decode}`"
             )
+        _check_sample_count(args.n, sampler.image_shape)
         print(f"onnxruntime providers: {', '.join(sampler.providers)}")
         draw = lambda t: torch.as_tensor(sampler.sample(args.n, t, args.seed))  # noqa: E731
     else:
         model, payload = _load(args.checkpoint, _device(args.device))
+        _check_sample_count(args.n, (model.cfg.in_channels, model.cfg.data_size, model.cfg.data_size))
         readjusted = (payload.get("bn_readjust") or {}).get("temperature")
         for t in args.temperature:
             if readjusted is None:
@@ -325,12 +324,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="directory written by `nvae prepare`")
     p.add_argument("--split", default="test")
-    p.add_argument("--iw-samples", type=_positive_int("--iw-samples"), default=1000, help="K (default 1000)")
+    p.add_argument("--iw-samples", type=positive_int("--iw-samples"), default=1000, help="K (default 1000)")
     p.add_argument(
-        "--chunk", type=_positive_int("--chunk"), help="samples per pass (default: fit ~256 images)"
+        "--chunk", type=positive_int("--chunk"), help="samples per pass (default: fit ~256 images)"
     )
-    p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=16, help="images per batch")
-    p.add_argument("--limit", type=_positive_int("--limit"), help="evaluate only the first N images")
+    p.add_argument("--batch-size", type=positive_int("--batch-size"), default=16, help="images per batch")
+    p.add_argument("--limit", type=positive_int("--limit"), help="evaluate only the first N images")
     p.add_argument(
         "--binarization",
         choices=("fixed", "dynamic"),
@@ -350,9 +349,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "samples at --temperature, and save a checkpoint that records the settings.",
     )
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--temperature", type=_temperature, required=True)
-    p.add_argument("--iters", type=_positive_int("--iters"), default=500)
-    p.add_argument("--batch", type=_positive_int("--batch"), default=16)
+    p.add_argument("--temperature", type=temperature, required=True)
+    p.add_argument("--iters", type=positive_int("--iters"), default=500)
+    p.add_argument("--batch", type=positive_int("--batch"), default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="the readjusted checkpoint")
     p.add_argument("--device")
@@ -366,9 +365,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--checkpoint")
     p.add_argument("--onnx", help="ONNX decoder from `nvae export-onnx`")
-    p.add_argument("--n", type=_positive_int("--n"), default=64)
+    p.add_argument("--n", type=positive_int("--n"), default=64)
     p.add_argument(
-        "--temperature", type=_temperature, nargs="+", default=[1.0], help="one or more, e.g. 0.6 0.8 1"
+        "--temperature", type=temperature, nargs="+", default=[1.0], help="one or more, e.g. 0.6 0.8 1"
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -386,7 +385,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also a grid whose row k holds the top k scales fixed and resamples the rest",
     )
-    p.add_argument("--nrow", type=_positive_int("--nrow"), help="images per grid row")
+    p.add_argument("--nrow", type=positive_int("--nrow"), help="images per grid row")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--device")
     p.set_defaults(func=cmd_sample)
@@ -399,8 +398,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", required=True, help="samples.npz from `nvae sample`")
     p.add_argument("--key", help="array in the .npz (default: the first images_t*)")
     p.add_argument("--data", required=True)
-    p.add_argument("--k", type=_positive_int("--k"), default=5)
-    p.add_argument("--limit", type=_positive_int("--limit"), default=8, help="samples to show")
+    p.add_argument("--k", type=positive_int("--k"), default=5)
+    p.add_argument("--limit", type=positive_int("--limit"), default=8, help="samples to show")
     p.add_argument("--out", required=True, help="PNG: each row a sample and its k nearest")
     p.set_defaults(func=cmd_nearest)
 

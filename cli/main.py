@@ -8,6 +8,7 @@ clear line on stderr and exit code 2; anything else is a bug and keeps its trace
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -49,6 +50,20 @@ def main(argv: list[str] | None = None) -> int:
     except (NVAEError, ValueError, FileNotFoundError) as exc:
         print(f"nvae {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except (
+        OSError
+    ) as exc:  # an output that cannot be written (permissions, a file where a folder is, a full disk)
+        print(f"nvae {args.command}: error: {_os_error(exc)}", file=sys.stderr)
+        return 2
+
+
+def _os_error(exc: OSError) -> str:
+    """One line naming the file and the cause: 'cannot write /x/y: Permission denied'."""
+    cause = exc.strerror or str(exc)
+    if exc.errno == errno.ENOSPC:
+        cause = "no space left on device"
+    where = exc.filename if exc.filename is not None else ""
+    return f"{where}: {cause}" if where else cause
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from cli.args import int_in, positive_int
+
 log = logging.getLogger(__name__)
 
 
@@ -33,12 +35,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--onnx", required=True, help="file written by `nvae export-onnx`")
     p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 in a container)")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=int_in("--port", 0, 65535), default=8080)
     p.add_argument("--model-name", default="nvae-decoder")
     p.add_argument("--providers", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--max-images", type=int, default=256, help="images per request")
-    p.add_argument("--max-batch", type=int, default=64, help="images per onnxruntime run")
+    p.add_argument("--max-images", type=positive_int("--max-images"), default=256, help="images per request")
+    p.add_argument(
+        "--max-batch", type=positive_int("--max-batch"), default=64, help="images per onnxruntime run"
+    )
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request, queueing included")
-    p.add_argument("--max-concurrency", type=int, default=1, help="requests sampling at once")
-    p.add_argument("--max-queue", type=int, default=16, help="requests waiting before 429")
+    p.add_argument(
+        "--max-concurrency",
+        type=positive_int("--max-concurrency"),
+        default=1,
+        help="requests sampling at once",
+    )
+    p.add_argument(
+        "--max-queue", type=int_in("--max-queue", 0), default=16, help="requests waiting before 429"
+    )
     p.set_defaults(func=cmd_serve)

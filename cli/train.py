@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cli.args import int_in, positive_int
 from model.config import PRESETS, build_config, parse_set_args
 from model.runtime import PRECISIONS
 
@@ -52,7 +53,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 EXIT_OK = 0  # trained to the last step
 EXIT_FAILED = 1  # training diverged: too many non-finite steps in a row, or ranks out of sync
 EXIT_BAD_INPUT = 2  # bad flag, config, data or checkpoint (the `nvae` convention for library errors)
-EXIT_STORAGE = 75  # checkpoint store unreachable or failing (EX_TEMPFAIL): retry later
+EXIT_STORAGE = 75  # checkpoint store unreachable, timing out, 5xx or throttling (EX_TEMPFAIL): retry later
 EXIT_SIGINT = 130  # 128 + SIGINT, after writing a checkpoint: resume by running again
 EXIT_SIGTERM = 143  # 128 + SIGTERM (preemption), after writing a checkpoint: resume by running again
 
@@ -81,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (NonFiniteLossError, RankDivergenceError) as exc:
         return _train_error(str(exc), EXIT_FAILED)
     except StorageError as exc:
-        return _train_error(str(exc), EXIT_STORAGE)
+        return _train_error(str(exc), EXIT_STORAGE if exc.retryable else EXIT_BAD_INPUT)
     finally:
         shutdown(ctx)
     if ctx.is_main:
@@ -242,17 +243,33 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Train with the released recipe (AdaMax, warm-up + cosine lr, KL warm-up and "
         "balancing, spectral/BN regularization). Re-running with the same --out resumes. Runs alone or "
         "under torchrun (batch size per process).",
-        epilog="exit codes: 0 done; 1 training failed (non-finite steps, ranks out of sync); 2 bad input; "
-        "75 checkpoint storage failing (retry); 130/143 SIGINT/SIGTERM after a checkpoint (retry resumes).",
+        epilog="exit codes: 0 done; 1 training failed (non-finite steps, ranks out of sync); 2 bad input or "
+        "a permanent failure (a flag, config, data or checkpoint; bad store credentials, a missing bucket, a "
+        "checksum mismatch, a bad URI; a full disk); 75 checkpoint store unreachable, timing out, 5xx or "
+        "throttling (retry later); 130/143 SIGINT/SIGTERM after a checkpoint (retry resumes). 1 and 2 "
+        "repeat on a retry; 75, 130 and 143 do not.",
     )
     _add_config_args(p)
     p.add_argument("--data", required=True, help="directory written by `nvae prepare`")
     p.add_argument("--out", required=True, help="run directory (checkpoint.pt, metrics, dvclive/, samples/)")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, help="optimisation steps (default: the preset's epochs)")
-    length.add_argument("--epochs", type=int, help="epochs instead of steps (default: the preset's)")
-    p.add_argument("--batch-size", type=int, help="batch size per process (default: the preset's)")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
+    length.add_argument(
+        "--steps", type=positive_int("--steps"), help="optimisation steps (default: the preset's epochs)"
+    )
+    length.add_argument(
+        "--epochs", type=positive_int("--epochs"), help="epochs instead of steps (default: the preset's)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=positive_int("--batch-size"),
+        help="batch size per process (default: the preset's)",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int_in("--checkpoint-every", 0),
+        default=0,
+        help="checkpoint every N steps (0: at the end)",
+    )
     p.add_argument(
         "--checkpoint-dir",
         metavar="DIR|s3://BUCKET/PREFIX",
@@ -267,7 +284,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "bf16 (AVX512-BF16/AMX), else fp32",
     )
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--nproc", type=int, default=1, help="launch torchrun with N processes on this machine")
+    p.add_argument(
+        "--nproc",
+        type=positive_int("--nproc"),
+        default=1,
+        help="launch torchrun with N processes on this machine",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument(
         "--channels-last",
@@ -276,12 +298,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="NHWC memory format for activations and weights (default: on for CPU, where a step is 1.4x "
         "faster; off on CUDA)",
     )
-    p.add_argument("--log-every", type=int, default=1, help="steps between logged metrics")
     p.add_argument(
-        "--eval-every", type=int, help="steps between latent statistics and sample grids (default: an epoch)"
+        "--log-every", type=positive_int("--log-every"), default=1, help="steps between logged metrics"
     )
-    p.add_argument("--samples", type=int, default=16, help="images in each sample grid (0: none)")
-    p.add_argument("--max-nonfinite", type=int, default=10, help="stop after N non-finite steps in a row")
+    p.add_argument(
+        "--eval-every",
+        type=int_in("--eval-every", 0),
+        help="steps between latent statistics and sample grids (default: an epoch)",
+    )
+    p.add_argument(
+        "--samples", type=int_in("--samples", 0), default=16, help="images in each sample grid (0: none)"
+    )
+    p.add_argument(
+        "--max-nonfinite",
+        type=positive_int("--max-nonfinite"),
+        default=10,
+        help="stop after N non-finite steps in a row",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-dvclive", action="store_true", help="metrics to train_metrics.jsonl only")
     p.set_defaults(func=cmd_train)

@@ -20,4 +20,11 @@ class DataError(NVAEError):
 
 
 class StorageError(NVAEError):
-    """An object store (S3 API) or a checkpoint store cannot be reached, read or written."""
+    """An object store (S3 API) or a checkpoint store cannot be reached, read or written.
+
+    `retryable`: the same call can succeed later (timeouts, connection errors, 5xx, throttling); bad
+    credentials, a missing bucket, a checksum mismatch or a bad URI are permanent."""
+
+    def __init__(self, message: str, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable

@@ -32,3 +32,20 @@ def s3_client_from_env():
     region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
     config = Config(s3={"addressing_style": "path"}, retries={"max_attempts": 5, "mode": "standard"})
     return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+
+
+# S3 error codes that a later attempt can get past (besides any HTTP 5xx).
+RETRYABLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
+                   "ServiceUnavailable", "RequestLimitExceeded"}  # fmt: skip
+
+
+def is_retryable(exc: Exception) -> bool:
+    """Whether a boto3/botocore failure can pass on a later try: timeouts, connection errors, 5xx,
+    throttling. Credentials, missing buckets or keys and bad parameters are permanent."""
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return status >= 500 or err.get("Code") in RETRYABLE_CODES
+    return isinstance(exc, ConnectionError | HTTPClientError)  # endpoint down, timeouts, resets

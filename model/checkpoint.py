@@ -68,10 +68,27 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return payload
 
 
+def check_model_entries(payload: dict[str, Any], path: str | Path) -> None:
+    """Raise CheckpointError unless the payload holds a model: named weights and a config."""
+    weights = payload.get("model")
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise CheckpointError(f"{path}: no 'model' entry of named weights")
+    if not isinstance(payload.get("config"), str):
+        raise CheckpointError(f"{path}: no 'config' entry (a JSON object as text)")
+
+
 def config_from_checkpoint(payload: dict[str, Any]) -> NVAEConfig:
     try:
-        return NVAEConfig.from_dict(json.loads(payload["config"]))
-    except (KeyError, json.JSONDecodeError, ConfigError) as exc:
+        fields = json.loads(payload["config"])
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint config is invalid: {exc}") from None
+    if not isinstance(fields, dict):
+        raise CheckpointError(
+            f"checkpoint config is invalid: a JSON object is needed, not {type(fields).__name__}"
+        )
+    try:
+        return NVAEConfig.from_dict(fields)
+    except ConfigError as exc:
         raise CheckpointError(f"checkpoint config is invalid: {exc}") from None
 
 
@@ -80,6 +97,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
     from model.network import NVAE
 
     payload = read_checkpoint(path, map_location)
+    check_model_entries(payload, path)
     cfg = config_from_checkpoint(payload)
     model = NVAE(cfg)
     state = payload["model"]

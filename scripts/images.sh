@@ -97,7 +97,7 @@ for kind in "${kinds[@]}"; do
   # build left, unless --keep-build-cache (they make the next build of unchanged sources faster).
   if [ "$keep_cache" = 0 ]; then
     left=$(comm -13 <(echo "$before") <(dangling))
-    [ -z "$left" ] || $engine rmi $left >/dev/null 2>&1 || true
+    for id in $left; do $engine rmi "$id" >/dev/null 2>&1 || true; done
   fi
 done
 for kind in "${kinds[@]}"; do

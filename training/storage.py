@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 
 from common.errors import StorageError  # noqa: F401  (re-exported: callers catch it from here)
-from common.s3 import parse_s3_uri, s3_client_from_env
+from common.s3 import is_retryable, parse_s3_uri, s3_client_from_env
 from model.checkpoint import atomic_torch_save, read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,11 @@ class LocalCheckpointStore:
         return self.location
 
     def load_latest(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+        """The checkpoint, if any; first removes temporary files a killed save left behind (a run starts
+        by loading, so leftovers of an earlier kill never pile up)."""
+        for leftover in self.directory.glob(f".{LOCAL_NAME}.*.tmp"):
+            log.info("removing %s, left by an interrupted save", leftover)
+            leftover.unlink(missing_ok=True)
         path = self.directory / LOCAL_NAME
         return read_checkpoint(path, map_location) if path.is_file() else None
 
@@ -107,7 +112,9 @@ class S3CheckpointStore:
                     ContentType="application/json",
                 )
             except (BotoCoreError, ClientError) as exc:
-                raise StorageError(f"cannot write checkpoint to s3://{self.bucket}/{key}: {exc}") from None
+                raise StorageError(
+                    f"cannot write checkpoint to s3://{self.bucket}/{key}: {exc}", is_retryable(exc)
+                ) from None
         self._prune(keep_key=key)
         return f"s3://{self.bucket}/{key}"
 
@@ -137,9 +144,13 @@ class S3CheckpointStore:
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
-            raise StorageError(f"cannot read {self.location}{LATEST_NAME}: {exc}") from None
+            raise StorageError(
+                f"cannot read {self.location}{LATEST_NAME}: {exc}", is_retryable(exc)
+            ) from None
         except BotoCoreError as exc:
-            raise StorageError(f"cannot read {self.location}{LATEST_NAME}: {exc}") from None
+            raise StorageError(
+                f"cannot read {self.location}{LATEST_NAME}: {exc}", is_retryable(exc)
+            ) from None
         try:
             return json.loads(body)
         except json.JSONDecodeError as exc:
@@ -156,7 +167,9 @@ class S3CheckpointStore:
             try:
                 self.client.download_file(self.bucket, pointer["key"], str(path))
             except (BotoCoreError, ClientError) as exc:
-                raise StorageError(f"cannot download s3://{self.bucket}/{pointer['key']}: {exc}") from None
+                raise StorageError(
+                    f"cannot download s3://{self.bucket}/{pointer['key']}: {exc}", is_retryable(exc)
+                ) from None
             if _sha256(path) != pointer.get("sha256"):
                 raise StorageError(
                     f"s3://{self.bucket}/{pointer['key']} does not match its SHA-256 in latest.json"

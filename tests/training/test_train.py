@@ -241,7 +241,8 @@ def test_exit_codes_of_train(tmp_path, fmnist64, monkeypatch, capsys):
 
     cases = [
         (NonFiniteLossError("10 consecutive non-finite steps"), 1),
-        (StorageError("endpoint unreachable"), 75),
+        (StorageError("endpoint unreachable", retryable=True), 75),
+        (StorageError("InvalidAccessKeyId"), 2),  # permanent: a retry repeats it
         (TrainingInterrupted(signal.SIGTERM, 3, "somewhere"), 143),
         (TrainingInterrupted(signal.SIGINT, 3, "somewhere"), 130),
     ]

@@ -1,0 +1,37 @@
+"""Argument types shared by the command groups: each rejects a bad value with a message naming the option
+and its allowed range (argparse then exits with status 2)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def int_in(name: str, low: int, high: int | None = None):
+    """An integer option with `low <= value (<= high)`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"{name} must be {allowed}, got {value}")
+        return value
+
+    return parse
+
+
+def positive_int(name: str):
+    """An integer option >= 1 (a count or length where 0 would mean nothing)."""
+    return int_in(name, 1)
+
+
+def temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"temperature must be a number, got {text!r}") from None
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"temperature must be > 0 and finite, got {text}")
+    return value
