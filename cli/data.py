@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from cli.args import positive_int
 from data.recipes import RECIPES
+from data.sources import DEFAULT_MAX_FILE_MB, DEFAULT_MAX_PIXELS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -71,6 +73,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="skip images that cannot be decoded and list them in the manifest, instead of failing",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument(
+        "--max-pixels",
+        type=positive_int("--max-pixels"),
+        default=DEFAULT_MAX_PIXELS,
+        help=f"refuse an image with more pixels than this (default {DEFAULT_MAX_PIXELS:,}); read from its header",
+    )
+    p.add_argument(
+        "--max-file-mb",
+        type=positive_int("--max-file-mb"),
+        default=DEFAULT_MAX_FILE_MB,
+        help=f"refuse a file larger than this, after decompression (default {DEFAULT_MAX_FILE_MB} MiB)",
+    )
     p.set_defaults(func=run)
 
     d = subparsers.add_parser("data", help="raw datasets in the object store (upload for cluster runs)")
@@ -104,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
         size=args.size,
         limit=args.limit,
         overwrite=args.overwrite,
+        max_pixels=args.max_pixels,
+        max_file_mb=args.max_file_mb,
     )
     return 0
 

@@ -31,6 +31,8 @@ from data.dali_ops import ArrayPipeline, ImagePipeline, resolve_device
 from data.recipes import Recipe, get_recipe
 from data.remote import fetch_source, is_s3_uri
 from data.sources import (
+    DEFAULT_MAX_FILE_MB,
+    DEFAULT_MAX_PIXELS,
     ArraySource,
     ImageSource,
     SourceFile,
@@ -74,6 +76,8 @@ def prepare(
     size: int | None = None,
     limit: int | None = None,
     overwrite: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_file_mb: int = DEFAULT_MAX_FILE_MB,
     _remote: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Prepare `dataset` from `source` into `out`; returns the manifest written to `out/manifest.json`.
@@ -103,11 +107,15 @@ def prepare(
             objects = fetch_source(str(source), fetched)
             manifest = prepare(
                 dataset, fetched, out, bits=bits, device=device, skip_corrupt=skip_corrupt, size=size,
-                limit=limit, overwrite=overwrite, _remote={"uri": str(source), "objects": objects},
+                limit=limit, overwrite=overwrite, max_pixels=max_pixels, max_file_mb=max_file_mb,
+                _remote={"uri": str(source), "objects": objects},
             )  # fmt: skip
         return manifest
-    src = _read_source(recipe, source, limit)  # validates the source before anything is written
+    if max_pixels < 1 or max_file_mb < 1:
+        raise DataError(f"max_pixels={max_pixels} and max_file_mb={max_file_mb} must be >= 1")
+    src = _read_source(recipe, source, limit, max_file_mb << 20)  # validated before anything is written
     total = sum(_split_count(src, s) for s in src.splits)
+    _check_free_space(out.parent, total * side * side * recipe.channels)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -125,8 +133,9 @@ def prepare(
                 if isinstance(src, ArraySource):
                     n = _write_array_split(src, split, path, recipe, side, bits, dali_device, bar)
                 else:
+                    limits = (max_pixels, max_file_mb)
                     n = _write_image_split(
-                        src, split, path, side, bits, dali_device, recipe, skip_corrupt, progress
+                        src, split, path, side, bits, dali_device, recipe, skip_corrupt, progress, limits
                     )
                 splits[split] = {
                     "file": path.name,
@@ -186,9 +195,23 @@ def check_source(dataset: str, source: str | Path) -> None:
     _read_source(get_recipe(dataset), source, 1)
 
 
-def _read_source(recipe: Recipe, source: str | Path, limit: int | None) -> ArraySource | ImageSource:
+def _check_free_space(folder: Path, needed: int) -> None:
+    """DataError before writing when the arrays cannot fit (a full disk mid-write kills a memory map with
+    SIGBUS, no message). Checked on the nearest existing folder, with 5 % and 64 MiB to spare."""
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if needed * 1.05 + (64 << 20) > free:
+        raise DataError(
+            f"{folder}: {needed / 2**30:.2f} GiB needed for the prepared arrays, {free / 2**30:.2f} GiB free"
+        )
+
+
+def _read_source(
+    recipe: Recipe, source: str | Path, limit: int | None, max_bytes: int = DEFAULT_MAX_FILE_MB << 20
+) -> ArraySource | ImageSource:
     if recipe.source_kind == "idx":
-        return read_idx_source(source, limit)
+        return read_idx_source(source, limit, max_bytes)
     if recipe.source_kind == "cifar10":
         return read_cifar10_source(source, limit)
     if recipe.source_kind == "imagenet32":
@@ -231,25 +254,27 @@ def _write_array_split(
     return at
 
 
-def _read_batch(paths: list[Path]) -> list[tuple[Path, bytes | DataError]]:
+def _read_batch(paths: list[Path], max_bytes: int) -> list[tuple[Path, bytes | DataError]]:
     out: list[tuple[Path, bytes | DataError]] = []
     for p in paths:
         try:
-            out.append((p, read_encoded(p)))
+            out.append((p, read_encoded(p, max_bytes)))
         except DataError as exc:
             out.append((p, exc))
     return out
 
 
-def _batches(paths: list[Path], batch_size: int) -> Iterator[list[tuple[Path, bytes | DataError]]]:
+def _batches(
+    paths: list[Path], batch_size: int, max_bytes: int
+) -> Iterator[list[tuple[Path, bytes | DataError]]]:
     """Read the files of batch i+1 on a thread while batch i is being decoded."""
     chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(_read_batch, chunks[0]) if chunks else None
+        pending = pool.submit(_read_batch, chunks[0], max_bytes) if chunks else None
         for k in range(len(chunks)):
             assert pending is not None
             batch = pending.result()
-            pending = pool.submit(_read_batch, chunks[k + 1]) if k + 1 < len(chunks) else None
+            pending = pool.submit(_read_batch, chunks[k + 1], max_bytes) if k + 1 < len(chunks) else None
             yield batch
 
 
@@ -263,6 +288,7 @@ def _write_image_split(
     recipe: Recipe,
     skip_corrupt: bool,
     progress: _Progress,
+    limits: tuple[int, int] = (DEFAULT_MAX_PIXELS, DEFAULT_MAX_FILE_MB),
 ) -> int:
     """Decode, crop, resize and reduce one split's images with DALI into `path`; returns the count kept."""
     paths = src.splits[split]
@@ -276,13 +302,13 @@ def _write_image_split(
         progress.skipped.append({"path": relative_name(src.root, p), "reason": reason})
 
     at = 0
-    for batch in _batches(paths, pipe.batch_size):
+    for batch in _batches(paths, pipe.batch_size, limits[1] << 20):
         good: list[tuple[Path, bytes]] = []
         for p, data in batch:
             if isinstance(data, DataError):
                 reject(p, str(data).removeprefix(f"{p}: "))
                 continue
-            reason = check_encoded(data)
+            reason = check_encoded(data, limits[0])
             if reason:
                 reject(p, reason)
                 continue

@@ -138,17 +138,30 @@ def parse_idx_images(raw: bytes, name: str) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, rows, cols, 1)
 
 
-def read_idx_file(path: Path) -> np.ndarray:
-    """Read a plain or gzip-compressed idx image file as uint8 (N, rows, cols, 1)."""
+# Size limits for what a source may make us hold in memory (prepare's --max-file-mb and --max-pixels).
+DEFAULT_MAX_FILE_MB = 256  # one file's bytes, after decompression (an idx file of MNIST is 47 MB)
+DEFAULT_MAX_PIXELS = 50_000_000  # pixels of one image (FFHQ and CelebA HQ are 1 Mpx)
+
+
+def read_idx_file(path: Path, max_bytes: int = DEFAULT_MAX_FILE_MB << 20) -> np.ndarray:
+    """Read a plain or gzip-compressed idx image file as uint8 (N, rows, cols, 1). Decompression stops at the
+    size the header declares (plus one byte, to detect trailing data), and at `max_bytes`."""
     try:
         with open(path, "rb") as f:
             head = f.read(2)
             f.seek(0)
-            if head == b"\x1f\x8b":
-                with gzip.GzipFile(fileobj=f) as gz:
-                    raw = gz.read()
-            else:
-                raw = f.read()
+            stream = gzip.GzipFile(fileobj=f) if head == b"\x1f\x8b" else f
+            header = stream.read(16)
+            declared = 16
+            if len(header) == 16:
+                n, rows, cols = (int.from_bytes(header[i : i + 4], "big") for i in (4, 8, 12))
+                declared = 16 + n * rows * cols
+            if declared > max_bytes:
+                raise DataError(
+                    f"{path}: header declares {declared / 2**20:.0f} MiB of images, over the limit of "
+                    f"{max_bytes >> 20} MiB (--max-file-mb)"
+                )
+            raw = header + stream.read(declared - len(header) + 1)
     except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
         raise DataError(f"{path}: cannot read idx file: {exc}") from None
     return parse_idx_images(raw, str(path))
@@ -163,7 +176,9 @@ def _find_one(root: Path, stems: tuple[str, ...], what: str) -> Path:
     raise DataError(f"{root}: no {what} idx file (looked for {', '.join(s + '[.gz]' for s in stems)})")
 
 
-def read_idx_source(source: str | Path, limit: int | None) -> ArraySource:
+def read_idx_source(
+    source: str | Path, limit: int | None, max_bytes: int = DEFAULT_MAX_FILE_MB << 20
+) -> ArraySource:
     """MNIST-style idx source: a directory with train/t10k image files, plain or .gz."""
     root = source_root(source)
     if not root.is_dir():
@@ -175,7 +190,7 @@ def read_idx_source(source: str | Path, limit: int | None) -> ArraySource:
     splits: dict[str, list[ArrayChunk]] = {}
     files = []
     for split, path in paths.items():
-        images = read_idx_file(path)[:limit]
+        images = read_idx_file(path, max_bytes)[:limit]
         splits[split] = [ArrayChunk(len(images), lambda a=images: a, path.name)]
         files.append(describe_file(root, path))
     return ArraySource(splits, files)
@@ -432,8 +447,9 @@ def read_image_source(source: str | Path, recipe: Recipe, limit: int | None) -> 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def check_encoded(data: bytes) -> str | None:
-    """Why an encoded image is unusable (empty, unknown format, truncated), or None if it looks whole.
+def check_encoded(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
+    """Why an encoded image is unusable (empty, unknown format, truncated, more than `max_pixels` pixels),
+    or None if it looks whole.
 
     A cheap structural check before decoding: decoders often fill a truncated image with grey instead of
     failing, so the end-of-image marker (JPEG) or IEND chunk (PNG) must be present.
@@ -443,18 +459,44 @@ def check_encoded(data: bytes) -> str | None:
     if data.startswith(b"\xff\xd8\xff"):
         if b"\xff\xd9" not in data.rstrip(b"\x00")[-4096:]:
             return "truncated JPEG (no end-of-image marker)"
-        return None
-    if data.startswith(_PNG_SIGNATURE):
+    elif data.startswith(_PNG_SIGNATURE):
         if b"IEND" not in data[-64:]:
             return "truncated PNG (no IEND chunk)"
+    else:
+        return "not a PNG or JPEG file (unrecognised header)"
+    return _too_many_pixels(data, max_pixels)
+
+
+def _too_many_pixels(data: bytes, max_pixels: int) -> str | None:
+    """Read only the header's size: a 20000x20000 PNG of a few KB would take GBs to decode."""
+    from PIL import Image
+
+    if data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR":  # width, height right after the tag
+        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        if width * height > max_pixels:
+            return f"image of {width}x{height} pixels, over the limit of {max_pixels} (--max-pixels)"
         return None
-    return "not a PNG or JPEG file (unrecognised header)"
+    try:  # JPEG: PIL reads the frame header (and refuses over 2x its MAX_IMAGE_PIXELS, ~179 Mpx, itself)
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+    except Image.DecompressionBombError:  # PIL's own guard (2x its MAX_IMAGE_PIXELS) fired first
+        return f"image over PIL's decompression-bomb limit, far over --max-pixels {max_pixels}"
+    except Exception:  # noqa: BLE001 - a header PIL cannot read: let the decoder report it
+        return None
+    if width * height > max_pixels:
+        return f"image of {width}x{height} pixels, over the limit of {max_pixels} (--max-pixels)"
+    return None
 
 
-def read_encoded(path: Path) -> bytes:
-    """Bytes of one image file; DataError if it cannot be read."""
+def read_encoded(path: Path, max_bytes: int = DEFAULT_MAX_FILE_MB << 20) -> bytes:
+    """Bytes of one image file; DataError if it cannot be read or is larger than `max_bytes`."""
     try:
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                raise DataError(
+                    f"{path}: file of {size / 2**20:.0f} MiB, over the limit of {max_bytes >> 20} MiB (--max-file-mb)"
+                )
             return f.read()
     except OSError as exc:
         raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
