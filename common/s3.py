@@ -49,3 +49,37 @@ def is_retryable(exc: Exception) -> bool:
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
         return status >= 500 or err.get("Code") in RETRYABLE_CODES
     return isinstance(exc, ConnectionError | HTTPClientError)  # endpoint down, timeouts, resets
+
+
+ABORT_INCOMPLETE_AFTER_DAYS = 1
+
+
+def ensure_bucket(bucket: str, client=None) -> list[str]:
+    """Create `bucket` if it is missing and set a lifecycle rule that aborts multipart uploads left
+    incomplete (a killed upload) after a day. Idempotent; returns what it did, one line each."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client = client or s3_client_from_env()
+    done = []
+    try:
+        try:
+            client.head_bucket(Bucket=bucket)
+            done.append(f"bucket {bucket} exists")
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
+                raise
+            client.create_bucket(Bucket=bucket)
+            done.append(f"bucket {bucket} created")
+        rule = {
+            "ID": "abort-incomplete-multipart-uploads",
+            "Status": "Enabled",
+            "Filter": {"Prefix": ""},
+            "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": ABORT_INCOMPLETE_AFTER_DAYS},
+        }
+        client.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={"Rules": [rule]})
+        done.append(
+            f"lifecycle: incomplete multipart uploads aborted after {ABORT_INCOMPLETE_AFTER_DAYS} day"
+        )
+    except (ClientError, BotoCoreError) as exc:
+        raise StorageError(f"s3://{bucket}: cannot set up the bucket: {exc}", is_retryable(exc)) from None
+    return done

@@ -65,7 +65,7 @@ while not (os.path.exists(sys.argv[1]) and socket.socket().connect_ex(("127.0.0.
         sys.exit("container-check: podman service or S3 server did not start")
     time.sleep(0.2)
 EOF
-"$py" -c 'from common.s3 import s3_client_from_env; s3_client_from_env().create_bucket(Bucket="nvae")'
+"$repo/.venv/bin/nvae" store init --bucket nvae   # what the cluster's bucket job runs
 
 # --- the data, uploaded as for a cluster run ---------------------------------------------------------------
 "$repo/.venv/bin/nvae" data upload --dataset fashion-mnist --source /usr/share/datasets/fashion-mnist \

@@ -230,8 +230,9 @@ def test_network_policy_admits_only_labelled_clients_on_the_serving_port(built, 
     assert pol["spec"]["policyTypes"] == ["Ingress"]
     (rule,) = pol["spec"]["ingress"]
     assert rule["ports"] == [{"protocol": "TCP", "port": 8080}]
-    (peer,) = rule["from"]
-    assert peer["podSelector"]["matchLabels"] == {"nvae.io/sampler-client": "true"}
+    for peer in rule["from"]:  # this namespace, or named namespaces; always with the client label
+        assert peer["podSelector"]["matchLabels"] == {"nvae.io/sampler-client": "true"}
+        _assert_named_namespaces_only(peer)
     # The policy must select the pods that actually serve.
     selected = pol["spec"]["podSelector"]["matchLabels"]
     if path == "overlays/kserve":
@@ -240,6 +241,43 @@ def test_network_policy_admits_only_labelled_clients_on_the_serving_port(built, 
     else:
         (dep,) = [d for d in built[path] if d["kind"] == "Deployment"]
         assert selected.items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+
+
+def _assert_named_namespaces_only(peer: dict) -> None:
+    """A peer outside this namespace is selected by namespace *name* (set by the API server), never by a
+    label a tenant can put on their own namespace, and never by an empty selector (every namespace)."""
+    if "namespaceSelector" not in peer:
+        return
+    sel = peer["namespaceSelector"]
+    assert sel, "an empty namespaceSelector admits every namespace"
+    assert "matchLabels" not in sel
+    (expr,) = sel["matchExpressions"]
+    assert expr["key"] == "kubernetes.io/metadata.name" and expr["operator"] == "In" and expr["values"]
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS[:4])
+def test_the_namespace_denies_by_default_and_opens_only_what_each_workload_needs(built, path):
+    policies = {d["metadata"]["name"]: d["spec"] for d in built[path] if d["kind"] == "NetworkPolicy"}
+    deny = policies["default-deny"]
+    assert deny["podSelector"] == {} and set(deny["policyTypes"]) == {"Ingress", "Egress"}
+    assert "ingress" not in deny and "egress" not in deny
+    (dns,) = policies["allow-dns"]["egress"]
+    assert {p["port"] for p in dns["ports"]} == {53}
+    (to_store,) = policies["store-clients-egress"]["egress"]
+    assert to_store["ports"] == [{"protocol": "TCP", "port": 9000}]
+    (store_rule,) = policies["minio-clients-only"]["ingress"]
+    for peer in store_rule["from"]:
+        assert peer["podSelector"]["matchLabels"] == {"nvae.io/store-client": "true"}
+        _assert_named_namespaces_only(peer)
+    # Every workload that talks to the store carries the label its egress and the store's ingress select.
+    for doc in built[path]:
+        if doc["kind"] in ("Deployment", "Job", "StatefulSet"):
+            labels = doc["spec"]["template"]["metadata"]["labels"]
+            talks_to_store = any("nvae-s3-credentials" in str(c.get("envFrom", "")) for c in _containers(doc))
+            if talks_to_store and labels.get("app.kubernetes.io/name") != "minio":
+                assert labels.get("nvae.io/store-client") == "true", doc["metadata"]["name"]
+        if doc["kind"] == "InferenceService":  # KServe copies the service's labels onto its pods
+            assert doc["metadata"]["labels"].get("nvae.io/store-client") == "true"
 
 
 def test_rbac_binds_the_pipeline_runner_to_its_role(built):
