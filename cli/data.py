@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cli.args import positive_int
+from common.argtypes import positive_int
 from data.recipes import RECIPES
 from data.sources import DEFAULT_MAX_FILE_MB, DEFAULT_MAX_PIXELS
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cli.args import positive_int, temperature
+from common.argtypes import positive_int, temperature
 from common.errors import NVAEError
 
 log = logging.getLogger(__name__)

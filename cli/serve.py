@@ -1,55 +1,18 @@
-"""`nvae serve`: the ONNX sampler over HTTP, a few lines over `serving.server`."""
+"""`nvae serve`: the ONNX sampler over HTTP. The command is defined by the serving package itself
+(`serving.__main__`), so the slim serving image runs the same one as `python -m serving`."""
 
 from __future__ import annotations
 
 import argparse
-import logging
-
-from cli.args import int_in, positive_int
-
-log = logging.getLogger(__name__)
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    from serving.server import ServeConfig, serve
-
-    cfg = ServeConfig(
-        model_name=args.model_name,
-        max_images_per_request=args.max_images,
-        max_batch=args.max_batch,
-        timeout_s=args.timeout,
-        max_concurrency=args.max_concurrency,
-        max_queue=args.max_queue,
-    )
-    serve(args.onnx, host=args.host, port=args.port, cfg=cfg, providers=args.providers)
-    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from serving.__main__ import DESCRIPTION, add_arguments, run
+
     p = sub.add_parser(
         "serve",
         help="serve an exported decoder over HTTP (Open Inference Protocol v2)",
-        description="KServe/Triton-compatible v2 endpoints: /v2/health/{live,ready}, /v2/models/<name>[/ready], "
-        "/v2/models/<name>/infer with inputs n (INT64), temperature (FP32), seed (INT64, optional); "
-        "Prometheus metrics at /metrics.",
+        description=DESCRIPTION,
     )
-    p.add_argument("--onnx", required=True, help="file written by `nvae export-onnx`")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 in a container)")
-    p.add_argument("--port", type=int_in("--port", 0, 65535), default=8080)
-    p.add_argument("--model-name", default="nvae-decoder")
-    p.add_argument("--providers", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--max-images", type=positive_int("--max-images"), default=256, help="images per request")
-    p.add_argument(
-        "--max-batch", type=positive_int("--max-batch"), default=64, help="images per onnxruntime run"
-    )
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds per request, queueing included")
-    p.add_argument(
-        "--max-concurrency",
-        type=positive_int("--max-concurrency"),
-        default=1,
-        help="requests sampling at once",
-    )
-    p.add_argument(
-        "--max-queue", type=int_in("--max-queue", 0), default=16, help="requests waiting before 429"
-    )
-    p.set_defaults(func=cmd_serve)
+    add_arguments(p)
+    p.set_defaults(func=run)

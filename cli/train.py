@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cli.args import int_in, positive_int
+from common.argtypes import int_in, positive_int
 from model.config import PRESETS, build_config, parse_set_args
 from model.runtime import PRECISIONS
 

@@ -66,7 +66,11 @@ class Bernoulli:
 
     def sample(self, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
         u = torch.rand(self.logits.shape, generator=generator, device=self.logits.device)
-        return (u < torch.sigmoid(self.logits)).float()
+        return self.sample_from_uniform(u, temperature)
+
+    def sample_from_uniform(self, u_pix: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """`sample` with its uniform draw u_pix (B, C, H, W) given (temperature does not apply to pixels)."""
+        return (u_pix < torch.sigmoid(self.logits)).float()
 
 
 class DiscretizedLogisticMixture:

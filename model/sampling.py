@@ -1,24 +1,39 @@
 """Sampling from the prior: seeded noise per latent group, and images in [0, 1] at a temperature.
 
-The noise comes from a CPU generator seeded with `seed`, so every backend (PyTorch on any device, the ONNX
-sampler) draws the same numbers for the same seed.
+All noise comes from NumPy's generator (`numpy.random.default_rng(seed)`, float32), so every backend draws
+the same numbers for the same seed: PyTorch on any device, and the torch-free ONNX sampler (`serving`).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from model.distributions import quantize
+from model.distributions import Bernoulli, quantize
 from model.network import NVAE
 
 DECODE_MODES = ("mean", "sample")
 
 
 def draw_noise(model: NVAE, n: int, seed: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
-    """Standard-normal noise for every latent group (coarse first), (n, Z, H, W) each, from a CPU generator
+    """Standard-normal noise for every latent group (coarse first), (n, Z, H, W) each, from NumPy's generator
     seeded with `seed`, so every backend (PyTorch on any device, ONNX) sees the same numbers."""
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn((n, *shape), generator=g).to(device) for shape in model.latent_shapes()]
+    rng = np.random.default_rng(seed)
+    return [
+        torch.from_numpy(rng.standard_normal((n, *shape), dtype=np.float32)).to(device)
+        for shape in model.latent_shapes()
+    ]
+
+
+def draw_uniforms(dist, seed: int) -> list[torch.Tensor]:
+    """The uniform draws of `dist.sample` (u_mix then u_pix for the mixture, u_pix for Bernoulli), from
+    NumPy's generator seeded with `seed`: the `u_*` inputs of the exported graph."""
+    rng = np.random.default_rng(seed)
+    if isinstance(dist, Bernoulli):
+        like = [dist.logits]
+    else:
+        like = [dist.logit_probs, dist.means[:, :, 0]]
+    return [torch.from_numpy(rng.random(tuple(t.shape), dtype=np.float32)).to(t.device) for t in like]
 
 
 @torch.no_grad()
@@ -27,7 +42,7 @@ def decode_images(
 ) -> torch.Tensor:
     """Turn head logits into data-sized images (B, C, D, D) in [0, 1], quantised to the data's levels.
 
-    `mean`: the distribution's mean (deterministic); `sample`: a draw at `temperature` from a seeded generator.
+    `mean`: the distribution's mean (deterministic); `sample`: a draw at `temperature` from uniforms of NumPy's generator seeded with `seed`.
     """
     if mode not in DECODE_MODES:
         raise ValueError(f"decode mode {mode!r}; choose one of: {', '.join(DECODE_MODES)}")
@@ -35,7 +50,7 @@ def decode_images(
     if mode == "mean":
         x = dist.mean()
     else:
-        x = dist.sample(temperature, torch.Generator(device=logits.device).manual_seed(seed))
+        x = dist.sample_from_uniform(*draw_uniforms(dist, seed), temperature=temperature)
     x = model.crop(x)
     bits = 1 if model.cfg.likelihood == "bernoulli" else model.cfg.num_bits
     return quantize(x, bits) if mode == "sample" or bits > 1 else x

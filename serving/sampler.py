@@ -1,9 +1,9 @@
 """Fast batch sampling from an exported decoder (`inference.export`) with onnxruntime.
 
-The noise is drawn exactly as the PyTorch backend draws it (`model.sampling.draw_noise`: a CPU torch generator
-seeded with `seed`, `torch.randn` per group coarse first; for decode=sample the uniforms of
+The noise is drawn exactly as the PyTorch backend draws it (`model.sampling.draw_noise`: NumPy's generator
+seeded with `seed`, float32 standard normals per group coarse first; for decode=sample the uniforms of
 `decode_images`, per block of `SAMPLE_NOISE_BLOCK` images seeded `seed + offset`), so `--checkpoint` and
-`--onnx` with the same seed give the same images. Torch is used only for those random numbers.
+`--onnx` with the same seed give the same images. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -117,19 +117,18 @@ class OnnxSampler:
 
     def noise(self, n: int, seed: int) -> dict[str, np.ndarray]:
         """Every random input of the graph for n images, drawn as the PyTorch backend draws them."""
-        import torch
-
-        g = torch.Generator().manual_seed(seed)
+        rng = np.random.default_rng(seed)
         feeds = {
-            f"eps_{j}": torch.randn((n, *s), generator=g).numpy() for j, s in enumerate(self.latent_shapes)
+            f"eps_{j}": rng.standard_normal((n, *s), dtype=np.float32)
+            for j, s in enumerate(self.latent_shapes)
         }
         if self.uniforms:
             blocks: dict[str, list[np.ndarray]] = {name: [] for name, _ in self.uniforms}
             for i in range(0, n, SAMPLE_NOISE_BLOCK):
                 b = min(SAMPLE_NOISE_BLOCK, n - i)
-                g = torch.Generator().manual_seed(seed + i)
+                rng = np.random.default_rng(seed + i)
                 for name, shape in self.uniforms:
-                    blocks[name].append(torch.rand((b, *shape), generator=g).numpy())
+                    blocks[name].append(rng.random((b, *shape), dtype=np.float32))
             feeds.update({name: np.concatenate(parts) for name, parts in blocks.items()})
         return feeds
 

@@ -13,7 +13,7 @@ ALLOWED = {
     "common": set(),
     "model": {"common"},
     "data": {"common"},
-    "serving": {"common.errors"},
+    "serving": {"common.errors", "common.argtypes"},
     "training": {"common", "model", "data"},
     "inference": {"common", "model", "data"},
     "cli": {"common", "model", "data", "training", "inference", "serving", "components", "pipelines"},

@@ -437,3 +437,23 @@ def test_image_constraints_pin_every_runtime_dependency_exactly():
         name = req.name.lower().replace("_", "-")
         assert name in pins, f"{name} is not pinned in k8s/images/constraints.txt"
         assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} violates {req}"
+
+
+def test_serving_image_holds_the_sampler_alone():
+    text = (K8S / "images" / "serve-cpu.Dockerfile").read_text()
+    copies = re.findall(r"^COPY (?!--from)(\S+)", text, flags=re.M)
+    assert {c for c in copies if not c.startswith("k8s/")} == {"common", "serving"}
+    assert "-c /tmp/constraints.txt -r /tmp/serve-requirements.txt" in text
+    reqs = [
+        line.strip()
+        for line in (K8S / "images" / "serve-requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert "onnxruntime" in reqs and not {"torch", "torchvision", "nvidia-dali-cuda130", "dvc"} & set(reqs)
+    constraints = (K8S / "images" / "constraints.txt").read_text()
+    for r in reqs:  # pip freeze spells prometheus-client as prometheus_client
+        assert re.search(rf"^{r.replace('-', '[-_]')}==", constraints, flags=re.M | re.I), r
+    users = re.findall(r"^USER\s+(\S+)", text, flags=re.M)
+    assert users[-1] == "10001:10001" and 'ENTRYPOINT ["python", "-m", "serving"]' in text
+    (ref,) = re.findall(r'org\.opencontainers\.image\.ref\.name="([^"]+)"', text)
+    assert ref == f"{PROJECT_REPO}nvae-serve-cpu:{images_mod.DEFAULT_TAG}"

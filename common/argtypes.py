@@ -1,5 +1,5 @@
-"""Argument types shared by the command groups: each rejects a bad value with a message naming the option
-and its allowed range (argparse then exits with status 2)."""
+"""Command-line argument types shared by the `nvae` command groups and `python -m serving`: each rejects a
+bad value with a message naming the option and its allowed range (argparse then exits with status 2)."""
 
 from __future__ import annotations
 

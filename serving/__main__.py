@@ -1,0 +1,65 @@
+"""`python -m serving`: the ONNX sampler over HTTP, the same command as `nvae serve` (which delegates here),
+runnable from the slim serving image, which holds `serving` and `common` only."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from common.argtypes import int_in, positive_int
+
+DESCRIPTION = (
+    "KServe/Triton-compatible v2 endpoints: /v2/health/{live,ready}, /v2/models/<name>[/ready], "
+    "/v2/models/<name>/infer with inputs n (INT64), temperature (FP32), seed (INT64, optional); "
+    "Prometheus metrics at /metrics."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--onnx", required=True, help="file written by `nvae export-onnx`")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 in a container)")
+    p.add_argument("--port", type=int_in("--port", 0, 65535), default=8080)
+    p.add_argument("--model-name", default="nvae-decoder")
+    p.add_argument("--providers", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--max-images", type=positive_int("--max-images"), default=256, help="images per request")
+    p.add_argument(
+        "--max-batch", type=positive_int("--max-batch"), default=64, help="images per onnxruntime run"
+    )
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per request, queueing included")
+    p.add_argument(
+        "--max-concurrency",
+        type=positive_int("--max-concurrency"),
+        default=1,
+        help="requests sampling at once",
+    )
+    p.add_argument(
+        "--max-queue", type=int_in("--max-queue", 0), default=16, help="requests waiting before 429"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from serving.server import ServeConfig, serve
+
+    cfg = ServeConfig(
+        model_name=args.model_name,
+        max_images_per_request=args.max_images,
+        max_batch=args.max_batch,
+        timeout_s=args.timeout,
+        max_concurrency=args.max_concurrency,
+        max_queue=args.max_queue,
+    )
+    serve(args.onnx, host=args.host, port=args.port, cfg=cfg, providers=args.providers)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serving", description=DESCRIPTION)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
