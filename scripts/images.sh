@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Build the project's container images with podman or docker (whichever exists; podman first).
 #
-# Usage: bash scripts/images.sh [--gpu | --all | --serve] [--registry R] [--tag T] [--debian-base]
+# Usage: bash scripts/images.sh [--gpu | --all | --serve | --serve-gpu] [--registry R] [--tag T] [--debian-base]
 #                               [--torch-index URL|pypi] [--keep-build-cache] [--lock]
 #   (default)        the cpu image, REGISTRY/nvae-cpu:TAG
 #   --gpu / --all    the gpu image instead / both
-#   --serve          the slim serving image (nvae-serve-cpu: onnxruntime + the sampler, no torch)
+#   --serve          the slim serving image (nvae-serve-cpu: onnxruntime + the sampler, no torch);
+#   --serve-gpu      its CUDA twin (nvae-serve-gpu: onnxruntime-gpu)
 #   --registry, --tag  the names the pipeline is compiled against (`nvae pipeline compile --image-registry R
 #                    --image-tag T`); defaults from components/images.py
 #   --debian-base    make the base image from Debian's own packages (mmdebstrap + import), for machines that
@@ -28,6 +29,7 @@ while [ $# -gt 0 ]; do
     --gpu) kinds=(gpu) ;;
     --all) kinds=(cpu gpu) ;;
     --serve) kinds=(serve-cpu) ;;
+    --serve-gpu) kinds=(serve-gpu) ;;
     --registry) registry=$2; shift ;;
     --tag) tag=$2; shift ;;
     --debian-base) debian_base=1 ;;

@@ -21,7 +21,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 in a container)")
     p.add_argument("--port", type=int_in("--port", 0, 65535), default=8080)
     p.add_argument("--model-name", default="nvae-decoder")
-    p.add_argument("--providers", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument(
+        "--providers",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="onnxruntime execution providers; with cuda, a CUDA provider that fails to load is an error",
+    )
+    p.add_argument(
+        "--allow-cpu-fallback", action="store_true", help="with --providers cuda: run on CPU if CUDA fails"
+    )
     p.add_argument("--max-images", type=positive_int("--max-images"), default=256, help="images per request")
     p.add_argument(
         "--max-batch", type=positive_int("--max-batch"), default=64, help="images per onnxruntime run"
@@ -36,6 +44,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-queue", type=int_in("--max-queue", 0), default=16, help="requests waiting before 429"
     )
+    p.add_argument(
+        "--batch-images",
+        type=int_in("--batch-images", 0),
+        default=0,
+        help="request batching: waiting requests of one temperature share onnxruntime runs of up to this "
+        "many images (0: off, one run per request)",
+    )
+    p.add_argument(
+        "--batch-wait-ms",
+        type=int_in("--batch-wait-ms", 0, 1000),
+        default=0,
+        help="with batching, how long an idle server waits for more requests before running (default 0)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,8 +69,17 @@ def run(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         max_concurrency=args.max_concurrency,
         max_queue=args.max_queue,
+        batch_images=args.batch_images,
+        batch_wait_s=args.batch_wait_ms / 1000,
     )
-    serve(args.onnx, host=args.host, port=args.port, cfg=cfg, providers=args.providers)
+    serve(
+        args.onnx,
+        host=args.host,
+        port=args.port,
+        cfg=cfg,
+        providers=args.providers,
+        allow_cpu_fallback=args.allow_cpu_fallback,
+    )
     return 0
 
 

@@ -51,6 +51,27 @@ def resolve_providers(providers: str | Sequence | None) -> list:
     return list(providers)
 
 
+def cpu_limit(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use: the container's CPU quota (cgroup v2 `cpu.max`, or v1
+    `cpu.cfs_quota_us / cpu.cfs_period_us`), rounded up, within the CPUs of its affinity mask. A pod limited
+    to 2 CPUs on a 64-core node gets 2 threads, not 64 that the quota would then throttle."""
+    cores = len(os.sched_getaffinity(0))
+    quota = period = None
+    try:
+        fields = (cgroup / "cpu.max").read_text().split()
+        if fields and fields[0] != "max":
+            quota, period = int(fields[0]), int(fields[1])
+    except (OSError, ValueError, IndexError):
+        try:
+            quota = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+            period = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            pass
+    if quota and period and quota > 0:
+        return max(1, min(cores, math.ceil(quota / period)))
+    return cores
+
+
 def session_options(threads: int | None = None):
     """Throughput settings: all graph optimisations, one sequential stream using every core we may use,
     denormals flushed (NVAE's small activations otherwise stall the CPU kernels)."""
@@ -59,7 +80,7 @@ def session_options(threads: int | None = None):
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+    so.intra_op_num_threads = threads or cpu_limit()
     so.inter_op_num_threads = 1
     so.add_session_config_entry("session.set_denormal_as_zero", "1")
     so.log_severity_level = 3  # errors only: fp16 graphs log a warning per node it cannot fold on CPU
@@ -70,6 +91,7 @@ class OnnxSampler:
     """n images at a temperature from an exported decoder.
 
     `providers`: None or "auto" (CUDA if onnxruntime-gpu finds a GPU, else CPU), "cpu", "cuda", or a list.
+    With "cuda", a CUDA provider that does not load is an error unless `allow_cpu_fallback`.
     `.providers` holds the providers the session actually uses; `.metadata` the file's `nvae.*` metadata.
     """
 
@@ -80,6 +102,7 @@ class OnnxSampler:
         *,
         threads: int | None = None,
         memory_budget: int | None = None,
+        allow_cpu_fallback: bool = False,
     ):
         import onnxruntime as ort
 
@@ -95,6 +118,11 @@ class OnnxSampler:
             ) from None
         self.providers: list[str] = self.session.get_providers()
         if "CUDAExecutionProvider" in wanted and "CUDAExecutionProvider" not in self.providers:
+            if providers == "cuda" and not allow_cpu_fallback:
+                raise OnnxModelError(
+                    f"{self.path}: the CUDA provider did not load (onnxruntime runs on {self.providers}); "
+                    "fix the GPU setup or pass --allow-cpu-fallback"
+                )
             log.warning("CUDAExecutionProvider is listed but did not load; running on %s", self.providers)
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         if "nvae.latent_shapes" not in self.metadata:
@@ -147,10 +175,27 @@ class OnnxSampler:
         onnxruntime run (None: as many as `memory_budget` allows). `run_options` (an `ort.RunOptions`) lets
         another thread stop the work by setting `terminate`."""
         n, temperature, seed = validate_request(n, temperature, seed)
+        return self._run(self.noise(n, seed), n, temperature, batch_size, run_options, output)
+
+    def sample_many(
+        self, requests: Sequence[tuple[int, int]], temperature: float, batch_size: int | None = None
+    ) -> list[np.ndarray]:
+        """Several requests (n, seed) at one temperature in shared onnxruntime runs (request batching):
+        each gets the images `sample(n, temperature, seed)` gives it alone (the same noise; the network
+        treats every image on its own), up to floating-point rounding of the larger batch."""
+        checked = [validate_request(n, temperature, seed) for n, seed in requests]
+        if not checked:
+            return []
+        parts = [self.noise(n, seed) for n, _, seed in checked]
+        feeds = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        sizes = [n for n, _, _ in checked]
+        out = self._run(feeds, sum(sizes), checked[0][1], batch_size, None, "images")
+        return np.split(out, np.cumsum(sizes)[:-1])
+
+    def _run(self, feeds, n, temperature, batch_size, run_options, output) -> np.ndarray:
         if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) < 1):
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         batch = int(batch_size or self.auto_batch_size)
-        feeds = self.noise(n, seed)
         temp = np.array([temperature], dtype=np.float32)
         out = np.empty((n, *self.image_shape), dtype=np.float32)
         for i in range(0, n, batch):

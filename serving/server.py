@@ -60,6 +60,10 @@ class ServeConfig:
     max_queue: int = 16  # requests waiting for a slot before 429
     max_temperature: float = 10.0
     max_body_bytes: int = 64 * 1024
+    # Request batching (off when batch_images is 0): requests of one temperature that wait together run as
+    # one onnxruntime call of up to batch_images images; an idle server waits batch_wait_s for company.
+    batch_images: int = 0
+    batch_wait_s: float = 0.0
 
     def validate(self) -> ServeConfig:
         for name in ("max_images_per_request", "max_batch", "max_concurrency", "max_body_bytes"):
@@ -67,6 +71,8 @@ class ServeConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.max_queue < 0:
             raise ValueError(f"max_queue={self.max_queue} must be >= 0")
+        if self.batch_images < 0 or not 0 <= self.batch_wait_s <= 1:
+            raise ValueError("batch_images must be >= 0 and batch_wait_s in [0, 1]")
         if not self.timeout_s > 0 or not self.max_temperature > 0:
             raise ValueError("timeout_s and max_temperature must be > 0")
         if not self.model_name or "/" in self.model_name:
@@ -218,6 +224,82 @@ def encode_output(images: np.ndarray, fmt: str) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------- request batching
+class _Batcher:
+    """Gathers waiting infer requests into shared runs: up to `max_concurrency` runs at once, each taking the
+    oldest request and every later one of the same temperature while the images fit in `batch_images`."""
+
+    def __init__(self, sampler: OnnxSampler, cfg: ServeConfig, executor: ThreadPoolExecutor, metrics):
+        self.sampler, self.cfg, self.executor, self.metrics = sampler, cfg, executor, metrics
+        self.queue: list[tuple[InferRequest, asyncio.Future]] = []
+        self.pumps = 0
+        self.runs = 0  # onnxruntime calls made, for tests and the log
+
+    def submit(self, req: InferRequest) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        self.queue.append((req, future))
+        self.metrics.waiting.set(len(self.queue))
+        if self.pumps < self.cfg.max_concurrency:
+            self.pumps += 1
+            asyncio.get_running_loop().create_task(self._pump())
+        return future
+
+    def withdraw(self, future: asyncio.Future) -> None:
+        """A request that gave up (timeout) leaves the queue, or its share of a run is thrown away."""
+        self.queue = [(r, f) for r, f in self.queue if f is not future]
+        self.metrics.waiting.set(len(self.queue))
+
+    def _take(self) -> list[tuple[InferRequest, asyncio.Future]]:
+        first = self.queue[0][0]
+        group, images, rest = [], 0, []
+        for req, fut in self.queue:
+            fits = not group or images + req.n <= self.cfg.batch_images
+            if req.temperature == first.temperature and fits and not fut.done():
+                group.append((req, fut))
+                images += req.n
+            elif not fut.done():
+                rest.append((req, fut))
+        self.queue = rest
+        self.metrics.waiting.set(len(self.queue))
+        return group
+
+    async def _pump(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self.queue:
+                if self.cfg.batch_wait_s and sum(r.n for r, _ in self.queue) < self.cfg.batch_images:
+                    await asyncio.sleep(self.cfg.batch_wait_s)
+                if not self.queue:
+                    break
+                group = self._take()
+                if not group:
+                    continue
+                requests = [(r.n, r.seed) for r, _ in group]
+                start = time.perf_counter()
+                self.metrics.in_flight.inc(len(group))
+                try:
+                    results = await loop.run_in_executor(
+                        self.executor,
+                        self.sampler.sample_many,
+                        requests,
+                        group[0][0].temperature,
+                        self.cfg.max_batch,
+                    )
+                    self.runs += 1
+                    seconds = time.perf_counter() - start
+                    for (_, fut), images in zip(group, results, strict=True):
+                        if not fut.done():
+                            fut.set_result((images, seconds))
+                except Exception as exc:  # noqa: BLE001 - handed to every waiting request
+                    for _, fut in group:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                finally:
+                    self.metrics.in_flight.dec(len(group))
+        finally:
+            self.pumps -= 1
+
+
 # --------------------------------------------------------------------------- the app
 class _Metrics:
     def __init__(self):
@@ -256,6 +338,8 @@ def create_app(sampler: OnnxSampler, cfg: ServeConfig | None = None):
     executor = ThreadPoolExecutor(max_workers=cfg.max_concurrency, thread_name_prefix="nvae-infer")
     slots = asyncio.Semaphore(cfg.max_concurrency)
     state = {"waiting": 0, "ready": True}
+    batcher = _Batcher(sampler, cfg, executor, metrics) if cfg.batch_images else None
+    app.state.batcher = batcher
     app.state.metrics, app.state.config, app.state.sampler = metrics, cfg, sampler
     c, d = sampler.image_shape[0], sampler.image_shape[1]
 
@@ -365,6 +449,8 @@ def create_app(sampler: OnnxSampler, cfg: ServeConfig | None = None):
         except BadRequest as exc:
             return error(str(exc), exc.status)
 
+        if batcher is not None:
+            return await infer_batched(req, deadline)
         if slots.locked() and state["waiting"] >= cfg.max_queue:
             return error(f"server busy: {cfg.max_concurrency} running and {cfg.max_queue} waiting", 429)
         run_options = ort.RunOptions()
@@ -396,6 +482,22 @@ def create_app(sampler: OnnxSampler, cfg: ServeConfig | None = None):
             if acquired:
                 metrics.in_flight.dec()
                 slots.release()
+        return await respond(req, images, seconds)
+
+    async def infer_batched(req: InferRequest, deadline: float):
+        if batcher.pumps >= cfg.max_concurrency and len(batcher.queue) >= cfg.max_queue:
+            return error(f"server busy: {cfg.max_concurrency} running and {cfg.max_queue} waiting", 429)
+        future = batcher.submit(req)
+        try:
+            images, seconds = await asyncio.wait_for(
+                asyncio.shield(future), timeout=max(0.0, deadline - time.perf_counter())
+            )
+        except TimeoutError:
+            batcher.withdraw(future)
+            return error(f"request timed out after {cfg.timeout_s} s", 503)
+        return await respond(req, images, seconds)
+
+    async def respond(req: InferRequest, images: np.ndarray, seconds: float):
         metrics.images.inc(req.n)
         metrics.images_per_second.set(req.n / max(seconds, 1e-9))
         output = await asyncio.to_thread(encode_output, images, req.format)
@@ -420,12 +522,14 @@ def serve(
     port: int = 8080,
     cfg: ServeConfig | None = None,
     providers: str | None = "auto",
+    allow_cpu_fallback: bool = False,
 ) -> None:
-    """Load the sampler and serve it with uvicorn until interrupted."""
+    """Load the sampler and serve it with uvicorn until interrupted. With providers="cuda", a CUDA provider
+    that does not load stops here (the pod never turns ready) unless `allow_cpu_fallback`."""
     import uvicorn
 
     cfg = (cfg or ServeConfig()).validate()
-    sampler = OnnxSampler(onnx_path, providers)
+    sampler = OnnxSampler(onnx_path, providers, allow_cpu_fallback=allow_cpu_fallback)
     app = create_app(sampler, cfg)
     log.info(
         "serving %s as %r on http://%s:%d (providers %s)",

@@ -439,11 +439,12 @@ def test_image_constraints_pin_every_runtime_dependency_exactly():
         assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} violates {req}"
 
 
-def test_serving_image_holds_the_sampler_alone():
-    text = (K8S / "images" / "serve-cpu.Dockerfile").read_text()
+@pytest.mark.parametrize("kind", ["serve-cpu", "serve-gpu"])
+def test_serving_image_holds_the_sampler_alone(kind):
+    text = (K8S / "images" / f"{kind}.Dockerfile").read_text()
     copies = re.findall(r"^COPY (?!--from)(\S+)", text, flags=re.M)
     assert {c for c in copies if not c.startswith("k8s/")} == {"common", "serving"}
-    assert "-c /tmp/constraints.txt -r /tmp/serve-requirements.txt" in text
+    assert re.search(r"-c /tmp/constraints.txt -r /tmp/serve(-gpu)?-requirements.txt", text)
     reqs = [
         line.strip()
         for line in (K8S / "images" / "serve-requirements.txt").read_text().splitlines()
@@ -456,4 +457,6 @@ def test_serving_image_holds_the_sampler_alone():
     users = re.findall(r"^USER\s+(\S+)", text, flags=re.M)
     assert users[-1] == "10001:10001" and 'ENTRYPOINT ["python", "-m", "serving"]' in text
     (ref,) = re.findall(r'org\.opencontainers\.image\.ref\.name="([^"]+)"', text)
-    assert ref == f"{PROJECT_REPO}nvae-serve-cpu:{images_mod.DEFAULT_TAG}"
+    assert ref == f"{PROJECT_REPO}nvae-{kind}:{images_mod.DEFAULT_TAG}"
+    if kind == "serve-gpu":  # onnxruntime-gpu instead of, never beside, the CPU onnxruntime
+        assert "grep -vx onnxruntime" in text and re.search(r"onnxruntime-gpu(\[[\w,]+\])?==[\d.]+", text)

@@ -238,3 +238,72 @@ def test_bounded_load_on_loopback(sampler):
         f"{8 * codes.count(200) / 5.0:.0f} images/s, errors {errors} ({set(codes)})"
     )
     assert all(c < 500 for c in codes) and errors == 0
+
+
+# --------------------------------------------------------------------------- request batching
+def test_sample_many_gives_each_request_its_own_images(sampler):
+    alone = [sampler.sample(n, 0.8, seed) for n, seed in ((1, 3), (3, 4), (64, 5))]
+    shared = sampler.sample_many([(1, 3), (3, 4), (64, 5)], 0.8, batch_size=16)
+    for a, b in zip(alone, shared, strict=True):
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1 / 255 + 1e-6
+
+
+def _concurrently(srv, bodies):
+    results = [None] * len(bodies)
+
+    def post(i):
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            results[i] = c.post(INFER, json=bodies[i])
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_concurrent_requests_share_runs_and_keep_their_answers(sampler):
+    cfg = ServeConfig(
+        max_images_per_request=32, max_batch=32, max_concurrency=1, batch_images=32, batch_wait_s=0.2
+    )
+    bodies = [body(n=2, seed=k) for k in range(8)] + [body(n=2, temperature=0.5, seed=9)]
+    app = create_app(sampler, cfg)
+    with BackgroundServer(app) as srv:
+        answers = _concurrently(srv, bodies)
+    assert [r.status_code for r in answers] == [200] * 9
+    assert app.state.batcher.runs < 9  # shared runs (one temperature per run: at least 2)
+    for b, r in zip(bodies, answers, strict=True):
+        out = r.json()["outputs"][0]
+        got = np.array(out["data"], np.uint8).reshape(out["shape"])
+        t, seed = b["inputs"][1]["data"][0], b["inputs"][2]["data"][0]
+        want = to_uint8_nhwc(sampler.sample(2, t, seed))
+        assert np.abs(got.astype(int) - want).max() <= 1
+
+
+def test_batched_server_still_times_out_and_refuses_when_full():
+    class Slow(_SlowSampler):
+        def sample_many(self, requests, temperature, batch_size=None):
+            time.sleep(self.seconds)
+            return [np.zeros((n, 1, 4, 4), np.float32) for n, _ in requests]
+
+    cfg = ServeConfig(timeout_s=0.3, max_concurrency=1, max_queue=0, batch_images=8)
+    with BackgroundServer(create_app(Slow(1.0), cfg)) as srv, httpx.Client(base_url=srv.url) as c:
+        r = c.post(INFER, json=body())
+        assert r.status_code == 503 and "timed out" in r.json()["error"]
+    cfg = ServeConfig(timeout_s=5, max_concurrency=1, max_queue=0, batch_images=8)
+    with BackgroundServer(create_app(Slow(0.5), cfg)) as srv:
+        first, second = None, None
+
+        def run_first():
+            nonlocal first
+            with httpx.Client(base_url=srv.url, timeout=10) as c:
+                first = c.post(INFER, json=body()).status_code
+
+        t = threading.Thread(target=run_first)
+        t.start()
+        time.sleep(0.2)
+        with httpx.Client(base_url=srv.url, timeout=10) as c:
+            second = c.post(INFER, json=body()).status_code
+        t.join()
+        assert first == 200 and second == 429

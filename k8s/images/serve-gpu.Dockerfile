@@ -1,0 +1,47 @@
+# syntax=docker/dockerfile:1.7
+# ghcr.io/nvae-pipeline/nvae-serve-gpu:0.1.0: the ONNX sampler alone on CUDA (`python -m serving --providers
+# cuda`): onnxruntime-gpu with its CUDA/cuDNN wheels, numpy, the HTTP server; no torch, DALI or DVC. Build from
+# the repository root with `scripts/images.sh --serve-gpu`, or:
+#   docker build -f k8s/images/serve-gpu.Dockerfile -t ghcr.io/nvae-pipeline/nvae-serve-gpu:0.1.0 .
+ARG BASE_IMAGE=nvidia/cuda:13.0.1-base-ubuntu24.04
+
+FROM ${BASE_IMAGE} AS build
+ARG PIP_EXTRA_INDEX_URL=
+ARG PIP_FIND_LINKS=
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
+RUN command -v python3 >/dev/null && python3 -c "import venv, ensurepip" 2>/dev/null \
+ || (apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
+     && rm -rf /var/lib/apt/lists/*)
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+COPY k8s/images/constraints.txt k8s/images/serve-requirements.txt /tmp/
+# The CPU onnxruntime of the requirements is swapped for onnxruntime-gpu (never both: same module name).
+RUN grep -vx onnxruntime /tmp/serve-requirements.txt > /tmp/serve-gpu-requirements.txt \
+ && PIP_EXTRA_INDEX_URL="${PIP_EXTRA_INDEX_URL}" PIP_FIND_LINKS="${PIP_FIND_LINKS}" \
+    pip install -c /tmp/constraints.txt -r /tmp/serve-gpu-requirements.txt "onnxruntime-gpu[cuda,cudnn]==1.31.1"
+COPY common /opt/app/common
+COPY serving /opt/app/serving
+RUN cd /opt/app && python -c "import serving.server, serving.sampler; import sys; assert 'torch' not in sys.modules"
+
+FROM ${BASE_IMAGE}
+LABEL org.opencontainers.image.ref.name="ghcr.io/nvae-pipeline/nvae-serve-gpu:0.1.0" \
+      org.opencontainers.image.version="0.1.0" \
+      org.opencontainers.image.title="nvae-serve-gpu" \
+      org.opencontainers.image.source="https://github.com/nvae-pipeline/nvae-pipeline"
+ENV DEBIAN_FRONTEND=noninteractive
+RUN command -v python3 >/dev/null \
+ || (apt-get update && apt-get install -y --no-install-recommends python3 && rm -rf /var/lib/apt/lists/*)
+RUN groupadd --gid 10001 nvae && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp nvae
+COPY --from=build /opt/venv /opt/venv
+COPY --from=build /opt/app /opt/app
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONPATH=/opt/app \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+WORKDIR /tmp
+USER 10001:10001
+EXPOSE 8080
+ENTRYPOINT ["python", "-m", "serving"]
+CMD ["--onnx", "/models/decoder.onnx", "--host", "0.0.0.0", "--port", "8080", "--providers", "cuda"]

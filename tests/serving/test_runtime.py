@@ -1,0 +1,59 @@
+"""onnxruntime tuned for serving: threads from the container's CPU quota, and no silent CPU fallback when
+CUDA was asked for."""
+
+import os
+
+import pytest
+
+from common.errors import NVAEError
+from serving.sampler import OnnxSampler, cpu_limit
+
+
+def _cgroup(tmp_path, v2=None, v1=None):
+    root = tmp_path / "cgroup"
+    root.mkdir(parents=True)
+    if v2 is not None:
+        (root / "cpu.max").write_text(v2)
+    if v1 is not None:
+        (root / "cpu").mkdir()
+        (root / "cpu" / "cpu.cfs_quota_us").write_text(str(v1[0]))
+        (root / "cpu" / "cpu.cfs_period_us").write_text(str(v1[1]))
+    return root
+
+
+def test_threads_follow_the_cpu_quota(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert cpu_limit(_cgroup(tmp_path / "a", v2="200000 100000\n")) == 2  # cgroup v2: 2 CPUs
+    assert cpu_limit(_cgroup(tmp_path / "b", v2="150000 100000\n")) == 2  # 1.5 rounds up
+    assert cpu_limit(_cgroup(tmp_path / "c", v1=(50000, 100000))) == 1  # cgroup v1: half a CPU
+    assert cpu_limit(_cgroup(tmp_path / "d", v2="max 100000\n")) == 64  # no quota: the affinity mask
+    assert cpu_limit(_cgroup(tmp_path / "e", v1=(-1, 100000))) == 64
+    assert cpu_limit(_cgroup(tmp_path / "f", v2="6400000 100000")) == 64  # never more than the mask
+
+
+def test_cuda_that_does_not_load_is_an_error_unless_fallback_is_allowed(sampler_file):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA: the failure path needs a CPU-only build")
+    with pytest.raises(NVAEError, match="CUDA provider did not load.*--allow-cpu-fallback"):
+        OnnxSampler(sampler_file, providers="cuda")
+    s = OnnxSampler(sampler_file, providers="cuda", allow_cpu_fallback=True)
+    assert s.providers == ["CPUExecutionProvider"]
+
+
+@pytest.fixture(scope="module")
+def sampler_file(tmp_path_factory):
+    import torch
+    from tiny import TINY
+
+    from inference.export import export_model
+    from model.config import apply_overrides, get_preset
+    from model.network import NVAE
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    export_model(
+        NVAE(apply_overrides(get_preset("fmnist-cpu"), TINY)), path, exporter="torchscript", verify=False
+    )
+    return path
