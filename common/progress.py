@@ -66,17 +66,12 @@ class LineProgress:
     ):
         self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
         self.n = self.start_n = initial
-        self.disable, self.every_fraction, self.every_seconds, self.clock = (
-            disable,
-            every_fraction,
-            every_seconds,
-            clock,
-        )
+        self.disable, self.clock = disable, clock
+        self.every_fraction, self.every_seconds = every_fraction, every_seconds
         self.start = self.last_time = clock()
         self.last_n = initial
         self.postfix = ""
         self.closed = False
-        self.lines = 0
 
     def __iter__(self) -> Iterator:
         for item in self.iterable:
@@ -127,4 +122,3 @@ class LineProgress:
             text += f", {self.postfix}"
         log.info("%s: %s", self.desc or "progress", text)
         self.last_time, self.last_n = now, self.n
-        self.lines += 1

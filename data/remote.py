@@ -91,6 +91,7 @@ def fetch_source(uri: str, dest: str | Path, client=None) -> list[dict[str, Any]
 def upload_source(source: str | Path, uri: str, client=None) -> list[dict[str, Any]]:
     """Upload every regular file under the directory `source` to `uri` (keys: prefix/relative path); returns
     the uploaded objects' listing. Symbolic links are not followed out of `source`."""
+    from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import BotoCoreError, ClientError
 
     source = Path(source)
@@ -108,6 +109,6 @@ def upload_source(source: str | Path, uri: str, client=None) -> list[dict[str, A
             client.upload_file(str(path), bucket, key)
         except (ClientError, BotoCoreError) as exc:
             raise StorageError(f"s3://{bucket}/{key}: cannot upload: {_cause(exc)}") from None
-        except Exception as exc:  # boto3's S3UploadFailedError wraps the ClientError
+        except S3UploadFailedError as exc:  # boto3's transfer wraps the ClientError in its message
             raise StorageError(f"s3://{bucket}/{key}: cannot upload: {exc}") from None
     return list_objects(uri, client)

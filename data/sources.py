@@ -473,16 +473,14 @@ def _too_many_pixels(data: bytes, max_pixels: int) -> str | None:
 
     if data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR":  # width, height right after the tag
         width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-        if width * height > max_pixels:
-            return f"image of {width}x{height} pixels, over the limit of {max_pixels} (--max-pixels)"
-        return None
-    try:  # JPEG: PIL reads the frame header (and refuses over 2x its MAX_IMAGE_PIXELS, ~179 Mpx, itself)
-        with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
-    except Image.DecompressionBombError:  # PIL's own guard (2x its MAX_IMAGE_PIXELS) fired first
-        return f"image over PIL's decompression-bomb limit, far over --max-pixels {max_pixels}"
-    except Exception:  # noqa: BLE001 - a header PIL cannot read: let the decoder report it
-        return None
+    else:
+        try:  # JPEG: PIL reads the frame header (and refuses over 2x its MAX_IMAGE_PIXELS, ~179 Mpx, itself)
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+        except Image.DecompressionBombError:
+            return f"image over PIL's decompression-bomb limit, far over --max-pixels {max_pixels}"
+        except Exception:  # noqa: BLE001 - a header PIL cannot read: let the decoder report it
+            return None
     if width * height > max_pixels:
         return f"image of {width}x{height} pixels, over the limit of {max_pixels} (--max-pixels)"
     return None
