@@ -33,19 +33,47 @@ EOF
 export CONTAINERS_CONF=$work/containers.conf
 
 # --- the image ----------------------------------------------------------------------------------------------
-# No container registry is reachable here: the base is made from Debian packages, and torch comes from PyPI
-# (its CUDA build; the published cpu image takes the CPU build from PyTorch's index).
+# No container registry is reachable here: the base is made from Debian packages. torch: PyTorch's CPU index is
+# unreachable too, so a CPU build lying in a local find-links folder when there is one (a 2 GB image; this
+# machine has 2.13.0+cpu), else PyPI's CUDA build (a 7 GB image that needs about 25 GiB free to build).
 registry=localhost/nvae tag=check
-podman untag "$registry/nvae-gpu:$tag" 2>/dev/null || true   # the stand-in below; lets a rebuild free the old image
-bash scripts/images.sh --registry "$registry" --tag "$tag" --debian-base --torch-index pypi
-# The train step runs in the gpu image. This machine has no GPU, and its cpu image already carries PyPI's CUDA
-# build of torch, so it stands in under the gpu name (scripts/images.sh --gpu builds the real one).
+torch_args=(--torch-index pypi) need_gib=25
+for dir in $(python3 -m pip config get global.find-links 2>/dev/null || true); do
+  wheel=$(ls "$dir"/torch-*+cpu-cp311-*.whl 2>/dev/null | sort -V | tail -1 || true)
+  if [ -n "$wheel" ]; then
+    version=$(basename "$wheel" | cut -d- -f2)
+    torch_args=(--torch-index pypi --torch-version "$version") need_gib=10
+    break
+  fi
+done
+storage=$(podman info --format '{{.Store.GraphRoot}}' 2>/dev/null || echo /var/lib/containers)
+mkdir -p "$storage"
+# Images of an earlier check (and what a failed build left untagged) first: they are rebuilt anyway.
+podman rmi -f "$registry/nvae-cpu:$tag" "$registry/nvae-gpu:$tag" >/dev/null 2>&1 || true
+podman image prune -f >/dev/null 2>&1 || true
+free_gib=$(df -Pk "$storage" | awk 'NR==2 {print int($4 / 1048576)}')
+if [ "$free_gib" -lt "$need_gib" ]; then
+  echo "container-check: only $free_gib GiB free under $storage; building the image needs about $need_gib GiB" >&2
+  exit 1
+fi
+stamp "building the cpu image (torch: ${torch_args[*]}; $free_gib GiB free)"
+bash scripts/images.sh --registry "$registry" --tag "$tag" --debian-base "${torch_args[@]}"
+# The train step runs in the gpu image. This machine has no GPU: the cpu image stands in under the gpu name
+# (the train step then trains on the CPU, as it does in the cpu image; scripts/images.sh --gpu builds the real one).
 podman tag "$registry/nvae-cpu:$tag" "$registry/nvae-gpu:$tag"
 stamp "image ready"
 
 # --- services: podman's Docker-compatible API, and an S3-API server on loopback ----------------------------
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+# The check's images go when it ends (KEEP_IMAGES=1 keeps them): each run rebuilds them from the sources anyway,
+# and a machine that runs the check again and again must not fill its disk.
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  if [ "${KEEP_IMAGES:-0}" != 1 ]; then
+    podman rmi -f "$registry/nvae-cpu:$tag" "$registry/nvae-gpu:$tag" >/dev/null 2>&1 || true
+    podman image prune -f >/dev/null 2>&1 || true
+  fi
+}
 trap cleanup EXIT
 sock=$work/podman.sock
 rm -f "$sock"

@@ -2,7 +2,7 @@
 # Build the project's container images with podman or docker (whichever exists; podman first).
 #
 # Usage: bash scripts/images.sh [--gpu | --all | --serve | --serve-gpu] [--registry R] [--tag T] [--debian-base]
-#                               [--torch-index URL|pypi] [--keep-build-cache] [--lock]
+#                               [--torch-index URL|pypi] [--torch-version V] [--keep-build-cache] [--lock]
 #   (default)        the cpu image, REGISTRY/nvae-cpu:TAG
 #   --gpu / --all    the gpu image instead / both
 #   --serve          the slim serving image (nvae-serve-cpu: onnxruntime + the sampler, no torch);
@@ -13,6 +13,8 @@
 #                    reach no container registry; it is passed to the Dockerfiles as BASE_IMAGE
 #   --torch-index    PyTorch's wheel index for the cpu image (default: its CPU build index); `pypi`: take
 #                    torch from PyPI (the CUDA build: larger, same API), for machines that reach only PyPI
+#   --torch-version  the cpu image's torch instead of the constraints' pin, e.g. 2.13.0+cpu from a local
+#                    find-links folder (a CPU build: a 2 GB image instead of 7 GB)
 #   --keep-build-cache  keep the build stage's untagged image (faster rebuilds; several GB)
 #   --lock           regenerate k8s/images/constraints.txt from .venv, then stop
 # Local package mirrors named in this machine's pip configuration (file:// indexes, find-links folders) are
@@ -23,7 +25,7 @@ cd "$(dirname "$0")/.."
 
 registry=$(sed -n 's/^DEFAULT_REGISTRY = "\(.*\)"/\1/p' components/images.py)
 tag=$(sed -n 's/^DEFAULT_TAG = "\([^"]*\)".*/\1/p' components/images.py)
-kinds=(cpu) debian_base=0 keep_cache=0 torch_index=https://download.pytorch.org/whl/cpu
+kinds=(cpu) debian_base=0 keep_cache=0 torch_index=https://download.pytorch.org/whl/cpu torch_version=
 while [ $# -gt 0 ]; do
   case "$1" in
     --gpu) kinds=(gpu) ;;
@@ -35,6 +37,7 @@ while [ $# -gt 0 ]; do
     --debian-base) debian_base=1 ;;
     --keep-build-cache) keep_cache=1 ;;
     --torch-index) torch_index=$2; shift ;;
+    --torch-version) torch_version=$2; shift ;;
     --lock)
       { sed -n '1,2p' k8s/images/constraints.txt
         .venv/bin/python -m pip freeze --exclude-editable | grep -v -e '^-e ' -e '^nvae-pipeline' | sort -f
@@ -55,6 +58,9 @@ else echo "images.sh: neither podman nor a running docker engine found (apt-get 
 fi
 
 dangling() { $engine images --filter dangling=true --format '{{.ID}}' | sort; }
+# Where the engine keeps its layers (for the free-space figure in an error).
+if [ "$engine" = podman ]; then storage=$(podman info --format '{{.Store.GraphRoot}}' 2>/dev/null || echo /)
+else storage=$(docker info --format '{{.DockerRootDir}}' 2>/dev/null || echo /); fi
 
 args=(--network=host)
 # The host's CA bundle, for TLS to the package indexes from inside RUN steps.
@@ -90,19 +96,27 @@ fi
 for kind in "${kinds[@]}"; do
   image="$registry/nvae-$kind:$tag"
   build=("${args[@]}")
-  [ "$kind" = cpu ] && build+=(--build-arg "TORCH_INDEX_URL=$torch_index")
+  [ "$kind" = cpu ] && build+=(--build-arg "TORCH_INDEX_URL=$torch_index" --build-arg "TORCH_VERSION=$torch_version")
   if [ "$engine" = podman ]; then ignore=(--ignorefile "k8s/images/$kind.Dockerfile.dockerignore"); else ignore=(); fi
   echo "images: building $image with $engine" >&2
   before=$(dangling)
   start=$(date +%s)
-  $engine build "${build[@]}" "${ignore[@]}" -f "k8s/images/$kind.Dockerfile" -t "$image" .
-  echo "images: built $image in $(( $(date +%s) - start )) s" >&2
-  # The build stage (a 7 GB venv) and the image this one replaces stay behind untagged: remove what this
-  # build left, unless --keep-build-cache (they make the next build of unchanged sources faster).
-  if [ "$keep_cache" = 0 ]; then
-    left=$(comm -13 <(echo "$before") <(dangling))
-    for id in $left; do $engine rmi "$id" >/dev/null 2>&1 || true; done
+  # The build stage (up to a 7 GB venv) and the image this one replaces stay behind untagged: remove what
+  # this build left, failed builds included (a full disk must not stay full), unless --keep-build-cache
+  # (they make the next build of unchanged sources faster).
+  drop_left() {
+    if [ "$keep_cache" = 0 ]; then
+      for id in $(comm -13 <(echo "$before") <(dangling)); do $engine rmi -f "$id" >/dev/null 2>&1 || true; done
+    fi
+  }
+  if ! $engine build "${build[@]}" "${ignore[@]}" -f "k8s/images/$kind.Dockerfile" -t "$image" .; then
+    drop_left
+    free=$(df -Pk "$storage" 2>/dev/null | awk 'NR==2 {printf "%.1f", $4 / 1048576}')
+    echo "images: building $image failed ($free GiB free under $storage)" >&2
+    exit 1
   fi
+  echo "images: built $image in $(( $(date +%s) - start )) s" >&2
+  drop_left
 done
 for kind in "${kinds[@]}"; do
   image="$registry/nvae-$kind:$tag"

@@ -5,13 +5,15 @@
 #   docker build -f k8s/images/cpu.Dockerfile -t ghcr.io/nvae-pipeline/nvae-cpu:0.1.0 .
 # Build arguments: BASE_IMAGE (a Debian 12 image with python3 3.11; scripts/images.sh --debian-base makes one
 # from Debian packages where no registry is reachable), TORCH_INDEX_URL (PyTorch's CPU wheel index; empty:
-# PyPI's torch, the CUDA build: larger, same API), PIP_EXTRA_INDEX_URL / PIP_FIND_LINKS (local mirrors).
+# PyPI's torch, the CUDA build: larger, same API), TORCH_VERSION (empty: the constraints' pin; e.g. 2.13.0+cpu,
+# a CPU build in a local find-links folder), PIP_EXTRA_INDEX_URL / PIP_FIND_LINKS (local mirrors).
 # Versions come from k8s/images/constraints.txt, so a rebuild resolves the same set.
 ARG BASE_IMAGE=python:3.11.13-slim-bookworm
 
 # --- build: a virtual environment with the project and its runtime extras ------------------------------------
 FROM ${BASE_IMAGE} AS build
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_VERSION=
 ARG PIP_EXTRA_INDEX_URL=
 ARG PIP_FIND_LINKS=
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -29,7 +31,8 @@ COPY serving ./serving
 COPY cli ./cli
 COPY components ./components
 COPY pipelines ./pipelines
-RUN PIP_EXTRA_INDEX_URL="${TORCH_INDEX_URL} ${PIP_EXTRA_INDEX_URL}" PIP_FIND_LINKS="${PIP_FIND_LINKS}" \
+RUN if [ -n "${TORCH_VERSION}" ]; then sed -i "s/^torch==.*/torch==${TORCH_VERSION}/" constraints.txt; fi \
+ && PIP_EXTRA_INDEX_URL="${TORCH_INDEX_URL} ${PIP_EXTRA_INDEX_URL}" PIP_FIND_LINKS="${PIP_FIND_LINKS}" \
     pip install -c constraints.txt ".[data,train,onnx,serve,pipeline]" \
  && python -c "import kfp, torch, nvidia.dali, onnxruntime, cli.main"
 
