@@ -4,6 +4,7 @@ bad value with a message naming the option and its allowed range (argparse then 
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def int_in(name: str, low: int, high: int | None = None):
@@ -35,3 +36,20 @@ def temperature(text: str) -> float:
     if not (0 < value < float("inf")):
         raise argparse.ArgumentTypeError(f"temperature must be > 0 and finite, got {text}")
     return value
+
+
+def seconds(name: str, high: float = 3600.0):
+    """A duration option: a finite number of seconds in (0, high]."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and 0 < value <= high):
+            raise argparse.ArgumentTypeError(
+                f"{name} must be a number of seconds in (0, {high:g}], got {text!r}"
+            )
+        return value
+
+    return parse

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
-from common.argtypes import int_in, positive_int
+from common.argtypes import int_in, positive_int, seconds
+from common.errors import NVAEError
+
+TOKEN_ENV = "NVAE_SERVE_TOKEN"
 
 DESCRIPTION = (
     "KServe/Triton-compatible v2 endpoints: /v2/health/{live,ready}, /v2/models/<name>[/ready], "
@@ -34,7 +38,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-batch", type=positive_int("--max-batch"), default=64, help="images per onnxruntime run"
     )
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds per request, queueing included")
+    p.add_argument(
+        "--timeout", type=seconds("--timeout"), default=30.0, help="seconds per request, queueing included"
+    )
+    p.add_argument(
+        "--auth-token-file",
+        help=f"file holding the bearer token that inference and metadata require (a mounted Secret); "
+        f"default: ${TOKEN_ENV}, else no authentication. Health, readiness and /metrics stay open",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=seconds("--header-timeout"),
+        default=10.0,
+        help="seconds a connection may take to send a request's headers before it is dropped",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=seconds("--body-timeout"),
+        default=10.0,
+        help="seconds a request may take to send its body before it is answered 408",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=seconds("--shutdown-timeout"),
+        default=10.0,
+        help="on SIGTERM, seconds in-flight requests may take to finish before the server exits",
+    )
     p.add_argument(
         "--max-concurrency",
         type=positive_int("--max-concurrency"),
@@ -59,6 +88,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def read_token(args: argparse.Namespace) -> str | None:
+    """The bearer token: --auth-token-file (a mounted Secret), else $NVAE_SERVE_TOKEN, else None (off)."""
+    if args.auth_token_file:
+        try:
+            token = open(args.auth_token_file, encoding="utf-8").read().strip()  # noqa: SIM115
+        except (OSError, UnicodeDecodeError) as exc:
+            raise NVAEError(f"--auth-token-file {args.auth_token_file}: cannot read it ({exc})") from None
+        if not token:
+            raise NVAEError(f"--auth-token-file {args.auth_token_file} is empty")
+        return token
+    return os.environ.get(TOKEN_ENV, "").strip() or None
+
+
 def run(args: argparse.Namespace) -> int:
     from serving.server import ServeConfig, serve
 
@@ -71,7 +113,15 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         batch_images=args.batch_images,
         batch_wait_s=args.batch_wait_ms / 1000,
+        auth_token=read_token(args),
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+        shutdown_timeout_s=args.shutdown_timeout,
     )
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        raise NVAEError(str(exc)) from None
     serve(
         args.onnx,
         host=args.host,
@@ -88,7 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run(args)
+    try:
+        return run(args)
+    except NVAEError as exc:  # the `nvae` error contract: one line, exit 2
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

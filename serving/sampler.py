@@ -178,7 +178,12 @@ class OnnxSampler:
         return self._run(self.noise(n, seed), n, temperature, batch_size, run_options, output)
 
     def sample_many(
-        self, requests: Sequence[tuple[int, int]], temperature: float, batch_size: int | None = None
+        self,
+        requests: Sequence[tuple[int, int]],
+        temperature: float,
+        batch_size: int | None = None,
+        *,
+        run_options=None,
     ) -> list[np.ndarray]:
         """Several requests (n, seed) at one temperature in shared onnxruntime runs (request batching):
         each gets the images `sample(n, temperature, seed)` gives it alone (the same noise; the network
@@ -189,7 +194,7 @@ class OnnxSampler:
         parts = [self.noise(n, seed) for n, _, seed in checked]
         feeds = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         sizes = [n for n, _, _ in checked]
-        out = self._run(feeds, sum(sizes), checked[0][1], batch_size, None, "images")
+        out = self._run(feeds, sum(sizes), checked[0][1], batch_size, run_options, "images")
         return np.split(out, np.cumsum(sizes)[:-1])
 
     def _run(self, feeds, n, temperature, batch_size, run_options, output) -> np.ndarray:

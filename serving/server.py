@@ -16,8 +16,18 @@ BYTES (1,): one base64 PNG of all images tiled. The response `parameters` carry 
 one when none was given), the temperature and the decode mode, so any answer can be reproduced.
 
 Errors are `{"error": "<message>"}`: 400 for malformed, negative, non-finite or out-of-range inputs (n above
-the per-request maximum included), 404 for another model name, 413 for a body above `max_body_bytes`, 429
-when `max_concurrency` runs and `max_queue` waiters are all taken, 503 when a request passes its timeout.
+the per-request maximum included; JSON nested deeper than `max_json_depth` or with integers of more than 20
+digits), 401 without the bearer token when `auth_token` is set, 404 for another model name, 408 for a body
+that does not arrive within `body_timeout_s`, 413 for a body above `max_body_bytes`, 429 when
+`max_concurrency` runs and `max_queue` waiters are all taken, 503 when a request passes its timeout, 500 for
+a bug (logged, counted, never the traceback). Every answer is counted in /metrics by endpoint and code.
+
+Authentication (optional): with `auth_token` set, inference and metadata need `Authorization: Bearer
+<token>` (compared in constant time); health, readiness and /metrics stay open for probes and scrapers.
+
+Slow clients: a connection must deliver a request's headers within `header_timeout_s` and its body within
+`body_timeout_s`, or it is dropped (headers) or answered 408 (body). On SIGTERM the server stops accepting,
+lets in-flight requests finish for up to `shutdown_timeout_s`, then stops the runs still going and exits.
 """
 
 from __future__ import annotations
@@ -25,10 +35,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
+import hmac
 import io
 import json
 import logging
 import math
+import re
 import secrets
 import threading
 import time
@@ -46,6 +59,8 @@ log = logging.getLogger(__name__)
 INT_TYPES = ("INT64", "INT32", "INT16", "INT8", "UINT64", "UINT32", "UINT16", "UINT8")
 FLOAT_TYPES = ("FP32", "FP64", "FP16")
 FORMATS = ("uint8", "png", "png_grid")
+# Open without a token: liveness, readiness (server and model) and the Prometheus scrape.
+OPEN_PATHS = re.compile(r"/v2/health/(live|ready)|/v2/models/[^/]+(/versions/[^/]+)?/ready|/metrics")
 
 
 @dataclass
@@ -64,17 +79,37 @@ class ServeConfig:
     # one onnxruntime call of up to batch_images images; an idle server waits batch_wait_s for company.
     batch_images: int = 0
     batch_wait_s: float = 0.0
+    max_json_depth: int = 8  # a valid request nests 4 deep: {"inputs": [{"data": [..]}]}
+    auth_token: str | None = None  # bearer token for inference and metadata; None: no authentication
+    header_timeout_s: float = 10.0  # from connection (or the previous response) to complete headers
+    body_timeout_s: float = 10.0  # from headers to the whole body
+    shutdown_timeout_s: float = 10.0  # in-flight requests' grace on SIGTERM
 
     def validate(self) -> ServeConfig:
-        for name in ("max_images_per_request", "max_batch", "max_concurrency", "max_body_bytes"):
+        for name in (
+            "max_images_per_request",
+            "max_batch",
+            "max_concurrency",
+            "max_body_bytes",
+            "max_json_depth",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.max_queue < 0:
             raise ValueError(f"max_queue={self.max_queue} must be >= 0")
         if self.batch_images < 0 or not 0 <= self.batch_wait_s <= 1:
             raise ValueError("batch_images must be >= 0 and batch_wait_s in [0, 1]")
-        if not self.timeout_s > 0 or not self.max_temperature > 0:
-            raise ValueError("timeout_s and max_temperature must be > 0")
+        for name in (
+            "timeout_s",
+            "max_temperature",
+            "header_timeout_s",
+            "body_timeout_s",
+            "shutdown_timeout_s",
+        ):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if self.auth_token is not None and not re.fullmatch(r"[\x21-\x7e]{16,4096}", self.auth_token):
+            raise ValueError("the bearer token must be 16 to 4096 printable ASCII characters without spaces")
         if not self.model_name or "/" in self.model_name:
             raise ValueError(f"model_name={self.model_name!r} must be non-empty without '/'")
         return self
@@ -89,6 +124,38 @@ class BadRequest(Exception):
 
 
 # --------------------------------------------------------------------------- request parsing
+_JSON_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+MAX_INT_DIGITS = 20  # 2**63 - 1 has 19
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise BadRequest(f"integer with {len(text)} digits; at most {MAX_INT_DIGITS} are accepted")
+    return int(text)
+
+
+def _no_constant(name: str):
+    raise BadRequest(f"{name} is not valid JSON")
+
+
+def decode_json(raw: bytes, max_depth: int) -> Any:
+    """json.loads with limits: nesting at most `max_depth` (checked before parsing, so a 5000-deep array
+    cannot exhaust the recursion limit), integers of at most 20 digits, no NaN/Infinity; BadRequest else."""
+    depth = 0
+    for match in _JSON_TOKENS.finditer(raw):
+        token = match.group()
+        if token in (b"[", b"{"):
+            depth += 1
+            if depth > max_depth:
+                raise BadRequest(f"JSON nested deeper than {max_depth} levels")
+        elif token in (b"]", b"}"):
+            depth -= 1
+    try:
+        return json.loads(raw, parse_int=_bounded_int, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise BadRequest(f"body is not valid JSON: {exc}") from None
+
+
 @dataclass
 class InferRequest:
     n: int
@@ -107,7 +174,7 @@ def _scalar(inp: dict[str, Any], types: tuple[str, ...]) -> Any:
     shape = inp.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         raise BadRequest(f"input {name!r}: shape must be a list of integers, e.g. [1]")
-    if math.prod(shape) != 1:
+    if any(d != 1 for d in shape):  # [-1, -1] multiplies to 1 too
         raise BadRequest(f"input {name!r}: shape {shape} must hold exactly one element, e.g. [1]")
     data = inp.get("data")
     while isinstance(data, list) and len(data) == 1 and isinstance(data[0], list):
@@ -229,8 +296,9 @@ class _Batcher:
     """Gathers waiting infer requests into shared runs: up to `max_concurrency` runs at once, each taking the
     oldest request and every later one of the same temperature while the images fit in `batch_images`."""
 
-    def __init__(self, sampler: OnnxSampler, cfg: ServeConfig, executor: ThreadPoolExecutor, metrics):
+    def __init__(self, sampler: OnnxSampler, cfg: ServeConfig, executor: ThreadPoolExecutor, metrics, runs):
         self.sampler, self.cfg, self.executor, self.metrics = sampler, cfg, executor, metrics
+        self.active = runs  # the app's set of RunOptions in flight (stopped on shutdown)
         self.queue: list[tuple[InferRequest, asyncio.Future]] = []
         self.pumps = 0
         self.runs = 0  # onnxruntime calls made, for tests and the log
@@ -277,13 +345,18 @@ class _Batcher:
                 requests = [(r.n, r.seed) for r, _ in group]
                 start = time.perf_counter()
                 self.metrics.in_flight.inc(len(group))
+                run_options = _run_options()
+                self.active.add(run_options)
                 try:
                     results = await loop.run_in_executor(
                         self.executor,
-                        self.sampler.sample_many,
-                        requests,
-                        group[0][0].temperature,
-                        self.cfg.max_batch,
+                        functools.partial(
+                            self.sampler.sample_many,
+                            requests,
+                            group[0][0].temperature,
+                            self.cfg.max_batch,
+                            run_options=run_options,
+                        ),
                     )
                     self.runs += 1
                     seconds = time.perf_counter() - start
@@ -295,9 +368,16 @@ class _Batcher:
                         if not fut.done():
                             fut.set_exception(exc)
                 finally:
+                    self.active.discard(run_options)
                     self.metrics.in_flight.dec(len(group))
         finally:
             self.pumps -= 1
+
+
+def _run_options():
+    import onnxruntime as ort
+
+    return ort.RunOptions()
 
 
 # --------------------------------------------------------------------------- the app
@@ -333,12 +413,26 @@ def create_app(sampler: OnnxSampler, cfg: ServeConfig | None = None):
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     cfg = (cfg or ServeConfig()).validate()
-    app = FastAPI(title="nvae-serve", docs_url=None, redoc_url=None, openapi_url=None)
-    metrics = _Metrics()
     executor = ThreadPoolExecutor(max_workers=cfg.max_concurrency, thread_name_prefix="nvae-infer")
+    runs: set = set()  # RunOptions of the onnxruntime runs in flight
+
+    def stop() -> None:
+        """Stop every run still going (onnxruntime checks `terminate` between nodes) and drop queued work,
+        so the process exits at once after the server's grace period."""
+        for run_options in list(runs):
+            run_options.terminate = True
+        executor.shutdown(wait=False, cancel_futures=True)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        stop()  # uvicorn gets here after `timeout_graceful_shutdown`
+
+    app = FastAPI(title="nvae-serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    metrics = _Metrics()
     slots = asyncio.Semaphore(cfg.max_concurrency)
     state = {"waiting": 0, "ready": True}
-    batcher = _Batcher(sampler, cfg, executor, metrics) if cfg.batch_images else None
+    batcher = _Batcher(sampler, cfg, executor, metrics, runs) if cfg.batch_images else None
     app.state.batcher = batcher
     app.state.metrics, app.state.config, app.state.sampler = metrics, cfg, sampler
     c, d = sampler.image_shape[0], sampler.image_shape[1]
@@ -346,10 +440,28 @@ def create_app(sampler: OnnxSampler, cfg: ServeConfig | None = None):
     def error(message: str, status: int) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
 
+    token = cfg.auth_token.encode() if cfg.auth_token else None
+
     @app.middleware("http")
-    async def count(request: Request, call_next):
+    async def authenticate(request: Request, call_next):  # inner: runs after `count` started its clock
+        if token is not None and not OPEN_PATHS.fullmatch(request.url.path):
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
+                return JSONResponse(
+                    {"error": "missing or invalid bearer token (Authorization: Bearer <token>)"},
+                    status_code=401,
+                    headers={"WWW-Authenticate": 'Bearer realm="nvae-serve"'},
+                )
+        return await call_next(request)
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):  # outer: sees every answer, 500s included
         start = time.perf_counter()
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception:  # noqa: BLE001 - a bug: log it, count it, answer without the traceback
+            log.exception("%s %s failed", request.method, request.url.path)
+            response = error("internal error (logged by the server)", 500)
         route = request.scope.get("route")
         endpoint = getattr(route, "path", "other")
         metrics.requests.labels(endpoint, str(response.status_code)).inc()
@@ -419,11 +531,19 @@ def create_app(sampler: OnnxSampler, cfg: ServeConfig | None = None):
         if declared is not None and (not declared.isdigit() or int(declared) > cfg.max_body_bytes):
             raise BadRequest(f"request body above {cfg.max_body_bytes} bytes", 413)
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > cfg.max_body_bytes:
-                raise BadRequest(f"request body above {cfg.max_body_bytes} bytes", 413)
-            chunks.append(chunk)
+
+        async def read() -> None:
+            nonlocal size
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > cfg.max_body_bytes:
+                    raise BadRequest(f"request body above {cfg.max_body_bytes} bytes", 413)
+                chunks.append(chunk)
+
+        try:
+            await asyncio.wait_for(read(), timeout=cfg.body_timeout_s)
+        except TimeoutError:
+            raise BadRequest(f"request body not received within {cfg.body_timeout_s} s", 408) from None
         return b"".join(chunks)
 
     def run_sampler(req: InferRequest, run_options) -> tuple[np.ndarray, float]:
@@ -440,20 +560,19 @@ def create_app(sampler: OnnxSampler, cfg: ServeConfig | None = None):
             return bad
         deadline = time.perf_counter() + cfg.timeout_s
         try:
-            raw = await read_body(request)
-            try:
-                body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise BadRequest(f"body is not valid JSON: {exc}") from None
-            req = parse_infer(body, cfg)
+            req = parse_infer(decode_json(await read_body(request), cfg.max_json_depth), cfg)
         except BadRequest as exc:
-            return error(str(exc), exc.status)
+            response = error(str(exc), exc.status)
+            if exc.status in (408, 413):  # the rest of the body may still be on its way: do not read it
+                response.headers["Connection"] = "close"
+            return response
 
         if batcher is not None:
             return await infer_batched(req, deadline)
         if slots.locked() and state["waiting"] >= cfg.max_queue:
             return error(f"server busy: {cfg.max_concurrency} running and {cfg.max_queue} waiting", 429)
         run_options = ort.RunOptions()
+        runs.add(run_options)
         state["waiting"] += 1
         metrics.waiting.set(state["waiting"])
         acquired = False
@@ -479,6 +598,7 @@ def create_app(sampler: OnnxSampler, cfg: ServeConfig | None = None):
         except TimeoutError:
             return error(f"request timed out after {cfg.timeout_s} s", 503)
         finally:
+            runs.discard(run_options)
             if acquired:
                 metrics.in_flight.dec()
                 slots.release()
@@ -511,11 +631,72 @@ def create_app(sampler: OnnxSampler, cfg: ServeConfig | None = None):
             response["id"] = req.id
         return JSONResponse(response)
 
-    app.state.shutdown = lambda: executor.shutdown(wait=False, cancel_futures=True)
+    app.state.shutdown = stop
     return app
 
 
 # --------------------------------------------------------------------------- running it
+def guarded_h11(header_timeout_s: float):
+    """uvicorn's h11 protocol with a header deadline: a connection that has not completed a request's
+    headers `header_timeout_s` after it opened (or after its previous response) is closed. uvicorn alone
+    keeps a client that sends headers a byte at a time forever (its keep-alive timer stops at the first
+    byte)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._header_timer = None
+            self._arm()
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(header_timeout_s, self._headers_late)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_late(self) -> None:
+            self._header_timer = None
+            if self.cycle is None or self.cycle.response_complete:  # still waiting for headers
+                log.info(
+                    "dropping %s: no complete request headers within %s s", self.client, header_timeout_s
+                )
+                self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            cycle = self.cycle
+            super().data_received(data)
+            if self.cycle is not cycle:  # a new request's headers arrived
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
+
+
+def uvicorn_config(app, cfg: ServeConfig, **kwargs):
+    """The uvicorn settings that enforce `cfg`'s connection limits (header deadline, bounded shutdown)."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        http=guarded_h11(cfg.header_timeout_s),
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=max(1, math.ceil(cfg.shutdown_timeout_s)),
+        **kwargs,
+    )
+
+
 def serve(
     onnx_path: str,
     host: str = "127.0.0.1",
@@ -524,26 +705,28 @@ def serve(
     providers: str | None = "auto",
     allow_cpu_fallback: bool = False,
 ) -> None:
-    """Load the sampler and serve it with uvicorn until interrupted. With providers="cuda", a CUDA provider
-    that does not load stops here (the pod never turns ready) unless `allow_cpu_fallback`."""
+    """Load the sampler and serve it with uvicorn until SIGTERM/SIGINT. With providers="cuda", a CUDA
+    provider that does not load stops here (the pod never turns ready) unless `allow_cpu_fallback`."""
     import uvicorn
 
     cfg = (cfg or ServeConfig()).validate()
     sampler = OnnxSampler(onnx_path, providers, allow_cpu_fallback=allow_cpu_fallback)
     app = create_app(sampler, cfg)
     log.info(
-        "serving %s as %r on http://%s:%d (providers %s)",
+        "serving %s as %r on http://%s:%d (providers %s, authentication %s)",
         onnx_path,
         cfg.model_name,
         host,
         port,
         sampler.providers,
+        "on" if cfg.auth_token else "off",
     )
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_keep_alive=5)
+    uvicorn.Server(uvicorn_config(app, cfg, host=host, port=port, log_level="info")).run()
 
 
 class BackgroundServer:
-    """uvicorn in a thread on an already bound socket (port 0 picks a free one): for tests and benches.
+    """uvicorn in a thread on an already bound socket (port 0 picks a free one), with the same connection
+    limits as `serve`: for tests and benches.
 
     with BackgroundServer(app) as srv: httpx.get(srv.url + "/v2/health/ready")
     """
@@ -556,9 +739,10 @@ class BackgroundServer:
         self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.bind((host, port))
-        self.url = f"http://{host}:{self.socket.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_keep_alive=5)
-        self.server = uvicorn.Server(config)
+        self.host, self.port = host, self.socket.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        cfg = getattr(app.state, "config", None) or ServeConfig()
+        self.server = uvicorn.Server(uvicorn_config(app, cfg, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     def __enter__(self) -> BackgroundServer:
@@ -570,7 +754,13 @@ class BackgroundServer:
             time.sleep(0.02)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def stop(self, timeout: float = 30) -> float:
+        """Ask the server to stop as SIGTERM does; seconds until its thread ended."""
+        start = time.monotonic()
         self.server.should_exit = True
-        self.thread.join(timeout=10)
+        self.thread.join(timeout=timeout)
+        return time.monotonic() - start
+
+    def __exit__(self, *exc) -> None:
+        self.stop(timeout=10)
         self.socket.close()

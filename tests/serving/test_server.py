@@ -135,6 +135,14 @@ BAD = {
         "inputs": body()["inputs"] + [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]
     },
     "duplicate input": {"inputs": body()["inputs"] + body()["inputs"][:1]},
+    "shape [-1, -1]": _with("n", shape=[-1, -1]),
+    "shape [0]": _with("n", shape=[0]),
+    "5000-digit integer": b'{"inputs": [{"name": "n", "datatype": "INT64", "shape": [1], "data": ['
+    + b"9" * 5000
+    + b"]}]}",
+    "5000-deep array": b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    "5000-deep object": b'{"a": ' * 5000 + b"1" + b"}" * 5000,
+    "invalid utf-8": b'{"inputs": "\xff\xfe"}',
     "unknown format": body(parameters={"format": "jpeg"}),
     "unknown output": body(outputs=[{"name": "logits"}]),
 }
@@ -283,7 +291,7 @@ def test_concurrent_requests_share_runs_and_keep_their_answers(sampler):
 
 def test_batched_server_still_times_out_and_refuses_when_full():
     class Slow(_SlowSampler):
-        def sample_many(self, requests, temperature, batch_size=None):
+        def sample_many(self, requests, temperature, batch_size=None, *, run_options=None):
             time.sleep(self.seconds)
             return [np.zeros((n, 1, 4, 4), np.float32) for n, _ in requests]
 
