@@ -215,6 +215,23 @@ def test_sampler_probes_hit_the_serving_health_endpoints(built):
         } <= kinds
 
 
+@pytest.mark.parametrize("path", ["overlays/cpu-dev", "overlays/gpu", "overlays/kserve"])
+def test_every_overlay_turns_sampler_authentication_on(built, path):
+    from serving.__main__ import TOKEN_ENV
+
+    (server,) = [
+        c
+        for d in built[path]
+        if d["kind"] in ("Deployment", "InferenceService") and "sampler" in d["metadata"]["name"]
+        for c in _containers(d)
+        if "serve" in c.get("command", [])
+    ]
+    (token,) = [e for e in server["env"] if e["name"] == TOKEN_ENV]
+    assert token["valueFrom"]["secretKeyRef"] == {"name": "nvae-sampler-token", "key": "token"}
+    assert not token["valueFrom"]["secretKeyRef"].get("optional")  # no token, no start: never open by mistake
+    assert all(d["kind"] != "Secret" or d["metadata"]["name"] != "nvae-sampler-token" for d in built[path])
+
+
 def test_gpu_overlay_gives_the_sampler_a_gpu_and_cpu_dev_does_not(built):
     def sampler(path):
         (dep,) = [d for d in built[path] if d["kind"] == "Deployment"]
@@ -300,7 +317,7 @@ def test_store_clients_read_the_same_secret_the_pipeline_uses(built):
         for c in _containers(doc):
             refs = [e["secretRef"]["name"] for e in c.get("envFrom", []) if "secretRef" in e]
             refs += [e["valueFrom"]["secretKeyRef"]["name"] for e in c.get("env", []) if "valueFrom" in e]
-            assert set(refs) <= {"nvae-s3-credentials"}
+            assert set(refs) - {"nvae-sampler-token"} <= {"nvae-s3-credentials"}  # the token is not S3's
 
 
 # --- images --------------------------------------------------------------------------------------------------
