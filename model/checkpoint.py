@@ -21,17 +21,47 @@ FORMAT = "nvae-pipeline-checkpoint"
 VERSION = 1
 
 
+class _WriteErrors:
+    """A file for torch.save that keeps the OSError of a failed write: torch's zip writer turns it into a
+    RuntimeError ('unexpected pos ...') that no longer says the disk is full."""
+
+    def __init__(self, fh):
+        self.fh, self.error = fh, None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same directory, fsync, then rename over `path`."""
+    """torch.save to a temporary file in the same directory, fsync, then rename over `path`. A failed write
+    (a full disk) raises its OSError naming `path`, and leaves neither `path` changed nor the temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+            writer = _WriteErrors(fh)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError:
+                if writer.error is None:
+                    raise
+                raise OSError(writer.error.errno, writer.error.strerror, str(path)) from None
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.filename in (None, tmp):  # name the file the user asked for, not our temporary
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -174,3 +174,39 @@ def test_store_failures_are_classified_retryable_or_permanent():
     with pytest.raises(StorageError) as bad_uri:
         parse_s3_uri("ftp://bucket/x")
     assert bad_uri.value.retryable is False
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs (mounting needs root, as on this project's machines and CI; skipped elsewhere)."""
+    import subprocess
+
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_during_a_checkpoint_save_names_the_file_and_leaves_nothing(small_disk):
+    from model.checkpoint import atomic_torch_save
+
+    target = small_disk / "model.pt"
+    atomic_torch_save({"w": torch.zeros(10)}, target)  # an older checkpoint that must survive
+    with pytest.raises(OSError) as exc:  # torch's own error would be RuntimeError('unexpected pos ...')
+        atomic_torch_save({"w": torch.zeros(1_000_000)}, target)
+    assert exc.value.errno == 28 and exc.value.filename == str(target)
+    assert sorted(p.name for p in small_disk.iterdir()) == ["model.pt"]  # no temporary left behind
+    assert torch.load(target)["w"].shape == (10,)
+
+
+def test_train_on_a_full_disk_is_one_line_exit_2(small_disk, fmnist64, make_tiny, capsys):
+    argv = ["train", "--data", str(fmnist64), "--out", str(small_disk / "run"), "--steps", "1",
+            "--batch-size", "4", "--samples", "0", "--set", "channels=16", "--set", "z_channels=8"]  # fmt: skip
+    assert main(argv) == 2
+    one_line_error(capsys, "no space left on device")
+    assert not [p for p in small_disk.rglob("*") if p.name.endswith(".tmp")]
