@@ -59,7 +59,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
-        if exc.filename in (None, tmp):  # name the file the user asked for, not our temporary
+        if exc.errno is not None and exc.filename in (None, tmp):  # name the user's file, not our temporary
             raise OSError(exc.errno, exc.strerror, str(path)) from None
         raise
     except BaseException:
