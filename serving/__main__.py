@@ -26,6 +26,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int_in("--port", 0, 65535), default=8080)
     p.add_argument("--model-name", default="nvae-decoder")
     p.add_argument(
+        "--server",
+        choices=("builtin", "kserve"),
+        default="builtin",
+        help="builtin: this package's server, which keeps every limit itself (authentication, slow-client "
+        "deadlines, body size); kserve: a kserve.Model on kserve.ModelServer (REST and gRPC v2) for KServe "
+        "clusters, where the mesh in front of the predictor authenticates and holds slow clients",
+    )
+    p.add_argument(
+        "--grpc-port",
+        type=int_in("--grpc-port", 1, 65535),
+        help="with --server kserve: also serve OIP v2 over gRPC on this port (KServe's default: 8081)",
+    )
+    p.add_argument(
         "--providers",
         default="auto",
         choices=("auto", "cpu", "cuda"),
@@ -122,6 +135,11 @@ def run(args: argparse.Namespace) -> int:
         cfg.validate()
     except ValueError as exc:
         raise NVAEError(str(exc)) from None
+    if args.server == "kserve":
+        from serving.kserve_model import serve_kserve
+
+        serve_kserve(args.onnx, args.port, args.grpc_port, cfg, args.providers, args.allow_cpu_fallback)
+        return 0
     serve(
         args.onnx,
         host=args.host,

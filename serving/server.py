@@ -292,7 +292,7 @@ def encode_output(images: np.ndarray, fmt: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- request batching
-class _Batcher:
+class Batcher:
     """Gathers waiting infer requests into shared runs: up to `max_concurrency` runs at once, each taking the
     oldest request and every later one of the same temperature while the images fit in `batch_images`."""
 
@@ -381,7 +381,7 @@ def _run_options():
 
 
 # --------------------------------------------------------------------------- the app
-class _Metrics:
+class ServerMetrics:
     def __init__(self):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -429,10 +429,10 @@ def create_app(sampler: OnnxSampler, cfg: ServeConfig | None = None):
         stop()  # uvicorn gets here after `timeout_graceful_shutdown`
 
     app = FastAPI(title="nvae-serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    metrics = _Metrics()
+    metrics = ServerMetrics()
     slots = asyncio.Semaphore(cfg.max_concurrency)
     state = {"waiting": 0, "ready": True}
-    batcher = _Batcher(sampler, cfg, executor, metrics, runs) if cfg.batch_images else None
+    batcher = Batcher(sampler, cfg, executor, metrics, runs) if cfg.batch_images else None
     app.state.batcher = batcher
     app.state.metrics, app.state.config, app.state.sampler = metrics, cfg, sampler
     c, d = sampler.image_shape[0], sampler.image_shape[1]
