@@ -1,15 +1,32 @@
-"""`nvae store init`: the bucket and its lifecycle rule, a few lines over `common.s3`."""
+"""`nvae store init`: the bucket, its lifecycle rule and (with --users) the workloads' scoped users, a few lines
+over `common.s3` and `common.store_admin`."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+
+from common.store_admin import DEFAULT_SAMPLER_PREFIX
+
+EXIT_RETRYABLE = 75  # the store is unreachable, starting, timing out or throttling (EX_TEMPFAIL): run again
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from common.errors import StorageError
     from common.s3 import ensure_bucket
+    from common.store_admin import ensure_users, users_from_env
 
-    for line in ensure_bucket(args.bucket):
-        print(line)
+    try:
+        users = users_from_env(args.bucket, args.sampler_prefix) if args.users else []  # checked first
+        for line in ensure_bucket(args.bucket):
+            print(line)
+        for line in ensure_users(users) if users else []:
+            print(line)
+    except StorageError as exc:
+        if not exc.retryable:
+            raise  # cli.main: one line, exit 2
+        print(f"nvae {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_RETRYABLE
     return 0
 
 
@@ -19,9 +36,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     ssub.required = True
     i = ssub.add_parser(
         "init",
-        help="create the bucket (if missing) and a rule that aborts incomplete multipart uploads",
-        description="Idempotent. Endpoint and keys come from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and "
-        "AWS_SECRET_ACCESS_KEY (the nvae-s3-credentials Secret).",
+        help="create the bucket (if missing), a rule that aborts incomplete multipart uploads and, with "
+        "--users, the sampler's and the pipeline's users",
+        description="Idempotent. Endpoint and root keys come from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and "
+        "AWS_SECRET_ACCESS_KEY (the nvae-s3-credentials Secret); an https:// endpoint with a private CA "
+        "needs AWS_CA_BUNDLE. Exit status: 0 done, 2 bad input or a permanent failure (bad keys, no admin "
+        "API, untrusted certificate), 75 the store is unreachable or not ready: run again.",
     )
     i.add_argument("--bucket", default="nvae")
+    i.add_argument(
+        "--users",
+        action="store_true",
+        help="also create or update, through MinIO's admin API, a read-only user for the sampler (keys in "
+        "NVAE_SAMPLER_ACCESS_KEY / NVAE_SAMPLER_SECRET_KEY) and a read-write user for the pipeline "
+        "(NVAE_PIPELINE_ACCESS_KEY / NVAE_PIPELINE_SECRET_KEY), each with its own policy; MinIO only",
+    )
+    i.add_argument(
+        "--sampler-prefix",
+        default=DEFAULT_SAMPLER_PREFIX,
+        help=f"the prefix of the bucket the sampler may read (default: {DEFAULT_SAMPLER_PREFIX}, where the "
+        "sampler's MODEL_URI points)",
+    )
     i.set_defaults(func=cmd_init)

@@ -1,12 +1,15 @@
 """The S3-API client (MinIO, SeaweedFS, AWS), configured from the environment only.
 
 Endpoint and credentials come from AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3), AWS_ACCESS_KEY_ID,
-AWS_SECRET_ACCESS_KEY and AWS_DEFAULT_REGION, the variables the `nvae-s3-credentials` Secret provides.
+AWS_SECRET_ACCESS_KEY and AWS_DEFAULT_REGION, the variables the store's Secrets provide (`nvae-s3-credentials`
+for the bucket job, `nvae-s3-pipeline` and `nvae-s3-sampler` for the workloads). An `https://` endpoint signed
+by a private CA needs AWS_CA_BUNDLE, the path of that CA's PEM bundle.
 """
 
 from __future__ import annotations
 
 import os
+import ssl
 
 from common.errors import StorageError
 
@@ -21,17 +24,42 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
-def s3_client_from_env():
-    """A boto3 S3 client configured only from the environment (path-style addressing, for MinIO)."""
+def endpoint_from_env() -> str | None:
+    """The store's URL (AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL); None means AWS itself."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def region_from_env() -> str:
+    return os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
+
+
+def ca_bundle_from_env() -> str | None:
+    """AWS_CA_BUNDLE, the PEM file of the CA that signed an https:// store's certificate, if set; a path that
+    is not a file is an error here rather than an obscure TLS failure at the first request."""
+    path = os.environ.get("AWS_CA_BUNDLE") or None
+    if path is not None and not os.path.isfile(path):
+        raise StorageError(f"AWS_CA_BUNDLE={path}: no such file (the store's CA bundle, PEM)")
+    return path
+
+
+def s3_client_from_env(max_attempts: int = 5):
+    """A boto3 S3 client configured only from the environment (path-style addressing, for MinIO), trusting
+    the CA bundle AWS_CA_BUNDLE names for an https:// endpoint. `max_attempts` counts the first try."""
     try:
         import boto3
         from botocore.config import Config
     except ModuleNotFoundError as exc:  # the `train` extra
         raise StorageError(f"s3:// URIs need boto3 (pip install 'nvae-pipeline[train]'): {exc}") from None
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
-    config = Config(s3={"addressing_style": "path"}, retries={"max_attempts": 5, "mode": "standard"})
-    return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+    config = Config(
+        s3={"addressing_style": "path"}, retries={"max_attempts": max_attempts, "mode": "standard"}
+    )
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint_from_env(),
+        region_name=region_from_env(),
+        config=config,
+        verify=ca_bundle_from_env(),  # None: botocore's default trust store
+    )
 
 
 # S3 error codes that a later attempt can get past (besides any HTTP 5xx).
@@ -41,14 +69,37 @@ RETRYABLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTime
 
 def is_retryable(exc: Exception) -> bool:
     """Whether a boto3/botocore failure can pass on a later try: timeouts, connection errors, 5xx,
-    throttling. Credentials, missing buckets or keys and bad parameters are permanent."""
+    throttling. Credentials, missing buckets or keys, bad parameters and an untrusted TLS certificate are
+    permanent."""
     from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
 
+    if is_untrusted_certificate(exc):
+        return False
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
         return status >= 500 or err.get("Code") in RETRYABLE_CODES
     return isinstance(exc, ConnectionError | HTTPClientError)  # endpoint down, timeouts, resets
+
+
+def is_untrusted_certificate(exc: BaseException) -> bool:
+    """Whether a failure (botocore, urllib3 or ssl) is a TLS certificate the client does not trust."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            return True
+        reason = getattr(exc, "reason", None)  # urllib3's MaxRetryError wraps the failure it gave up on
+        exc = reason if isinstance(reason, BaseException) else exc.__cause__ or exc.__context__
+    return False
+
+
+UNTRUSTED_HINT = "the store's TLS certificate is not trusted: set AWS_CA_BUNDLE to the PEM bundle of its CA"
+
+
+def one_line(text: str) -> str:
+    """Collapses whitespace and newlines, so an error from a server (XML, JSON) prints on one line."""
+    return " ".join(str(text).split())
 
 
 ABORT_INCOMPLETE_AFTER_DAYS = 1
@@ -81,5 +132,8 @@ def ensure_bucket(bucket: str, client=None) -> list[str]:
             f"lifecycle: incomplete multipart uploads aborted after {ABORT_INCOMPLETE_AFTER_DAYS} day"
         )
     except (ClientError, BotoCoreError) as exc:
-        raise StorageError(f"s3://{bucket}: cannot set up the bucket: {exc}", is_retryable(exc)) from None
+        hint = f" ({UNTRUSTED_HINT})" if is_untrusted_certificate(exc) else ""
+        raise StorageError(
+            one_line(f"s3://{bucket}: cannot set up the bucket: {exc}{hint}"), is_retryable(exc)
+        ) from None
     return done

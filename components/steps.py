@@ -50,7 +50,7 @@ def validate_params(
 
 def prepare(dataset: str, source: str, limit: int, data: Output[Dataset]):
     """DALI dataset preparation -> uint8 arrays + manifest. `source`: a path (a mounted volume) or
-    s3://bucket/prefix (endpoint and keys from the nvae-s3-credentials Secret's variables)."""
+    s3://bucket/prefix (endpoint and keys from the nvae-s3-pipeline Secret's variables)."""
     from components.runtime import read_json, run_cli
 
     argv = ["prepare", "--dataset", dataset, "--source", source, "--out", data.path]

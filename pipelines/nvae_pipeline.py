@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 PIPELINE_NAME = "nvae-pipeline"
 COMPILED = Path(__file__).with_name("nvae_pipeline.yaml")
-S3_SECRET = "nvae-s3-credentials"  # k8s Secret with the object store's endpoint and keys
+S3_SECRET = "nvae-s3-pipeline"  # k8s Secret with the store's endpoint and the pipeline's read-write keys
 STORE_CLIENT_LABEL = "nvae.io/store-client"
 S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")  # the Secret's keys
 _D = PipelineParams()

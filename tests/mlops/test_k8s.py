@@ -84,18 +84,24 @@ def test_core_objects_validate_against_the_kubernetes_schema(built, path):
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
 
+S3_SECRETS = {"nvae-s3-credentials", "nvae-s3-sampler", "nvae-s3-pipeline"}  # root, read-only, read-write
+
+
 def test_secret_template_validates_and_holds_no_credentials():
     import kubernetes_validate
 
-    doc = yaml.safe_load((K8S / "base/store/secret.template.yaml").read_text())
-    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
-    assert doc["stringData"]["AWS_ACCESS_KEY_ID"] == "REPLACE_ME"
-    assert doc["stringData"]["AWS_SECRET_ACCESS_KEY"] == "REPLACE_ME"
-    assert "data" not in doc
-    # ... and no kustomization applies it (kubectl apply -k must never overwrite the real Secret).
+    docs = list(yaml.safe_load_all((K8S / "base/store/secret.template.yaml").read_text()))
+    assert {doc["metadata"]["name"] for doc in docs} == S3_SECRETS
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        assert doc["stringData"]["AWS_ACCESS_KEY_ID"] == "REPLACE_ME"
+        assert doc["stringData"]["AWS_SECRET_ACCESS_KEY"] == "REPLACE_ME"
+        assert doc["stringData"]["AWS_ENDPOINT_URL"].startswith("http://minio.nvae.svc")
+        assert "data" not in doc
+    # ... and no kustomization applies them (kubectl apply -k must never overwrite the real Secrets).
     for path in KUSTOMIZATIONS:
         kinds = {(d["kind"], d["metadata"]["name"]) for d in _build(path)}
-        assert ("Secret", "nvae-s3-credentials") not in kinds
+        assert not {("Secret", name) for name in S3_SECRETS} & kinds
 
 
 def test_only_known_custom_resources_appear(built):
@@ -290,7 +296,7 @@ def test_the_namespace_denies_by_default_and_opens_only_what_each_workload_needs
     for doc in built[path]:
         if doc["kind"] in ("Deployment", "Job", "StatefulSet"):
             labels = doc["spec"]["template"]["metadata"]["labels"]
-            talks_to_store = any("nvae-s3-credentials" in str(c.get("envFrom", "")) for c in _containers(doc))
+            talks_to_store = any(_s3_secret_refs(c) for c in _containers(doc))
             if talks_to_store and labels.get("app.kubernetes.io/name") != "minio":
                 assert labels.get("nvae.io/store-client") == "true", doc["metadata"]["name"]
         if doc["kind"] == "InferenceService":  # KServe copies the service's labels onto its pods
@@ -307,17 +313,153 @@ def test_rbac_binds_the_pipeline_runner_to_its_role(built):
     rules = docs[("Role", "nvae-pipeline-runner")]["rules"]
     assert not any("*" in r["verbs"] or "*" in r["resources"] for r in rules), "least privilege: no wildcards"
     secret_rules = [r for r in rules if "secrets" in r["resources"]]
-    assert all(r.get("resourceNames") == ["nvae-s3-credentials"] for r in secret_rules)
+    assert secret_rules and all(r.get("resourceNames") == ["nvae-s3-pipeline"] for r in secret_rules)
 
 
-def test_store_clients_read_the_same_secret_the_pipeline_uses(built):
+def _secret_refs(container: dict) -> set[str]:
+    refs = {e["secretRef"]["name"] for e in container.get("envFrom", []) if "secretRef" in e}
+    return refs | {
+        e["valueFrom"]["secretKeyRef"]["name"] for e in container.get("env", []) if "valueFrom" in e
+    }
+
+
+def _s3_secret_refs(container: dict) -> set[str]:
+    return {name for name in _secret_refs(container) if name.startswith("nvae-s3-")}
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_only_minio_and_the_bucket_job_hold_the_root_keys(built, path):
+    """Each workload reads its own scoped Secret: the sampler the read-only one, the pipeline the read-write
+    one; the root Secret only reaches MinIO and the bucket Job, which creates the two users."""
+    for doc in built[path]:
+        name = f"{doc['kind']}/{doc['metadata']['name']}"
+        refs = {r for c in _containers(doc) for r in _s3_secret_refs(c)}
+        assert refs <= S3_SECRETS, f"{path}: {name} reads {refs}"
+        if name == "StatefulSet/minio":
+            assert refs == {"nvae-s3-credentials"}
+        elif name == "Job/nvae-create-bucket":
+            assert refs == S3_SECRETS
+        elif "sampler" in name and _containers(doc):  # the Deployment or the InferenceService
+            assert refs == {"nvae-s3-sampler"}, f"{path}: {name}"
+        else:
+            assert "nvae-s3-credentials" not in refs, f"{path}: {name} must not hold the root keys"
     pipeline = (REPO / "pipelines/nvae_pipeline.py").read_text()
-    assert 'S3_SECRET = "nvae-s3-credentials"' in pipeline
-    for doc in built["base"]:
-        for c in _containers(doc):
-            refs = [e["secretRef"]["name"] for e in c.get("envFrom", []) if "secretRef" in e]
-            refs += [e["valueFrom"]["secretKeyRef"]["name"] for e in c.get("env", []) if "valueFrom" in e]
-            assert set(refs) - {"nvae-sampler-token"} <= {"nvae-s3-credentials"}  # the token is not S3's
+    assert 'S3_SECRET = "nvae-s3-pipeline"' in pipeline
+
+
+def test_bucket_job_creates_the_users_from_the_workloads_secrets(built):
+    from common.s3 import parse_s3_uri
+    from common.store_admin import DEFAULT_SAMPLER_PREFIX, KEY_ENV
+
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in built["base"]}
+    job = docs[("Job", "nvae-create-bucket")]
+    (c,) = _containers(job)
+    assert c["command"][:3] == ["nvae", "store", "init"] and "--users" in c["command"]
+    bucket = c["command"][c["command"].index("--bucket") + 1]
+    env = {e["name"]: e for e in c["env"]}
+    for role, variables in KEY_ENV.items():
+        for var, key in zip(variables, ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"), strict=True):
+            ref = env[var]["valueFrom"]["secretKeyRef"]
+            assert (ref["name"], ref["key"]) == (f"nvae-s3-{role}", key), var
+    # The prefix the sampler may read holds the model it fetches, in the bucket the Job sets up.
+    model_bucket, model_key = parse_s3_uri(docs[("ConfigMap", "nvae-sampler")]["data"]["MODEL_URI"])
+    assert model_bucket == bucket and model_key.startswith(DEFAULT_SAMPLER_PREFIX)
+    # Exit 2 (bad keys, no admin API) fails the Job at once; 75 (store not ready) is retried.
+    spec = job["spec"]
+    assert spec["template"]["spec"]["restartPolicy"] == "Never" and spec["backoffLimit"] > 0
+    (rule,) = spec["podFailurePolicy"]["rules"]
+    assert rule["action"] == "FailJob" and rule["onExitCodes"] == {
+        "containerName": c["name"],
+        "operator": "In",
+        "values": [2],
+    }
+
+
+# --- TLS to the store (the component k8s/base/store/tls) -----------------------------------------------------
+
+TLS_OVERLAYS = ["overlays/cpu-dev", "overlays/kserve"]
+
+
+@pytest.fixture(scope="module")
+def built_tls(tmp_path_factory) -> dict[str, list[dict]]:
+    """Each overlay with the TLS component added, as a user's overlay adds it."""
+    import os
+
+    out = {}
+    for path in TLS_OVERLAYS:
+        d = tmp_path_factory.mktemp("tls-" + path.replace("/", "-"))
+        rel = lambda p, d=d: os.path.relpath(K8S / p, d)  # noqa: E731
+        (d / "kustomization.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                    "kind": "Kustomization",
+                    "resources": [rel(path)],
+                    "components": [rel("base/store/tls")],
+                }
+            )
+        )
+        stdout = run([tool("kubectl"), "kustomize", str(d)], cwd=REPO).stdout
+        out[path] = [doc for doc in yaml.safe_load_all(stdout) if doc]
+    return out
+
+
+def _ca_bundle_paths(docs: list[dict]) -> list[str]:
+    return [
+        e["value"]
+        for d in docs
+        for c in _containers(d)
+        for e in c.get("env", [])
+        if e["name"] == "AWS_CA_BUNDLE"
+    ]
+
+
+def test_the_base_speaks_http_to_the_store(built):
+    for path, docs in built.items():
+        assert _ca_bundle_paths(docs) == [], path
+        for doc in docs:
+            for c in _containers(doc):
+                assert "HTTPS" not in str(c.get("readinessProbe", "")), f"{path}: {c['name']}"
+
+
+@pytest.mark.parametrize("path", TLS_OVERLAYS)
+def test_tls_component_serves_https_and_every_store_client_trusts_the_mounted_ca(built_tls, built, path):
+    import kubernetes_validate
+
+    docs = built_tls[path]
+    for doc in docs:
+        if doc["kind"] == "InferenceService":
+            _strict_kserve_load(doc, "V1beta1InferenceService", "InferenceService")
+        elif doc["kind"] != "TrainJob":
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    (minio,) = [d for d in docs if d["kind"] == "StatefulSet"]
+    (server,) = _containers(minio)
+    certs_dir = server["args"][server["args"].index("--certs-dir") + 1]
+    (mount,) = [m for m in server["volumeMounts"] if m["mountPath"] == certs_dir]
+    (volume,) = [v for v in _pod_specs(minio)[0]["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "nvae-s3-tls"
+    assert {i["path"] for i in volume["secret"]["items"]} == {"public.crt", "private.key"}  # MinIO's names
+    assert server["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    assert server["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    # Every container that reads an S3 Secret, MinIO aside, trusts the CA from nvae-s3-ca.
+    clients = 0
+    for doc in docs:
+        for pod in _pod_specs(doc):
+            volumes = {v["name"]: v for v in pod.get("volumes", [])}
+            for c in pod.get("initContainers", []) + pod.get("containers", []):
+                if not _s3_secret_refs(c) or doc["kind"] == "StatefulSet":
+                    continue
+                clients += 1
+                (bundle,) = [e["value"] for e in c["env"] if e["name"] == "AWS_CA_BUNDLE"]
+                (m,) = [m for m in c["volumeMounts"] if bundle.startswith(m["mountPath"].rstrip("/") + "/")]
+                assert m.get("readOnly") is True
+                assert volumes[m["name"]]["secret"]["secretName"] == "nvae-s3-ca"
+                assert bundle.rpartition("/")[2] == "ca.crt"
+    assert clients == 2, "the bucket Job and the sampler's init container"
+    # Nothing else changed: the same objects as without TLS.
+    assert {(d["kind"], d["metadata"]["name"]) for d in docs} == {
+        (d["kind"], d["metadata"]["name"]) for d in built[path]
+    }
 
 
 # --- images --------------------------------------------------------------------------------------------------

@@ -89,9 +89,9 @@ def test_train_task_resources_and_kubernetes_settings():
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]
     assert k8s["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert k8s["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
-    assert k8s["secretAsEnv"][0]["secretName"] == "nvae-s3-credentials"
+    assert k8s["secretAsEnv"][0]["secretName"] == "nvae-s3-pipeline"
     prep = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-prepare"]
-    assert prep["secretAsEnv"][0]["secretName"] == "nvae-s3-credentials"  # s3:// sources
+    assert prep["secretAsEnv"][0]["secretName"] == "nvae-s3-pipeline"  # s3:// sources, the read-write user
     assert spec["root"]["dag"]["tasks"]["train"]["retryPolicy"]["maxRetryCount"] == 3
     for name, ex in spec["deploymentSpec"]["executors"].items():
         assert ex["container"]["image"] in (DEFAULT_IMAGES.cpu, DEFAULT_IMAGES.gpu), name
