@@ -30,6 +30,21 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_get(args: argparse.Namespace) -> int:
+    from common.errors import StorageError
+    from common.s3 import download_object
+
+    try:
+        size = download_object(args.uri, args.out)
+    except StorageError as exc:
+        if not exc.retryable:
+            raise
+        print(f"nvae {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_RETRYABLE
+    print(f"fetched {args.uri} -> {args.out} ({size} bytes)")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("store", help="set up the S3-API object store the pipeline uses")
     ssub = p.add_subparsers(dest="store_command", metavar="ACTION")
@@ -58,3 +73,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "sampler's MODEL_URI points)",
     )
     i.set_defaults(func=cmd_init)
+    g = ssub.add_parser(
+        "get",
+        help="download one object (e.g. the sampler's decoder) to a file, atomically",
+        description="The file appears only when the whole object has arrived. Endpoint and keys from the "
+        "environment as for init. Exit status: 0 done, 2 bad URI or a permanent failure (no such object, "
+        "bad keys), 75 the store is unreachable or not ready: run again.",
+    )
+    g.add_argument("uri", help="s3://bucket/path/to/object")
+    g.add_argument("--out", required=True, help="file to write")
+    g.set_defaults(func=cmd_get)

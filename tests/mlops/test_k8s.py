@@ -206,8 +206,10 @@ def test_sampler_probes_hit_the_serving_health_endpoints(built):
             d for d in built[path] if d["kind"] == "Deployment" and d["metadata"]["name"] == "nvae-sampler"
         ]
         (c,) = dep["spec"]["template"]["spec"]["containers"]
-        assert c["command"] == ["nvae", "serve"]
+        assert c["command"] == ["python", "-m", "serving"]  # the slim image's sampler, no `nvae` CLI there
         assert c["args"][:2] == ["--onnx", "/models/decoder.onnx"] and "8080" in c["args"]
+        (fetch,) = dep["spec"]["template"]["spec"]["initContainers"]
+        assert fetch["command"] == ["nvae", "store", "get", "$(MODEL_URI)", "--out", "/models/decoder.onnx"]
         assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
         assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
         kinds = {d["kind"] for d in built[path]}
@@ -230,12 +232,40 @@ def test_every_overlay_turns_sampler_authentication_on(built, path):
         for d in built[path]
         if d["kind"] in ("Deployment", "InferenceService") and "sampler" in d["metadata"]["name"]
         for c in _containers(d)
-        if "serve" in c.get("command", [])
+        if "serving" in c.get("command", [])
     ]
     (token,) = [e for e in server["env"] if e["name"] == TOKEN_ENV]
     assert token["valueFrom"]["secretKeyRef"] == {"name": "nvae-sampler-token", "key": "token"}
     assert not token["valueFrom"]["secretKeyRef"].get("optional")  # no token, no start: never open by mistake
     assert all(d["kind"] != "Secret" or d["metadata"]["name"] != "nvae-sampler-token" for d in built[path])
+
+
+def test_kserve_overlay_runs_kserves_model_server_on_the_model_kserve_fetches(built):
+    (isvc,) = [d for d in built["overlays/kserve"] if d["kind"] == "InferenceService"]
+    predictor = isvc["spec"]["predictor"]
+    assert "initContainers" not in predictor  # KServe's storage initializer replaces our fetch step
+    (c,) = predictor["containers"]
+    assert c["image"] == IMAGES["serve-cpu"] and c["command"] == ["python", "-m", "serving"]
+    args = c["args"]
+    assert args[args.index("--server") + 1] == "kserve"
+    storage = {e["name"]: e.get("value") for e in c["env"]}["STORAGE_URI"]
+    onnx = args[args.index("--onnx") + 1]
+    assert onnx == "/mnt/models/" + storage.rpartition("/")[2]  # where the storage initializer puts a file
+    (config,) = [
+        d
+        for d in built["overlays/kserve"]
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "nvae-sampler"
+    ]
+    assert storage == config["data"]["MODEL_URI"], "the Deployment and KServe serve the same object"
+    (sa,) = [
+        d
+        for d in built["overlays/kserve"]
+        if d["kind"] == "ServiceAccount" and d["metadata"]["name"] == predictor["serviceAccountName"]
+    ]
+    assert [s["name"] for s in sa["secrets"]] == ["nvae-s3-sampler"]
+    assert (
+        sa["metadata"]["annotations"]["serving.kserve.io/s3-endpoint"] == "minio.nvae.svc.cluster.local:9000"
+    )
 
 
 def test_gpu_overlay_gives_the_sampler_a_gpu_and_cpu_dev_does_not(built):
@@ -339,7 +369,14 @@ def test_only_minio_and_the_bucket_job_hold_the_root_keys(built, path):
             assert refs == {"nvae-s3-credentials"}
         elif name == "Job/nvae-create-bucket":
             assert refs == S3_SECRETS
-        elif "sampler" in name and _containers(doc):  # the Deployment or the InferenceService
+        elif name == "InferenceService/nvae-sampler":  # KServe's storage initializer, via the ServiceAccount
+            assert not refs, f"{path}: {name}"
+            account = doc["spec"]["predictor"]["serviceAccountName"]
+            (sa,) = [
+                d for d in built[path] if d["kind"] == "ServiceAccount" and d["metadata"]["name"] == account
+            ]
+            assert [s["name"] for s in sa["secrets"]] == ["nvae-s3-sampler"]
+        elif "sampler" in name and _containers(doc):  # the Deployment's init container
             assert refs == {"nvae-s3-sampler"}, f"{path}: {name}"
         else:
             assert "nvae-s3-credentials" not in refs, f"{path}: {name} must not hold the root keys"
@@ -455,7 +492,16 @@ def test_tls_component_serves_https_and_every_store_client_trusts_the_mounted_ca
                 assert m.get("readOnly") is True
                 assert volumes[m["name"]]["secret"]["secretName"] == "nvae-s3-ca"
                 assert bundle.rpartition("/")[2] == "ca.crt"
-    assert clients == 2, "the bucket Job and the sampler's init container"
+    if path == "overlays/kserve":  # KServe's storage initializer fetches the model, over HTTPS
+        (sa,) = [
+            d
+            for d in docs
+            if d["kind"] == "ServiceAccount" and d["metadata"]["name"] == "nvae-sampler-storage"
+        ]
+        assert sa["metadata"]["annotations"]["serving.kserve.io/s3-usehttps"] == "1"
+        assert clients == 1, "the bucket Job"
+    else:
+        assert clients == 2, "the bucket Job and the sampler's init container"
     # Nothing else changed: the same objects as without TLS.
     assert {(d["kind"], d["metadata"]["name"]) for d in docs} == {
         (d["kind"], d["metadata"]["name"]) for d in built[path]
@@ -473,16 +519,18 @@ def test_images_file_names_the_cpu_and_gpu_images_at_the_project_version():
     assert IMAGES == {
         "cpu": f"{PROJECT_REPO}nvae-cpu:{version}",
         "gpu": f"{PROJECT_REPO}nvae-gpu:{version}",
+        "serve-cpu": f"{PROJECT_REPO}nvae-serve-cpu:{version}",
+        "serve-gpu": f"{PROJECT_REPO}nvae-serve-gpu:{version}",
     }
 
 
 @pytest.mark.parametrize(
     "path, allowed",
     [
-        ("base", {"cpu"}),
-        ("overlays/cpu-dev", {"cpu"}),
-        ("overlays/gpu", {"gpu"}),
-        ("overlays/kserve", {"cpu"}),
+        ("base", {"cpu", "serve-cpu"}),
+        ("overlays/cpu-dev", {"cpu", "serve-cpu"}),
+        ("overlays/gpu", {"gpu", "serve-gpu"}),
+        ("overlays/kserve", {"cpu", "serve-cpu"}),
         ("train", {"gpu"}),
     ],
 )
@@ -501,7 +549,7 @@ def test_manifests_use_exactly_the_images_in_images_yaml(built, path, allowed):
 def test_pipeline_components_use_the_images_in_images_yaml():
     from components import images
 
-    assert {images.CPU_IMAGE, images.GPU_IMAGE} == set(IMAGES.values())
+    assert (images.CPU_IMAGE, images.GPU_IMAGE) == (IMAGES["cpu"], IMAGES["gpu"])
     pattern = re.escape(PROJECT_REPO) + r"[\w.:/-]+"
     for path in [*REPO.glob("components/*.py"), *REPO.glob("pipelines/*.py"), *REPO.glob("pipelines/*.yaml")]:
         for image in re.findall(pattern, path.read_text()):
@@ -616,6 +664,6 @@ def test_serving_image_holds_the_sampler_alone(kind):
     users = re.findall(r"^USER\s+(\S+)", text, flags=re.M)
     assert users[-1] == "10001:10001" and 'ENTRYPOINT ["python", "-m", "serving"]' in text
     (ref,) = re.findall(r'org\.opencontainers\.image\.ref\.name="([^"]+)"', text)
-    assert ref == f"{PROJECT_REPO}nvae-{kind}:{images_mod.DEFAULT_TAG}"
+    assert ref == f"{PROJECT_REPO}nvae-{kind}:{images_mod.DEFAULT_TAG}" == IMAGES[kind]
     if kind == "serve-gpu":  # onnxruntime-gpu instead of, never beside, the CPU onnxruntime
         assert "grep -vx onnxruntime" in text and re.search(r"onnxruntime-gpu(\[[\w,]+\])?==[\d.]+", text)
