@@ -99,6 +99,10 @@ EOF
 "$repo/.venv/bin/nvae" data upload --dataset fashion-mnist --source /usr/share/datasets/fashion-mnist \
   --to s3://nvae/raw/fashion-mnist
 stamp "data uploaded"
+# The sampler Deployment's init container: `nvae store get` in the image, as UID 10001, to its read-only root.
+podman run --rm --network host --read-only --tmpfs /tmp -e AWS_ENDPOINT_URL -e AWS_ACCESS_KEY_ID \
+  -e AWS_SECRET_ACCESS_KEY -e AWS_DEFAULT_REGION "$registry/nvae-cpu:$tag" \
+  nvae store get s3://nvae/raw/fashion-mnist/t10k-labels-idx1-ubyte.gz --out /tmp/models/labels.gz
 
 # --- the pipeline, every step in its image -----------------------------------------------------------------
 root=$work/pipeline-root
