@@ -57,7 +57,7 @@ class FlowCell(nn.Module):
     """One additive IAF step `z <- z - shift(z)`, with shift autoregressive in z; log-det is 0.
 
     masked 3x3 conv z->6z (centre excludes the same channel) -> ELU -> masked depthwise 5x5 -> ELU
-    -> ELU -> masked 1x1 6z->z (init x0.1). (B,Z,H,W) -> (B,Z,H,W).
+    -> ELU -> masked 1x1 6z->z (its initial gain x0.1, as the authors). (B,Z,H,W) -> (B,Z,H,W).
     """
 
     def __init__(self, z_channels: int, mirror: bool, expansion: int = 6):

@@ -66,3 +66,24 @@ def test_shift_starts_small():
     cell = FlowCell(4, mirror=False)
     z = torch.randn(8, 4, 6, 6)
     assert (cell(z) - z).abs().mean() < 0.5 * z.abs().mean()
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_output_conv_starts_with_the_authors_gain_and_an_untouched_direction(mirror):
+    """Authors' ELUConv(weight_init_coeff=0.1): log_g = log(||v * mask|| + 0.01) + log 0.1, v at PyTorch's
+    default init (kaiming-uniform bound 1/sqrt(fan_in)); not v scaled by 0.1."""
+    import math
+
+    torch.manual_seed(0)
+    cell = FlowCell(4, mirror=mirror)
+    conv = cell.shift
+    v = conv.weight.detach()
+    masked_norm = (v * conv.mask).flatten(1).norm(dim=1)
+    expected = torch.log(masked_norm + 0.01) + math.log(0.1)
+    assert torch.allclose(conv.log_g.detach().flatten(), expected, atol=1e-6)
+    bound = 1 / math.sqrt(conv.in_channels)  # nn.Conv2d's default init for a 1x1 kernel
+    assert v.abs().max() <= bound and v.abs().max() > 0.5 * bound
+    # the other flow convs keep the gain of their own direction
+    for other in (cell.conv1, cell.conv2):
+        w = (other.weight.detach() * other.mask).flatten(1).norm(dim=1)
+        assert torch.allclose(other.log_g.detach().flatten(), torch.log(w + 0.01), atol=1e-6)
