@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from common.argtypes import int_in, positive_int
-from model.config import PRESETS, build_config, parse_set_args
+from model.config import PRESETS, build_config, get_preset, parse_set_args
 from model.runtime import PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,12 @@ def _train(args: argparse.Namespace, ctx) -> dict:
     per_epoch = len(loader(0))
     if per_epoch == 0:
         raise ValueError(f"--data {args.data} has fewer than one batch of {cfg.batch_size} per process")
-    steps = args.steps or (args.epochs or cfg.epochs) * per_epoch
+    if per_epoch < args.grad_accum:
+        raise ValueError(
+            f"--grad-accum {args.grad_accum} is more than the {per_epoch} batches of an epoch of --data {args.data}"
+        )
+    steps = args.steps or max(1, (args.epochs or cfg.epochs) * per_epoch // args.grad_accum)
+    warn_global_batch(get_preset(args.preset), cfg.batch_size, ctx.world_size, args.grad_accum)
     opts = TrainOptions(
         steps=steps,
         batches_per_epoch=per_epoch,
@@ -141,15 +146,42 @@ def _train(args: argparse.Namespace, ctx) -> dict:
         channels_last=args.channels_last,
         compile=args.compile,
         dist=ctx,
+        grad_accum=args.grad_accum,
     )
     log.info(
-        "%d steps of %d images per process (%d batches per epoch), %s",
+        "%d steps of %d x %d images per process (%d batches per epoch), %s",
         steps,
+        args.grad_accum,
         cfg.batch_size,
         per_epoch,
         opts.precision,
     )
     return train(cfg, loader, opts)
+
+
+def warn_global_batch(recipe, batch_size: int, world_size: int, grad_accum: int) -> int:
+    """Log a warning when the images per optimisation step differ from the recipe's global batch (`recipe`:
+    the preset's config; its learning rate and schedules were tuned for that batch); returns the effective
+    global batch."""
+    effective = batch_size * world_size * grad_accum
+    if effective != recipe.global_batch:
+        hint = ""
+        per_step = batch_size * world_size
+        if recipe.global_batch % per_step == 0 and recipe.global_batch > per_step:
+            hint = f"; --grad-accum {recipe.global_batch // per_step} reaches it"
+        log.warning(
+            "global batch %d (%d per process x %d processes x %d accumulated) differs from the recipe's %d "
+            "(%d per GPU x %d GPUs)%s",
+            effective,
+            batch_size,
+            world_size,
+            grad_accum,
+            recipe.global_batch,
+            recipe.batch_size,
+            recipe.recipe_processes,
+            hint,
+        )
+    return effective
 
 
 def _torchrun_argv(args: argparse.Namespace) -> list[str]:
@@ -173,6 +205,7 @@ def _torchrun_argv(args: argparse.Namespace) -> list[str]:
         ("--steps", args.steps),
         ("--epochs", args.epochs),
         ("--batch-size", args.batch_size),
+        ("--grad-accum", args.grad_accum),
         ("--checkpoint-every", args.checkpoint_every),
         ("--checkpoint-dir", args.checkpoint_dir),
         ("--precision", args.precision),
@@ -263,6 +296,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--batch-size",
         type=positive_int("--batch-size"),
         help="batch size per process (default: the preset's)",
+    )
+    p.add_argument(
+        "--grad-accum",
+        type=int_in("--grad-accum", 1, 1024),
+        default=1,
+        help="batches summed into each optimisation step (default 1). The recipes' global batch is the "
+        "authors' per-GPU batch x their GPU count (`nvae info`): on N processes, --grad-accum "
+        "recipe_processes/N reaches it. Caveat: BN statistics still come from each batch of --batch-size "
+        "alone, so small batches differ from the authors' run even at the same global batch",
     )
     p.add_argument(
         "--checkpoint-every",

@@ -48,6 +48,9 @@ def model_info(cfg: NVAEConfig, preset: str | None = None) -> dict[str, Any]:
         "input_shape": [cfg.in_channels, cfg.data_size, cfg.data_size],
         "likelihood": cfg.likelihood if cfg.likelihood == "bernoulli" else f"dmol-{cfg.num_bits}bit",
         "num_flow_pairs_per_group": cfg.num_nf,
+        "batch_per_process": cfg.batch_size,
+        "recipe_processes": cfg.recipe_processes,
+        "global_batch": cfg.global_batch,
         "forward_gflop_per_image": forward_flops(model) / 1e9,
     }
 
@@ -72,6 +75,8 @@ def format_info(info: dict[str, Any]) -> str:
         f"latent dims            {info['latent_dims']:,}",
         f"input                  {'x'.join(map(str, info['input_shape']))}, {info['likelihood']}",
         f"flow pairs per group   {info['num_flow_pairs_per_group']}",
+        f"batch                  {info['batch_per_process']} per process x {info['recipe_processes']} processes "
+        f"= global batch {info['global_batch']} (the recipe's)",
         f"forward GFLOP / image  {info['forward_gflop_per_image']:.3f}",
     ]
     return "\n".join(lines)

@@ -18,6 +18,7 @@ vectors are buffers computed from the (identical) weights and broadcast from ran
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -72,7 +73,7 @@ class TrainingInterrupted(NVAEError):
 @dataclass
 class TrainOptions:
     steps: int  # optimisation steps in total
-    batches_per_epoch: int
+    batches_per_epoch: int  # batches of `batch_size` per process per epoch
     out: Path  # run directory: metrics, DVCLive, samples (and checkpoints unless `checkpoint_dir`)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (see `default_precision`)
     device: str = "cpu"  # ignored when `dist` is given (its device wins)
@@ -90,6 +91,14 @@ class TrainOptions:
     compile: bool = False
     handle_signals: bool = True  # checkpoint and stop on SIGTERM/SIGINT (main thread only)
     dist: DistContext | None = None
+    # Batches whose gradients are summed into one optimisation step: with N processes the step sees
+    # grad_accum x N x batch_size images (reach the recipe's global batch on fewer GPUs). BN statistics still
+    # come from each batch alone, and the spectral regularizer's power iteration advances once per batch.
+    grad_accum: int = 1
+
+    @property
+    def steps_per_epoch(self) -> float:
+        return self.batches_per_epoch / self.grad_accum
 
 
 # ------------------------------------------------------------------------------------------ recipe
@@ -264,7 +273,7 @@ def train(cfg: NVAEConfig, batches: BatchSource, opts: TrainOptions) -> dict[str
         rng = gather_objects(ctx, _rng_state(device))
         location = store.location
         if ctx.is_main:
-            epoch, batch = divmod(step, opts.batches_per_epoch)
+            epoch, batch = divmod(step * opts.grad_accum, opts.batches_per_epoch)
             location = store.save(
                 {
                     "format": FORMAT,
@@ -277,6 +286,7 @@ def train(cfg: NVAEConfig, batches: BatchSource, opts: TrainOptions) -> dict[str
                     "epoch": epoch,
                     "batch_in_epoch": batch,
                     "batches_per_epoch": opts.batches_per_epoch,
+                    "grad_accum": opts.grad_accum,
                     "total_steps": opts.steps,
                     "seed": opts.seed,
                     "world_size": ctx.world_size,
@@ -306,89 +316,106 @@ def train(cfg: NVAEConfig, batches: BatchSource, opts: TrainOptions) -> dict[str
         dynamic_ncols=True,
     )
     t_log = time.perf_counter()
-    with _StopSignals(opts.handle_signals) as stop:
-        while step < opts.steps:
-            epoch, start_batch = divmod(step, opts.batches_per_epoch)
-            with _rng_guard(device):
-                it = iter(batches(epoch, start_batch))
+
+    def batch_stream(first_step: int):
+        """The training batches from the position of `first_step`, across epochs (each epoch its own
+        shuffle, as a fresh run would see it)."""
+        position = first_step * opts.grad_accum
+        while True:
+            epoch, start_batch = divmod(position, opts.batches_per_epoch)
             produced = False
-            while step < opts.steps:
-                with _rng_guard(device):
-                    x = next(it, None)
-                if x is None:
-                    break
+            for x in batches(epoch, start_batch):
                 produced = True
-                x = x.to(device, non_blocking=True)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                lr = learning_rate(cfg, step, opts.steps, opts.batches_per_epoch)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                optimizer.zero_grad(set_to_none=True)
-                with autocast(device, opts.precision):
-                    terms = net(x, step, opts.steps)
-                scaler.scale(terms.loss).backward()
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-                finite = bool(torch.isfinite(terms.loss)) and bool(torch.isfinite(grad_norm))
-                bad, stopping = any_flags(ctx, not finite, stop.signum is not None)
-                if bad:
-                    skipped += 1
-                    nonfinite_in_row += 1
-                    log.warning(
-                        "step %d: non-finite loss or gradient, step skipped (%d in a row)",
-                        step,
-                        nonfinite_in_row,
-                    )
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.update()
-                    if nonfinite_in_row >= opts.max_nonfinite:
-                        bar.close()
-                        logger.close()
-                        raise NonFiniteLossError(
-                            f"{nonfinite_in_row} consecutive non-finite steps at step {step}; the last good "
-                            f"checkpoint is kept in {store.location}"
-                        )
-                    step += 1
-                    bar.update(1)
-                else:
-                    nonfinite_in_row = 0
-                    scaler.step(optimizer)
-                    scaler.update()
-                    step += 1
-                    bar.update(1)
-                    world_batch_images += x.size(0) * ctx.world_size
-                    diag = objective.kl_diag
-                    kl_sum = diag if kl_sum is None else kl_sum + diag
-                    kl_steps += 1
-                    if step % opts.log_every == 0 or step == opts.steps:
-                        now = time.perf_counter()
-                        last = _step_metrics(cfg, ctx, terms, lr, grad_norm, scaler, skipped)
-                        last["img_per_s"] = world_batch_images / max(now - t_log, 1e-9)
-                        world_batch_images, t_log = 0, now
-                        logger.log_step(step, last)
-                        bar.set_postfix(
-                            loss=f"{last['loss']:.1f}",
-                            bpd=f"{last['nelbo_bpd']:.3f}",
-                            img_s=f"{last['img_per_s']:.1f}",
-                        )
-                    if kl_sum is not None and (
-                        (opts.eval_every and step % opts.eval_every == 0) or step == opts.steps
-                    ):
-                        _evaluate_interval(model, ctx, logger, opts, step, kl_sum / kl_steps)
-                        kl_sum, kl_steps = None, 0
-                if opts.checkpoint_every and step % opts.checkpoint_every == 0:
-                    checkpoint()
-                if stopping:
-                    bar.close()
-                    location = checkpoint()
-                    logger.close()
-                    signum = stop.signum or signal.SIGTERM
-                    raise TrainingInterrupted(signum, step, location)
+                position += 1
+                yield x
             if not produced:
                 raise DataError(
                     f"the data source yielded no batch for epoch {epoch} from batch {start_batch}"
                 )
+
+    with _rng_guard(device):
+        stream = batch_stream(step)
+    with _StopSignals(opts.handle_signals) as stop:
+        while step < opts.steps:
+            lr = learning_rate(cfg, step, opts.steps, opts.steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            step_images = 0
+            loss_finite = True
+            for micro in range(opts.grad_accum):
+                with _rng_guard(device):
+                    x = next(stream)
+                x = x.to(device, non_blocking=True)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                step_images += x.size(0)
+                last_micro = micro == opts.grad_accum - 1
+                # DDP all-reduces the gradients once, on the last batch of the step
+                sync = net.no_sync() if ctx.distributed and not last_micro else contextlib.nullcontext()
+                with sync:
+                    with autocast(device, opts.precision):
+                        terms = net(x, step, opts.steps)
+                    loss_finite = loss_finite and bool(torch.isfinite(terms.loss))
+                    loss = terms.loss / opts.grad_accum if opts.grad_accum > 1 else terms.loss
+                    scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+            finite = loss_finite and bool(torch.isfinite(grad_norm))
+            bad, stopping = any_flags(ctx, not finite, stop.signum is not None)
+            if bad:
+                skipped += 1
+                nonfinite_in_row += 1
+                log.warning(
+                    "step %d: non-finite loss or gradient, step skipped (%d in a row)",
+                    step,
+                    nonfinite_in_row,
+                )
+                optimizer.zero_grad(set_to_none=True)
+                scaler.update()
+                if nonfinite_in_row >= opts.max_nonfinite:
+                    bar.close()
+                    logger.close()
+                    raise NonFiniteLossError(
+                        f"{nonfinite_in_row} consecutive non-finite steps at step {step}; the last good "
+                        f"checkpoint is kept in {store.location}"
+                    )
+                step += 1
+                bar.update(1)
+            else:
+                nonfinite_in_row = 0
+                scaler.step(optimizer)
+                scaler.update()
+                step += 1
+                bar.update(1)
+                world_batch_images += step_images * ctx.world_size
+                diag = objective.kl_diag
+                kl_sum = diag if kl_sum is None else kl_sum + diag
+                kl_steps += 1
+                if step % opts.log_every == 0 or step == opts.steps:
+                    now = time.perf_counter()
+                    last = _step_metrics(cfg, ctx, terms, lr, grad_norm, scaler, skipped)
+                    last["img_per_s"] = world_batch_images / max(now - t_log, 1e-9)
+                    world_batch_images, t_log = 0, now
+                    logger.log_step(step, last)
+                    bar.set_postfix(
+                        loss=f"{last['loss']:.1f}",
+                        bpd=f"{last['nelbo_bpd']:.3f}",
+                        img_s=f"{last['img_per_s']:.1f}",
+                    )
+                if kl_sum is not None and (
+                    (opts.eval_every and step % opts.eval_every == 0) or step == opts.steps
+                ):
+                    _evaluate_interval(model, ctx, logger, opts, step, kl_sum / kl_steps)
+                    kl_sum, kl_steps = None, 0
+            if opts.checkpoint_every and step % opts.checkpoint_every == 0:
+                checkpoint()
+            if stopping:
+                bar.close()
+                location = checkpoint()
+                logger.close()
+                signum = stop.signum or signal.SIGTERM
+                raise TrainingInterrupted(signum, step, location)
     bar.close()
     digest = check_in_sync(ctx, model)
     location = store.location
@@ -421,6 +448,11 @@ def _resume(
     optimizer.load_state_dict(payload["optimizer"])
     scaler.load_state_dict(payload["scaler"])
     step = int(payload["step"])
+    if int(payload.get("grad_accum", 1)) != opts.grad_accum:
+        raise NVAEError(
+            f"the checkpoint was written with --grad-accum {payload.get('grad_accum', 1)}, this run asks for "
+            f"{opts.grad_accum}: the data position and the schedules would not match; use the same value"
+        )
     for key, now in (("total_steps", opts.steps), ("batches_per_epoch", opts.batches_per_epoch)):
         if key in payload and int(payload[key]) != now:
             log.warning(

@@ -130,6 +130,14 @@ def test_trainjob_loads_into_the_kubeflow_trainer_models_without_dropping_fields
     assert job["spec"]["trainer"]["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == str(
         trainer.num_proc_per_node
     )
+    # The authors' run of the recipe: their GPU count (x accumulation) and fp16.
+    from model.config import get_preset
+
+    args = trainer.args
+    recipe = get_preset(args[args.index("--preset") + 1])
+    accum = int(args[args.index("--grad-accum") + 1]) if "--grad-accum" in args else 1
+    assert trainer.num_nodes * trainer.num_proc_per_node * accum == recipe.recipe_processes
+    assert args[args.index("--precision") + 1] == "fp16"
 
 
 def _strict_kserve_load(value, type_name: str, where: str):

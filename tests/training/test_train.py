@@ -358,3 +358,103 @@ def test_compiled_objective_matches_eager_values_and_gradients():
     (eager_loss, eager_grad), (comp_loss, comp_grad) = results
     torch.testing.assert_close(comp_loss, eager_loss, rtol=1e-5, atol=1e-3)
     assert (comp_grad - eager_grad).abs().max() <= 1e-4 * eager_grad.abs().max()
+
+
+def _recording_source(cfg, per_epoch=3):
+    """Like `_source`, also recording the (epoch, index) of every batch handed out."""
+    seen = []
+    inner = _source(cfg, per_epoch)
+
+    def batches(epoch, start):
+        for i, x in enumerate(inner(epoch, start), start):
+            seen.append((epoch, i))
+            yield x
+
+    return batches, seen
+
+
+def test_grad_accum_takes_k_batches_per_step_across_epochs_and_resumes_at_the_same_batch(tmp_path, tiny_cfg):
+    source, seen = _recording_source(tiny_cfg)
+    summary = train(tiny_cfg, source, _opts(tmp_path / "straight", steps=4, grad_accum=2))
+    assert summary["steps"] == 4
+    assert seen == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1)]  # 8 batches, 2 a step
+    payload = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    assert payload["grad_accum"] == 2 and (payload["epoch"], payload["batch_in_epoch"]) == (2, 2)
+    metrics = [
+        json.loads(x) for x in (tmp_path / "straight" / "train_metrics.jsonl").read_text().splitlines()
+    ]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    # Killed after step 2 (checkpoint_every=2): the resumed run starts at batch 4 = (epoch 1, index 1).
+    with pytest.raises(Killed):
+        train(tiny_cfg, _source(tiny_cfg, kill_at=5), _opts(tmp_path / "killed", steps=4, grad_accum=2))
+    source, seen = _recording_source(tiny_cfg)
+    train(tiny_cfg, source, _opts(tmp_path / "killed", steps=4, grad_accum=2))
+    assert seen[0] == (1, 1)
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(Exception, match="--grad-accum 2"):
+        train(tiny_cfg, _source(tiny_cfg), _opts(tmp_path / "killed", steps=6, grad_accum=3))
+
+
+def test_grad_accum_sums_the_mean_of_the_batches_gradients(tmp_path, tiny_cfg, monkeypatch):
+    """One step over the same batch twice with grad_accum=2 moves the weights as one step over it once: the
+    loss is divided by k, so the accumulated gradient is the batches' mean, not their sum."""
+    import training.train as train_mod
+
+    grads = {}
+    real_step = torch.optim.Adamax.step
+
+    def capture(self, *a, **k):  # the gradient each run hands to the optimiser
+        grads[len(grads)] = torch.cat([p.grad.flatten() for g in self.param_groups for p in g["params"]
+                                       if p.grad is not None])  # fmt: skip
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adamax, "step", capture)
+    # Posterior noise fixed (the posterior's mean), so both batches of the accumulated step give one gradient.
+    import model.distributions as dist_mod
+
+    monkeypatch.setattr(dist_mod.torch, "randn_like", lambda t, **k: torch.full_like(t, 0.3))
+    batch = _source(tiny_cfg)(0, 0).__next__()
+
+    def same(epoch, start):
+        for _ in range(start, 3):
+            yield batch.clone()
+
+    cfg = train_mod.NVAEConfig(
+        **{**tiny_cfg.to_dict(), "sr_lambda": 0.0}
+    )  # its power iteration moves per batch
+    for accum in (1, 2):
+        train(cfg, same, TrainOptions(steps=1, batches_per_epoch=3, out=tmp_path / str(accum), progress=False,
+                                      dvclive=False, grad_accum=accum, eval_every=0, sample_count=0))  # fmt: skip
+    assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-5)
+
+
+def test_train_warns_when_the_global_batch_is_not_the_recipes(caplog):
+    import logging
+
+    from cli.train import warn_global_batch
+    from model.config import get_preset
+
+    cifar = get_preset("cifar10")
+    with caplog.at_level(logging.WARNING, logger="cli.train"):
+        assert warn_global_batch(cifar, 32, 1, 1) == 32
+    assert "differs from the recipe's 256 (32 per GPU x 8 GPUs); --grad-accum 8 reaches it" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cli.train"):
+        assert warn_global_batch(cifar, 32, 2, 4) == 256  # 2 processes x 4 accumulated = the authors' 8 GPUs
+    assert not caplog.text
+
+
+def test_info_shows_the_authors_processes_and_global_batch(capsys):
+    from cli.main import main
+
+    expected = {"mnist": (200, 2, 400), "cifar10": (32, 8, 256), "celeba64": (16, 8, 128),
+                "imagenet32": (24, 24, 576), "celebahq256": (4, 24, 96), "ffhq256": (4, 24, 96)}  # fmt: skip
+    for preset, (per_gpu, gpus, global_batch) in expected.items():
+        assert main(["info", "--preset", preset, "--json"]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert (info["batch_per_process"], info["recipe_processes"], info["global_batch"]) == (
+            per_gpu, gpus, global_batch), preset  # fmt: skip
+    assert main(["info", "--preset", "cifar10"]) == 0
+    assert "32 per process x 8 processes = global batch 256" in capsys.readouterr().out
