@@ -65,7 +65,9 @@ class NVAEConfig:
     batch_size: int = field(default=200, metadata=_rng(1, 65536, "batch size per process"))
     recipe_processes: int = field(
         default=2,
-        metadata=_rng(1, 4096, "processes (GPUs) the recipe was trained on: global batch = batch_size x this"),
+        metadata=_rng(
+            1, 4096, "processes (GPUs) the recipe was trained on: global batch = batch_size x this"
+        ),
     )
     epochs: int = field(default=400, metadata=_rng(1, 100000, "training epochs"))
     lr: float = field(default=1e-2, metadata=_rng(1e-7, 1.0, "AdaMax learning rate"))
