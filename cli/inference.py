@@ -374,7 +374,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--decode",
         choices=("mean", "sample"),
         default="mean",
-        help="image from the pixel distribution: its mean (default) or a draw",
+        help="image from the pixel distribution: its mean (default: smooth images, no pixel noise) or "
+        "sample: a draw at temperature 1, the authors' sample mode (--temperature scales the latents only)",
     )
     p.add_argument(
         "--reconstruct", action="store_true", help="also inputs beside reconstructions (needs --data)"
@@ -420,7 +421,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="ONNX file to write")
     p.add_argument("--fp16", action="store_true", help="run the network in half precision (I/O stays fp32)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
-    p.add_argument("--decode", default="mean", choices=DECODE_MODES, help="pixel distribution mean or sample")
+    p.add_argument(
+        "--decode",
+        default="mean",
+        choices=DECODE_MODES,
+        help="image from the pixel distribution: its mean (default) or sample, a draw at temperature 1 as "
+        "the authors' sample mode (the temperature input scales the latents only)",
+    )
     p.add_argument(
         "--exporter",
         default="dynamo",

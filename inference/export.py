@@ -108,7 +108,7 @@ class GenerativePath(nn.Module):
         elif self.model.cfg.likelihood == "bernoulli":
             x = (uniforms[0] < torch.sigmoid(dist.logits)).float()
         else:
-            x = dist.sample_from_uniform(uniforms[0], uniforms[1], temperature)
+            x = dist.sample_from_uniform(uniforms[0], uniforms[1], 1.0)  # pixels at t=1, as the authors
         x = self.model.crop(x)
         if self.decode == "sample" or self.bits > 1:  # as model.sampling.decode_images
             levels = 2**self.bits - 1

@@ -42,7 +42,10 @@ def decode_images(
 ) -> torch.Tensor:
     """Turn head logits into data-sized images (B, C, D, D) in [0, 1], quantised to the data's levels.
 
-    `mean`: the distribution's mean (deterministic); `sample`: a draw at `temperature` from uniforms of NumPy's generator seeded with `seed`.
+    `mean`: the distribution's mean (deterministic); `sample`: a draw from uniforms of NumPy's generator
+    seeded with `seed`, at temperature 1 as the authors' sample mode (`output.sample()`): the prior's
+    `temperature` applies to the latents only, never to the pixels. `temperature` is kept for the callers'
+    signature and ignored.
     """
     if mode not in DECODE_MODES:
         raise ValueError(f"decode mode {mode!r}; choose one of: {', '.join(DECODE_MODES)}")
@@ -50,7 +53,7 @@ def decode_images(
     if mode == "mean":
         x = dist.mean()
     else:
-        x = dist.sample_from_uniform(*draw_uniforms(dist, seed), temperature=temperature)
+        x = dist.sample_from_uniform(*draw_uniforms(dist, seed), temperature=1.0)
     x = model.crop(x)
     bits = 1 if model.cfg.likelihood == "bernoulli" else model.cfg.num_bits
     return quantize(x, bits) if mode == "sample" or bits > 1 else x
