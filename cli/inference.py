@@ -75,6 +75,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model, payload = _load(args.checkpoint, device)
     _check_data(model, args.data)  # before any long work
     cfg = model.cfg
+    if args.split is None:
+        from data.recipes import default_eval_split
+
+        args.split = default_eval_split(cfg.dataset)
     dynamic = cfg.binarize and args.binarization == "dynamic"
     loader = make_loader(
         args.data,
@@ -323,7 +327,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="directory written by `nvae prepare`")
-    p.add_argument("--split", default="test")
+    p.add_argument(
+        "--split",
+        help="split to evaluate (default: the one the authors report on: valid for celeba64, test otherwise)",
+    )
     p.add_argument("--iw-samples", type=positive_int("--iw-samples"), default=1000, help="K (default 1000)")
     p.add_argument(
         "--chunk", type=positive_int("--chunk"), help="samples per pass (default: fit ~256 images)"

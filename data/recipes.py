@@ -45,6 +45,7 @@ class Recipe:
     split_rule: SplitRule
     crop_rel: tuple[float, float, float, float] | None = None
     description: str = ""
+    eval_split: str = "test"  # the split the authors report on (`nvae evaluate` default)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -110,6 +111,7 @@ RECIPES: dict[str, Recipe] = {
             split_rule="partition",
             crop_rel=CELEBA_CROP_REL,
             description="aligned JPEG folder; 148x148 crop at (15, 40), resized to 64; train/valid/test from list_eval_partition.txt",
+            eval_split="valid",  # the authors evaluate CelebA 64 on the validation partition
         ),
         Recipe(
             "celebahq256",
@@ -154,3 +156,10 @@ def get_recipe(name: str) -> Recipe:
         return RECIPES[name]
     except KeyError:
         raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(RECIPES)}") from None
+
+
+def default_eval_split(dataset: str) -> str:
+    """The split the authors report a dataset's NLL on: `valid` for CelebA 64, `test` for the rest (and for
+    datasets without a recipe)."""
+    recipe = RECIPES.get(dataset)
+    return recipe.eval_split if recipe else "test"

@@ -218,3 +218,13 @@ def test_check_encoded_spots_truncation_and_junk(image_folder: Path) -> None:
     assert check_encoded(jpg[: len(jpg) // 2]) == "truncated JPEG (no end-of-image marker)"
     assert check_encoded(b"") == "empty file"
     assert "unrecognised header" in check_encoded(b"GIF89a....")
+
+
+def test_celeba64_is_evaluated_on_validation_like_the_authors_and_the_rest_on_test():
+    from data.recipes import RECIPES, default_eval_split
+
+    assert default_eval_split("celeba64") == "valid"
+    assert {name: default_eval_split(name) for name in RECIPES if name != "celeba64"} == {
+        name: "test" for name in RECIPES if name != "celeba64"
+    }
+    assert default_eval_split("not-a-recipe") == "test"
