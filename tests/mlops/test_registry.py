@@ -1,0 +1,111 @@
+"""The model registry (`nvae model`, common.registry) against a real S3-API server on loopback."""
+
+import json
+
+import pytest
+import torch
+
+from cli.main import main
+from common.registry import Registry, content_version
+from common.s3 import s3_client_from_env
+from model.checkpoint import save_checkpoint
+from model.network import NVAE
+
+
+@pytest.fixture
+def reg(s3_env, request):
+    """A registry of its own for each test (the S3 server lives for the session)."""
+    s3_env["make_bucket"]("nvae-registry")
+    return f"s3://nvae-registry/models/{request.node.name.replace('_', '-')[:40]}"
+
+
+@pytest.fixture
+def artifacts(tmp_path, make_tiny):
+    torch.manual_seed(0)
+    ckpt = tmp_path / "checkpoint.pt"
+    save_checkpoint(ckpt, NVAE(make_tiny()), extra={"step": 40, "bn_readjust": {"temperature": 0.8}})
+    onnx = tmp_path / "decoder.onnx"
+    onnx.write_bytes(b"onnx-bytes" * 1000)
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"nll_bpd": 3.25, "iw_samples": 5, "num_images": 50}))
+    manifest = tmp_path / "data-manifest.json"
+    manifest.write_text('{"dataset": "fashion-mnist"}')
+    return {"onnx": onnx, "checkpoint": ckpt, "metrics": metrics, "data": manifest}
+
+
+def publish(reg, a, *extra):
+    return main(["model", "publish", "--registry", reg, "--onnx", str(a["onnx"]), "--checkpoint",
+                 str(a["checkpoint"]), "--metrics", str(a["metrics"]), "--data-manifest", str(a["data"]),
+                 *extra])  # fmt: skip
+
+
+def test_publish_is_content_addressed_written_once_and_moves_latest(reg, artifacts, capsys):
+    assert publish(reg, artifacts, "--run-id", "run-1") == 0
+    first = Registry(reg).manifest()
+    assert len(first["version"]) == 16 and "published; latest" in capsys.readouterr().out
+    assert first["card"]["steps"] == 40 and first["card"]["nll_bpd"] == 3.25
+    assert first["card"]["bn_readjust_temperature"] == 0.8 and first["card"]["run_id"] == "run-1"
+    assert first["version"] == content_version({n: f["sha256"] for n, f in first["files"].items()})
+    # The same files again: nothing rewritten, same version.
+    assert publish(reg, artifacts) == 0
+    assert "already published" in capsys.readouterr().out
+    # Other weights: a new version, and latest follows; both are listed, oldest first.
+    artifacts["onnx"].write_bytes(b"other-onnx" * 1000)
+    assert publish(reg, artifacts) == 0
+    second = Registry(reg).manifest()
+    assert second["version"] != first["version"]
+    assert [m["version"] for m in Registry(reg).list()] == [first["version"], second["version"]]
+    assert main(["model", "list", "--registry", reg]) == 0
+    out = capsys.readouterr().out
+    assert f"{second['version']}" in out and "(latest)" in out and "NLL 3.2500 bpd" in out
+
+
+def test_pull_verifies_every_file(reg, artifacts, tmp_path, capsys):
+    assert publish(reg, artifacts) == 0
+    version = Registry(reg).resolve()
+    assert main(["model", "pull", "--registry", reg, "--out", str(tmp_path / "pulled")]) == 0
+    pulled = tmp_path / "pulled"
+    assert (pulled / "decoder.onnx").read_bytes() == artifacts["onnx"].read_bytes()
+    assert json.loads((pulled / "manifest.json").read_text())["version"] == version
+    assert main(["model", "pull", "--registry", reg, "--version", version, "--out", str(tmp_path / "v")]) == 0
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_unknown_versions_missing_files_and_tampered_objects_are_one_line_exit_2(
+    reg, artifacts, tmp_path, capsys
+):
+    assert publish(reg, artifacts) == 0
+    version = Registry(reg).resolve()
+    capsys.readouterr()
+    out = tmp_path / "pulled"
+    assert main(["model", "pull", "--registry", reg, "--version", "0123456789abcdef", "--out", str(out)]) == 2
+    err = _one_line(capsys)
+    assert f"{reg}/0123456789abcdef/manifest.json: no such model version" in err and version in err
+    assert main(["model", "show", "--registry", reg, "--version", "v1"]) == 2
+    assert "is not a model version" in _one_line(capsys)
+    client = s3_client_from_env()
+    key = f"{reg.split('/', 3)[3]}/{version}/decoder.onnx"
+    client.put_object(Bucket="nvae-registry", Key=key, Body=b"tampered")
+    assert main(["model", "pull", "--registry", reg, "--out", str(out)]) == 2
+    assert f"s3://nvae-registry/{key}: checksum mismatch" in _one_line(capsys)
+    assert not (out / "decoder.onnx").exists() and not (out / "manifest.json").exists()  # nothing to serve
+    client.delete_object(Bucket="nvae-registry", Key=key)
+    assert main(["model", "pull", "--registry", reg, "--out", str(out)]) == 2
+    assert "listed in the manifest but missing" in _one_line(capsys)
+    assert main(["model", "list", "--registry", "s3://nvae-registry/models/empty"]) == 0
+    assert "no published versions" in capsys.readouterr().out
+    assert main(["model", "pull", "--registry", "s3://nvae-registry/models/empty", "--out", str(out)]) == 2
+    assert "nothing published yet" in _one_line(capsys)
+
+
+def test_an_interrupted_publish_is_never_listed(reg, artifacts):
+    client = s3_client_from_env()
+    client.put_object(
+        Bucket="nvae-registry", Key=reg.split("/", 3)[3] + "/00000000deadbeef/decoder.onnx", Body=b"x"
+    )
+    assert Registry(reg).list() == []
