@@ -14,7 +14,15 @@ import logging
 import sys
 
 # Modules that contribute subcommands, in the order `nvae --help` lists them.
-_COMMAND_MODULES = ("cli.data", "cli.train", "cli.inference", "cli.serve", "cli.pipeline", "cli.store", "cli.model")
+_COMMAND_MODULES = (
+    "cli.data",
+    "cli.train",
+    "cli.inference",
+    "cli.serve",
+    "cli.pipeline",
+    "cli.store",
+    "cli.model",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,6 +43,7 @@ class PipelineParams:
     temperature: float = 0.8
     readjust_iters: int = 500
     num_samples: int = 64
+    registry: str = ""  # s3://bucket/models/<name>: publish the model there; "": do not publish
 
     @staticmethod
     def describe() -> dict[str, str]:
@@ -100,6 +101,8 @@ DESCRIPTIONS = {
     "temperature": "Sampling temperature for BN readjustment and the sample grid (0 < t <= 10).",
     "readjust_iters": "Batches of prior samples for BN readjustment (>= 1).",
     "num_samples": "Images in the sample grid (>= 1).",
+    "registry": "Publish the decoder, checkpoint and metrics as a content-addressed version under this "
+    "s3://bucket/models/<name> (nvae model list|pull); empty: do not publish.",
 }
 
 _VALIDATED = (

@@ -202,6 +202,33 @@ def sample(
     write_text(grid.path, page)
 
 
+def register(
+    onnx_model: Input[Model],
+    model: Input[Model],
+    results: Input[Artifact],
+    data: Input[Dataset],
+    registry: str,
+    run_id: str,
+    published: Output[Artifact],
+):
+    """Publish the ONNX decoder, the BN-readjusted checkpoint and the metrics as a registry version (content-
+    addressed, written once; `latest` moves to it) with a model card naming this run."""
+    from common.registry import content_version, file_sha256
+    from components.runtime import run_cli, write_text
+
+    files = {
+        "decoder.onnx": onnx_model.path,
+        "checkpoint.pt": model.path + "/checkpoint.pt",
+        "metrics.json": results.path + "/metrics.json",
+    }
+    argv = ["model", "publish", "--registry", registry, "--onnx", files["decoder.onnx"], "--checkpoint"]
+    argv += [files["checkpoint.pt"], "--metrics", files["metrics.json"], "--run-id", run_id]
+    run_cli(argv + ["--data-manifest", data.path + "/manifest.json"])
+    version = content_version({name: file_sha256(path) for name, path in files.items()})
+    published.metadata.update(registry=registry, version=version)
+    write_text(published.path, f"{registry}/{version}\n")
+
+
 # Which image each step runs in: train takes the CUDA build of torch (it runs on CPU nodes too).
 _STEPS = {
     "validate_params": (validate_params, "cpu"),
@@ -211,6 +238,7 @@ _STEPS = {
     "readjust_bn": (readjust_bn, "cpu"),
     "export_onnx": (export_onnx, "cpu"),
     "sample": (sample, "cpu"),
+    "register": (register, "cpu"),
 }
 
 

@@ -48,6 +48,7 @@ def build_pipeline(images: Images = DEFAULT_IMAGES):
         temperature: float = _D.temperature,
         readjust_iters: int = _D.readjust_iters,
         num_samples: int = _D.num_samples,
+        registry: str = _D.registry,
     ):
         check = comp.validate_params(
             preset=preset,
@@ -101,6 +102,20 @@ def build_pipeline(images: Images = DEFAULT_IMAGES):
             onnx_model=onnx.outputs["onnx_model"], num_samples=num_samples, temperature=temperature, seed=seed
         )
         smp.set_display_name("sample (onnxruntime)").set_cpu_request("1").set_memory_request("2G")
+
+        with dsl.If(registry != "", name="publish"):
+            reg = comp.register(
+                onnx_model=onnx.outputs["onnx_model"],
+                model=adj.outputs["readjusted"],
+                results=ev.outputs["results"],
+                data=prep.outputs["data"],
+                registry=registry,
+                run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            )
+            reg.set_display_name("register (model registry)").set_cpu_request("1").set_memory_request("2G")
+            reg.after(smp)  # published only once a grid was sampled from the exported decoder
+            kubernetes.add_pod_label(reg, STORE_CLIENT_LABEL, "true")
+            kubernetes.use_secret_as_env(reg, S3_SECRET, {k: k for k in S3_ENV}, optional=True)
 
         # The object store's NetworkPolicy admits only pods carrying this label (k8s/base/store).
         for task in (prep, fit, ev, adj, onnx, smp):

@@ -99,10 +99,6 @@ EOF
 "$repo/.venv/bin/nvae" data upload --dataset fashion-mnist --source /usr/share/datasets/fashion-mnist \
   --to s3://nvae/raw/fashion-mnist
 stamp "data uploaded"
-# The sampler Deployment's init container: `nvae store get` in the image, as UID 10001, to its read-only root.
-podman run --rm --network host --read-only --tmpfs /tmp -e AWS_ENDPOINT_URL -e AWS_ACCESS_KEY_ID \
-  -e AWS_SECRET_ACCESS_KEY -e AWS_DEFAULT_REGION "$registry/nvae-cpu:$tag" \
-  nvae store get s3://nvae/raw/fashion-mnist/t10k-labels-idx1-ubyte.gz --out /tmp/models/labels.gz
 
 # --- the pipeline, every step in its image -----------------------------------------------------------------
 root=$work/pipeline-root
@@ -110,8 +106,53 @@ rm -rf "$root"
 "$repo/.venv/bin/nvae" pipeline run --local --runner docker --root "$root" \
   --image-registry "$registry" --image-tag "$tag" \
   --set source=s3://nvae/raw/fashion-mnist --set steps=30 --set iw_samples=5 --set eval_limit=50 \
-  --set readjust_iters=20 --set num_samples=16 | tee "$work/pipeline.log"
+  --set readjust_iters=20 --set num_samples=16 --set registry=s3://nvae/models/nvae-fmnist \
+  | tee "$work/pipeline.log"
 stamp "pipeline finished"
+
+# --- the registered model: listed, pulled (every file's sha256 checked) and served -------------------------
+"$repo/.venv/bin/nvae" model list --registry s3://nvae/models/nvae-fmnist
+# The sampler Deployment's init container, as it runs there: the cpu image, UID 10001, a read-only root.
+rm -rf "$work/pulled" && mkdir -p "$work/pulled" && chmod 777 "$work/pulled"
+podman run --rm --network host --read-only --tmpfs /tmp -v "$work/pulled:/models" -e AWS_ENDPOINT_URL \
+  -e AWS_ACCESS_KEY_ID -e AWS_SECRET_ACCESS_KEY -e AWS_DEFAULT_REGION "$registry/nvae-cpu:$tag" \
+  nvae model pull --registry s3://nvae/models/nvae-fmnist --version latest --out /models
+"$py" - "$work/pulled" <<'EOF'
+import json, socket, subprocess, sys, time
+from pathlib import Path
+
+import httpx
+
+pulled = Path(sys.argv[1])
+manifest = json.loads((pulled / "manifest.json").read_text())
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+server = subprocess.Popen([sys.executable, "-m", "serving", "--onnx", str(pulled / "decoder.onnx"), "--port", str(port)])
+try:
+    deadline = time.time() + 60
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.time() < deadline and server.poll() is None, "the sampler did not start"
+        time.sleep(0.3)
+    meta = httpx.get(f"http://127.0.0.1:{port}/v2/models/nvae-decoder").json()
+    served = meta["parameters"]["registry_version"]
+    assert served == f"{manifest['name']}/{manifest['version']}", (served, manifest["version"])
+    body = {"inputs": [{"name": "n", "datatype": "INT64", "shape": [1], "data": [4]},
+                       {"name": "temperature", "datatype": "FP32", "shape": [1], "data": [0.8]}]}
+    r = httpx.post(f"http://127.0.0.1:{port}/v2/models/nvae-decoder/infer", json=body, timeout=60)
+    assert r.status_code == 200 and r.json()["outputs"][0]["shape"][0] == 4, r.text[:300]
+    card = manifest["card"]
+    print(f"container-check: registry version {served} served (steps {card['steps']}, "
+          f"NLL {card['nll_bpd']:.3f}, run {card['run_id']})")
+finally:
+    server.terminate()
+    server.wait(timeout=30)
+EOF
 
 # --- results, read back from the pipeline root -------------------------------------------------------------
 "$py" - "$root" <<'EOF'

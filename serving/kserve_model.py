@@ -187,7 +187,13 @@ def serve_kserve(
 
     model = make_model(onnx_path, cfg, providers, allow_cpu_fallback)
     model.load()
-    log.info("kserve model server: %r on REST :%d, gRPC %s", cfg.model_name, port, grpc_port or "off")
+    log.info(
+        "kserve model server: %r (registry version %s) on REST :%d, gRPC %s",
+        cfg.model_name,
+        model.sampler.registry_version or "none",
+        port,
+        grpc_port or "off",
+    )
     kserve.ModelServer(
         http_port=port,
         grpc_port=grpc_port or 0,

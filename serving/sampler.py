@@ -125,6 +125,7 @@ class OnnxSampler:
                 )
             log.warning("CUDAExecutionProvider is listed but did not load; running on %s", self.providers)
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.registry_version = registry_version(self.path)
         if "nvae.latent_shapes" not in self.metadata:
             raise OnnxModelError(f"{self.path}: no nvae.* metadata; export it with `nvae export-onnx`")
         self.latent_shapes = [tuple(s) for s in json.loads(self.metadata["nvae.latent_shapes"])]
@@ -210,6 +211,17 @@ class OnnxSampler:
             chunk["temperature"] = temp
             out[i : i + batch] = self.session.run([output], chunk, run_options)[0]
         return out
+
+
+def registry_version(onnx_path: Path) -> str | None:
+    """`name/version` when the file was pulled from the model registry (`nvae model pull` writes
+    manifest.json beside it, after checking every file's sha256), else None."""
+    manifest = onnx_path.parent / "manifest.json"
+    try:
+        data = json.loads(manifest.read_text())
+        return f"{data['name']}/{data['version']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def validate_request(n, temperature, seed) -> tuple[int, float, int]:

@@ -508,6 +508,7 @@ def create_app(sampler: OnnxSampler, cfg: ServeConfig | None = None):
                 "preset": sampler.metadata.get("nvae.preset", ""),
                 "bn_readjust_temperature": sampler.metadata.get("nvae.bn_readjust_temperature", ""),
                 "checkpoint_sha256": sampler.metadata.get("nvae.checkpoint_sha256", ""),
+                "registry_version": getattr(sampler, "registry_version", None) or "",
                 "max_images_per_request": cfg.max_images_per_request,
                 "formats": list(FORMATS),
             },
@@ -713,8 +714,9 @@ def serve(
     sampler = OnnxSampler(onnx_path, providers, allow_cpu_fallback=allow_cpu_fallback)
     app = create_app(sampler, cfg)
     log.info(
-        "serving %s as %r on http://%s:%d (providers %s, authentication %s)",
+        "serving %s (registry version %s) as %r on http://%s:%d (providers %s, authentication %s)",
         onnx_path,
+        sampler.registry_version or "none: not pulled from a registry",
         cfg.model_name,
         host,
         port,

@@ -217,7 +217,8 @@ def test_sampler_probes_hit_the_serving_health_endpoints(built):
         assert c["command"] == ["python", "-m", "serving"]  # the slim image's sampler, no `nvae` CLI there
         assert c["args"][:2] == ["--onnx", "/models/decoder.onnx"] and "8080" in c["args"]
         (fetch,) = dep["spec"]["template"]["spec"]["initContainers"]
-        assert fetch["command"] == ["nvae", "store", "get", "$(MODEL_URI)", "--out", "/models/decoder.onnx"]
+        assert fetch["command"] == ["nvae", "model", "pull", "--registry", "$(MODEL_REGISTRY)", "--version",
+                                    "$(MODEL_VERSION)", "--out", "/models"]  # fmt: skip
         assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
         assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
         kinds = {d["kind"] for d in built[path]}
@@ -258,13 +259,17 @@ def test_kserve_overlay_runs_kserves_model_server_on_the_model_kserve_fetches(bu
     assert args[args.index("--server") + 1] == "kserve"
     storage = {e["name"]: e.get("value") for e in c["env"]}["STORAGE_URI"]
     onnx = args[args.index("--onnx") + 1]
-    assert onnx == "/mnt/models/" + storage.rpartition("/")[2]  # where the storage initializer puts a file
+    assert onnx == "/mnt/models/decoder.onnx"  # the version folder's decoder, where the initializer puts it
     (config,) = [
         d
         for d in built["overlays/kserve"]
         if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "nvae-sampler"
     ]
-    assert storage == config["data"]["MODEL_URI"], "the Deployment and KServe serve the same object"
+    registry, _, version = storage.rstrip("/").rpartition("/")
+    assert registry == config["data"]["MODEL_REGISTRY"], "the Deployment and KServe read the same registry"
+    assert len(version) == 16 and storage.endswith("/"), (
+        "a pinned version folder (KServe cannot read `latest`)"
+    )
     (sa,) = [
         d
         for d in built["overlays/kserve"]
@@ -407,7 +412,7 @@ def test_bucket_job_creates_the_users_from_the_workloads_secrets(built):
             ref = env[var]["valueFrom"]["secretKeyRef"]
             assert (ref["name"], ref["key"]) == (f"nvae-s3-{role}", key), var
     # The prefix the sampler may read holds the model it fetches, in the bucket the Job sets up.
-    model_bucket, model_key = parse_s3_uri(docs[("ConfigMap", "nvae-sampler")]["data"]["MODEL_URI"])
+    model_bucket, model_key = parse_s3_uri(docs[("ConfigMap", "nvae-sampler")]["data"]["MODEL_REGISTRY"])
     assert model_bucket == bucket and model_key.startswith(DEFAULT_SAMPLER_PREFIX)
     # Exit 2 (bad keys, no admin API) fails the Job at once; 75 (store not ready) is retried.
     spec = job["spec"]

@@ -258,3 +258,20 @@ def test_batched_server_still_times_out_and_refuses_when_full():
             second = c.post(INFER, json=body()).status_code
         t.join()
         assert first == 200 and second == 429
+
+
+def test_a_model_pulled_from_the_registry_reports_its_version(sampler, tmp_path):
+    import json
+    import shutil
+
+    onnx = tmp_path / "decoder.onnx"
+    shutil.copy(sampler.path, onnx)
+    assert OnnxSampler(onnx, "cpu").registry_version is None  # not from a registry
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({"name": "nvae-fmnist", "version": "0123456789abcdef"})
+    )
+    pulled = OnnxSampler(onnx, "cpu")
+    assert pulled.registry_version == "nvae-fmnist/0123456789abcdef"
+    with BackgroundServer(create_app(pulled, LIMITS)) as srv:
+        meta = httpx.get(srv.url + "/v2/models/nvae-decoder").json()
+    assert meta["parameters"]["registry_version"] == "nvae-fmnist/0123456789abcdef"
