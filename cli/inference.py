@@ -68,8 +68,9 @@ def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
 
 # ------------------------------------------------------------------------------------------- evaluate
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from common.files import file_sha256
     from data.loaders import EVAL_BINARIZE_SEED, make_loader
-    from inference.evaluate import evaluate, file_sha256, plot_kl_per_group
+    from inference.evaluate import evaluate, plot_kl_per_group
 
     device = _device(args.device)
     model, payload = _load(args.checkpoint, device)
@@ -128,7 +129,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------ readjust-bn
 def cmd_readjust(args: argparse.Namespace) -> int:
-    from inference.evaluate import file_sha256
+    from common.files import file_sha256
     from inference.readjust import readjust_bn
     from model.checkpoint import save_checkpoint
 

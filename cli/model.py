@@ -21,7 +21,7 @@ def _registry(args: argparse.Namespace):
 def model_card(checkpoint: str, metrics: str | None, data_manifest: str | None, run_id: str | None) -> dict:
     """What a published version says about itself: recipe, training length, data, evaluation, BN readjustment
     and the run that made it."""
-    from common.registry import file_sha256
+    from common.files import file_sha256
     from model.checkpoint import config_from_checkpoint, read_checkpoint
 
     payload = read_checkpoint(checkpoint)

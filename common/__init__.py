@@ -1,3 +1,4 @@
 """What several layers share and which imports nothing of the project: the error classes (`errors`), the
 S3-API client configured from the environment (`s3`), the object store's scoped users (`store_admin`, MinIO's
-admin API), progress lines (`progress`) and command-line argument types (`argtypes`)."""
+admin API), the model registry (`registry`), file digests (`files`), progress lines (`progress`) and
+command-line argument types (`argtypes`)."""

@@ -21,19 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import StorageError
+from common.files import file_sha256
 from common.s3 import download_object, is_retryable, one_line, parse_s3_uri, s3_client_from_env
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
 VERSION_CHARS = set("0123456789abcdef")
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def content_version(digests: dict[str, str]) -> str:

@@ -33,7 +33,7 @@ class PipelineParams:
     prepare_limit: int = 0  # 0: every image
     preset: str = "fmnist-cpu"
     overrides: str = ""  # "key=value key=value" over the preset
-    steps: int = 300
+    steps: int = 1000
     batch_size: int = 0  # 0: the preset's
     gpus: int = 0
     accelerator: str = "nvidia.com/gpu"

@@ -213,7 +213,8 @@ def register(
 ):
     """Publish the ONNX decoder, the BN-readjusted checkpoint and the metrics as a registry version (content-
     addressed, written once; `latest` moves to it) with a model card naming this run."""
-    from common.registry import content_version, file_sha256
+    from common.files import file_sha256
+    from common.registry import content_version
     from components.runtime import run_cli, write_text
 
     files = {

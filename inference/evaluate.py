@@ -9,7 +9,6 @@ the same order whatever the chunk size, so every chunking gives the same numbers
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -75,14 +74,6 @@ def iw_batch(model: NVAE, x: torch.Tensor, k: int, chunk: int, generator: torch.
         kl_groups=torch.cat(kl_groups).mean(0),
         kl_channels=kl_channels,
     )
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @torch.no_grad()

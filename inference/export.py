@@ -24,7 +24,6 @@ The CUDA parity and speed check of exported graphs is `bench/gpu_check.py` (`onn
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -39,6 +38,7 @@ import torch
 from torch import nn
 
 from common.errors import NVAEError
+from common.files import file_sha256
 from model.config import PRESETS, NVAEConfig, get_preset
 from model.network import NVAE
 
@@ -366,14 +366,6 @@ def verify_export(model: NVAE, path: str | Path, decode: str = "mean", batch: in
 
 
 # --------------------------------------------------------------------------- metadata helpers
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def infer_preset(cfg: NVAEConfig) -> str:
     """The preset `cfg` equals; else `<preset>+overrides` for the closest preset of the same dataset."""
     values = cfg.to_dict()
