@@ -34,12 +34,21 @@ def region_from_env() -> str:
     return os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
 
 
+# Where the pipeline's step pods mount the store's CA (the Secret nvae-s3-ca, optional): used when present.
+OPTIONAL_CA_ENV = "NVAE_S3_CA_IF_PRESENT"
+
+
 def ca_bundle_from_env() -> str | None:
     """AWS_CA_BUNDLE, the PEM file of the CA that signed an https:// store's certificate, if set; a path that
-    is not a file is an error here rather than an obscure TLS failure at the first request."""
+    is not a file is an error here rather than an obscure TLS failure at the first request. Else
+    NVAE_S3_CA_IF_PRESENT, a path used only when the file exists (a mount of an optional Secret: clusters
+    without TLS to the store have none)."""
     path = os.environ.get("AWS_CA_BUNDLE") or None
     if path is not None and not os.path.isfile(path):
         raise StorageError(f"AWS_CA_BUNDLE={path}: no such file (the store's CA bundle, PEM)")
+    optional = os.environ.get(OPTIONAL_CA_ENV) or None
+    if path is None and optional is not None and os.path.isfile(optional):
+        return optional
     return path
 
 

@@ -23,6 +23,21 @@ PIPELINE_NAME = "nvae-pipeline"
 COMPILED = Path(__file__).with_name("nvae_pipeline.yaml")
 S3_SECRET = "nvae-s3-pipeline"  # k8s Secret with the store's endpoint and the pipeline's read-write keys
 STORE_CLIENT_LABEL = "nvae.io/store-client"
+# The store's CA for TLS (k8s/base/store/tls): the Secret is optional, and the client uses the file only when
+# the mount holds it (common.s3.OPTIONAL_CA_ENV), so clusters without TLS to the store need nothing.
+S3_CA_SECRET, S3_CA_DIR = "nvae-s3-ca", "/etc/nvae/s3-ca"
+
+
+def _store_client(task) -> None:
+    """What a step that talks to the store gets: the NetworkPolicy label, the keys, the optional CA."""
+    from common.s3 import OPTIONAL_CA_ENV
+
+    kubernetes.add_pod_label(task, STORE_CLIENT_LABEL, "true")
+    kubernetes.use_secret_as_env(task, S3_SECRET, {k: k for k in S3_ENV}, optional=True)
+    kubernetes.use_secret_as_volume(task, S3_CA_SECRET, mount_path=S3_CA_DIR, optional=True)
+    task.set_env_variable(OPTIONAL_CA_ENV, f"{S3_CA_DIR}/ca.crt")
+
+
 S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")  # the Secret's keys
 _D = PipelineParams()
 RUNNERS = ("subprocess", "docker")
@@ -114,15 +129,14 @@ def build_pipeline(images: Images = DEFAULT_IMAGES):
             )
             reg.set_display_name("register (model registry)").set_cpu_request("1").set_memory_request("2G")
             reg.after(smp)  # published only once a grid was sampled from the exported decoder
-            kubernetes.add_pod_label(reg, STORE_CLIENT_LABEL, "true")
-            kubernetes.use_secret_as_env(reg, S3_SECRET, {k: k for k in S3_ENV}, optional=True)
+            _store_client(reg)
 
         # The object store's NetworkPolicy admits only pods carrying this label (k8s/base/store).
-        for task in (prep, fit, ev, adj, onnx, smp):
+        for task in (ev, adj, onnx, smp):
             kubernetes.add_pod_label(task, STORE_CLIENT_LABEL, "true")
         # prepare reads s3:// sources and train writes s3:// checkpoints with the store's endpoint and keys.
         for task in (prep, fit):
-            kubernetes.use_secret_as_env(task, S3_SECRET, {k: k for k in S3_ENV}, optional=True)
+            _store_client(task)
 
     # KFP reads parameter descriptions from the docstring's Args section and shows them in the run form.
     nvae_pipeline.__doc__ = "NVAE pipeline.\n\nArgs:\n" + "".join(

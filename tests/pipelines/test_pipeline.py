@@ -99,6 +99,15 @@ def test_train_task_resources_and_kubernetes_settings():
     assert k8s["secretAsEnv"][0]["secretName"] == "nvae-s3-pipeline"
     prep = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-prepare"]
     assert prep["secretAsEnv"][0]["secretName"] == "nvae-s3-pipeline"  # s3:// sources, the read-write user
+    # The store's CA (TLS component): an optional Secret mounted where NVAE_S3_CA_IF_PRESENT points.
+    from common.s3 import OPTIONAL_CA_ENV
+
+    executors = spec["deploymentSpec"]["executors"]
+    for name in ("exec-prepare", "exec-train", "exec-register"):
+        (ca,) = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"][name]["secretAsVolume"]
+        assert (ca["secretName"], ca["optional"]) == ("nvae-s3-ca", True)
+        env = {e["name"]: e["value"] for e in executors[name]["container"].get("env", [])}
+        assert env[OPTIONAL_CA_ENV] == ca["mountPath"] + "/ca.crt", name
     assert spec["root"]["dag"]["tasks"]["train"]["retryPolicy"]["maxRetryCount"] == 3
     for name, ex in spec["deploymentSpec"]["executors"].items():
         assert ex["container"]["image"] in (DEFAULT_IMAGES.cpu, DEFAULT_IMAGES.gpu), name
