@@ -35,11 +35,12 @@ class FakeSampler:
 
     def __init__(self, seconds=0.0, fail=False):
         self.seconds, self.fail = seconds, fail
-        self.stopped = threading.Event()
+        self.started, self.stopped = threading.Event(), threading.Event()
 
     def sample(self, n, temperature, seed, batch_size=None, *, run_options=None):
         if self.fail:
             raise RuntimeError("a bug in the sampling path")
+        self.started.set()
         end = time.monotonic() + self.seconds
         while time.monotonic() < end:
             if run_options is not None and run_options.terminate:
@@ -89,8 +90,8 @@ def test_a_client_that_never_finishes_its_headers_is_dropped():
                 dropped_after = time.monotonic() - start
                 break
             time.sleep(0.1)
-        assert dropped_after is not None and 0.4 < dropped_after < 1.5, dropped_after
-        assert closed_within(idle, 1.0) == b""
+        assert dropped_after is not None and 0.4 < dropped_after < 3.0, dropped_after  # deadline 0.5 s
+        assert closed_within(idle, 3.0) == b""
         # A client that finishes in time is served, and its keep-alive connection serves a second request.
         ok = raw_connection(srv)
         ok.settimeout(5)
@@ -115,7 +116,7 @@ def test_a_body_that_does_not_arrive_in_time_is_408_and_the_connection_closes():
         start = time.monotonic()
         answer = closed_within(s, 3.0)
         assert answer is not None and answer.startswith(b"HTTP/1.1 408"), answer
-        assert b"not received within 0.5 s" in answer and time.monotonic() - start < 2.0
+        assert b"not received within 0.5 s" in answer and time.monotonic() - start < 4.0
         s.close()
         metrics = httpx.get(srv.url + "/metrics").text
         assert 'code="408",endpoint="/v2/models/{name}/infer"' in metrics
@@ -175,10 +176,12 @@ def test_shutdown_is_bounded_while_clients_hold_connections():
         target=lambda: httpx.post(srv.url + INFER, json=BODY, timeout=120), daemon=True
     )
     in_flight.start()
-    time.sleep(0.5)
+    assert sampler.started.wait(
+        30
+    )  # the minute-long run is in onnxruntime's place (a loaded machine is slow)
     took = srv.stop(timeout=20)
     srv.socket.close()
-    assert not srv.thread.is_alive() and took < 4.0, took
+    assert not srv.thread.is_alive() and took < 8.0, took  # grace 1 s; 45 s and more before
     assert sampler.stopped.wait(2.0)  # the minute-long run was told to stop
     for s in held:
         s.close()
@@ -219,7 +222,7 @@ def test_sigterm_stops_python_m_serving_in_bounded_time(tmp_path):
         proc.send_signal(signal.SIGTERM)
         # uvicorn shuts down gracefully, then re-raises the signal it caught: the exit status is -SIGTERM.
         assert proc.wait(timeout=10) == -signal.SIGTERM
-        assert time.monotonic() - start < 5.0
+        assert time.monotonic() - start < 8.0  # grace 1 s
         for s in held:
             s.close()
         log = proc.stderr.read()
