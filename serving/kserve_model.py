@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import logging
 import time
 import uuid
@@ -37,6 +36,7 @@ from serving.server import (
     InferRequest,
     ServeConfig,
     ServerMetrics,
+    bearer_ok,
     encode_output,
     parse_infer,
 )
@@ -125,8 +125,7 @@ def make_model(
         async def predict(self, payload, headers=None, response_headers=None):
             if token is not None:  # KServe passes the REST headers / gRPC metadata
                 given = {k.lower(): v for k, v in (headers or {}).items()}.get("authorization", "")
-                scheme, _, value = given.partition(" ")
-                if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token):
+                if not bearer_ok(given, token):
                     raise HTTPException(
                         401, "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"}
                     )
@@ -134,17 +133,12 @@ def make_model(
                 req: InferRequest = parse_infer(request_as_json(payload), cfg)
             except BadRequest as exc:
                 raise InvalidInput(str(exc)) from None
-            batcher = self.batcher
-            if batcher.pumps >= cfg.max_concurrency and len(batcher.queue) >= cfg.max_queue:
-                raise HTTPException(
-                    429, f"server busy: {cfg.max_concurrency} running, {cfg.max_queue} waiting"
-                )
             start = time.perf_counter()
-            future = batcher.submit(req)
             try:
-                images, _ = await asyncio.wait_for(asyncio.shield(future), timeout=cfg.timeout_s)
+                images, _ = await self.batcher.run(req, cfg.timeout_s)
+            except BadRequest as exc:  # the queue is full
+                raise HTTPException(exc.status, str(exc)) from None
             except TimeoutError:
-                batcher.withdraw(future)
                 raise HTTPException(503, f"request timed out after {cfg.timeout_s} s") from None
             output = await asyncio.to_thread(encode_output, images, req.format)
             self.metrics.images.inc(req.n)

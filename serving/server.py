@@ -123,6 +123,12 @@ class BadRequest(Exception):
         self.status = status
 
 
+def bearer_ok(authorization: str, token: bytes) -> bool:
+    """Whether an `Authorization` header value is `Bearer <token>` (compared in constant time)."""
+    scheme, _, given = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token)
+
+
 # --------------------------------------------------------------------------- request parsing
 _JSON_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 MAX_INT_DIGITS = 20  # 2**63 - 1 has 19
@@ -312,6 +318,20 @@ class Batcher:
             asyncio.get_running_loop().create_task(self._pump())
         return future
 
+    async def run(self, req: InferRequest, timeout: float) -> tuple[np.ndarray, float]:
+        """One request through the queue: (images, seconds of its run). BadRequest(429) when every slot
+        and the queue are taken; TimeoutError (the request withdrawn) after `timeout` seconds."""
+        if self.pumps >= self.cfg.max_concurrency and len(self.queue) >= self.cfg.max_queue:
+            raise BadRequest(
+                f"server busy: {self.cfg.max_concurrency} running and {self.cfg.max_queue} waiting", 429
+            )
+        future = self.submit(req)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout=max(0.0, timeout))
+        except TimeoutError:
+            self.withdraw(future)
+            raise
+
     def withdraw(self, future: asyncio.Future) -> None:
         """A request that gave up (timeout) leaves the queue, or its share of a run is thrown away."""
         self.queue = [(r, f) for r, f in self.queue if f is not future]
@@ -445,8 +465,7 @@ def create_app(sampler: OnnxSampler, cfg: ServeConfig | None = None):
     @app.middleware("http")
     async def authenticate(request: Request, call_next):  # inner: runs after `count` started its clock
         if token is not None and not OPEN_PATHS.fullmatch(request.url.path):
-            scheme, _, given = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
+            if not bearer_ok(request.headers.get("authorization", ""), token):
                 return JSONResponse(
                     {"error": "missing or invalid bearer token (Authorization: Bearer <token>)"},
                     status_code=401,
@@ -606,15 +625,11 @@ def create_app(sampler: OnnxSampler, cfg: ServeConfig | None = None):
         return await respond(req, images, seconds)
 
     async def infer_batched(req: InferRequest, deadline: float):
-        if batcher.pumps >= cfg.max_concurrency and len(batcher.queue) >= cfg.max_queue:
-            return error(f"server busy: {cfg.max_concurrency} running and {cfg.max_queue} waiting", 429)
-        future = batcher.submit(req)
         try:
-            images, seconds = await asyncio.wait_for(
-                asyncio.shield(future), timeout=max(0.0, deadline - time.perf_counter())
-            )
+            images, seconds = await batcher.run(req, deadline - time.perf_counter())
+        except BadRequest as exc:
+            return error(str(exc), exc.status)
         except TimeoutError:
-            batcher.withdraw(future)
             return error(f"request timed out after {cfg.timeout_s} s", 503)
         return await respond(req, images, seconds)
 
