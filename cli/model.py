@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-EXIT_RETRYABLE = 75
+from cli.store import exit_75_when_retryable
 
 
 def _registry(args: argparse.Namespace):
@@ -47,6 +46,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
         files["metrics.json"] = args.metrics
     card = model_card(args.checkpoint, args.metrics, args.data_manifest, args.run_id)
     manifest, created = _registry(args).publish(files, card)
+    if args.manifest_out:
+        Path(args.manifest_out).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     state = "published" if created else "already published (same files)"
     print(f"{args.registry}/{manifest['version']}: {state}; latest -> {manifest['version']}")
     return 0
@@ -81,21 +82,6 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
-def _retryable_exit(func):
-    def run(args: argparse.Namespace) -> int:
-        from common.errors import StorageError
-
-        try:
-            return func(args)
-        except StorageError as exc:
-            if not exc.retryable:
-                raise  # cli.main: one line, exit 2
-            print(f"nvae {args.command}: error: {exc}", file=sys.stderr)
-            return EXIT_RETRYABLE
-
-    return run
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "model",
@@ -110,7 +96,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     def add(name: str, func, help_text: str) -> argparse.ArgumentParser:
         q = msub.add_parser(name, help=help_text, description=help_text)
         q.add_argument("--registry", required=True, metavar="s3://BUCKET/models/NAME")
-        q.set_defaults(func=_retryable_exit(func))
+        q.set_defaults(func=exit_75_when_retryable(func))
         return q
 
     q = add("publish", cmd_publish, "publish an ONNX decoder with its checkpoint and metrics; moves `latest`")
@@ -119,6 +105,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--metrics", help="metrics.json from `nvae evaluate`")
     q.add_argument("--data-manifest", help="manifest.json of the prepared data (its sha256 goes in the card)")
     q.add_argument("--run-id", help="the pipeline run that made it (in the card)")
+    q.add_argument("--manifest-out", help="also write the published version's manifest.json here")
     add("list", cmd_list, "list the published versions, oldest first")
     q = add("show", cmd_show, "print a version's manifest: files, checksums, model card")
     q.add_argument("--version", default="latest")

@@ -11,36 +11,42 @@ from common.store_admin import DEFAULT_SAMPLER_PREFIX
 EXIT_RETRYABLE = 75  # the store is unreachable, starting, timing out or throttling (EX_TEMPFAIL): run again
 
 
+def exit_75_when_retryable(func):
+    """A command whose retryable StorageError (the store unreachable, starting, throttling) exits 75 with one
+    line; permanent ones go on to cli.main (one line, exit 2)."""
+
+    def run(args: argparse.Namespace) -> int:
+        from common.errors import StorageError
+
+        try:
+            return func(args)
+        except StorageError as exc:
+            if not exc.retryable:
+                raise
+            print(f"nvae {args.command}: error: {exc}", file=sys.stderr)
+            return EXIT_RETRYABLE
+
+    return run
+
+
+@exit_75_when_retryable
 def cmd_init(args: argparse.Namespace) -> int:
-    from common.errors import StorageError
     from common.s3 import ensure_bucket
     from common.store_admin import ensure_users, users_from_env
 
-    try:
-        users = users_from_env(args.bucket, args.sampler_prefix) if args.users else []  # checked first
-        for line in ensure_bucket(args.bucket):
-            print(line)
-        for line in ensure_users(users) if users else []:
-            print(line)
-    except StorageError as exc:
-        if not exc.retryable:
-            raise  # cli.main: one line, exit 2
-        print(f"nvae {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_RETRYABLE
+    users = users_from_env(args.bucket, args.sampler_prefix) if args.users else []  # checked first
+    for line in ensure_bucket(args.bucket):
+        print(line)
+    for line in ensure_users(users) if users else []:
+        print(line)
     return 0
 
 
+@exit_75_when_retryable
 def cmd_get(args: argparse.Namespace) -> int:
-    from common.errors import StorageError
     from common.s3 import download_object
 
-    try:
-        size = download_object(args.uri, args.out)
-    except StorageError as exc:
-        if not exc.retryable:
-            raise
-        print(f"nvae {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_RETRYABLE
+    size = download_object(args.uri, args.out)
     print(f"fetched {args.uri} -> {args.out} ({size} bytes)")
     return 0
 

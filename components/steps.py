@@ -213,19 +213,17 @@ def register(
 ):
     """Publish the ONNX decoder, the BN-readjusted checkpoint and the metrics as a registry version (content-
     addressed, written once; `latest` moves to it) with a model card naming this run."""
-    from common.files import file_sha256
-    from common.registry import content_version
-    from components.runtime import run_cli, write_text
+    import tempfile
 
-    files = {
-        "decoder.onnx": onnx_model.path,
-        "checkpoint.pt": model.path + "/checkpoint.pt",
-        "metrics.json": results.path + "/metrics.json",
-    }
-    argv = ["model", "publish", "--registry", registry, "--onnx", files["decoder.onnx"], "--checkpoint"]
-    argv += [files["checkpoint.pt"], "--metrics", files["metrics.json"], "--run-id", run_id]
-    run_cli(argv + ["--data-manifest", data.path + "/manifest.json"])
-    version = content_version({name: file_sha256(path) for name, path in files.items()})
+    from components.runtime import read_json, run_cli, write_text
+
+    argv = ["model", "publish", "--registry", registry, "--onnx", onnx_model.path, "--checkpoint"]
+    argv += [model.path + "/checkpoint.pt", "--metrics", results.path + "/metrics.json", "--run-id", run_id]
+    with tempfile.TemporaryDirectory() as tmp:
+        run_cli(
+            argv + ["--data-manifest", data.path + "/manifest.json", "--manifest-out", tmp + "/manifest.json"]
+        )
+        version = read_json(tmp + "/manifest.json")["version"]
     published.metadata.update(registry=registry, version=version)
     write_text(published.path, f"{registry}/{version}\n")
 

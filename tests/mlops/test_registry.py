@@ -46,8 +46,10 @@ def test_publish_is_content_addressed_written_once_and_moves_latest(reg, artifac
     assert first["card"]["steps"] == 40 and first["card"]["nll_bpd"] == 3.25
     assert first["card"]["bn_readjust_temperature"] == 0.8 and first["card"]["run_id"] == "run-1"
     assert first["version"] == content_version({n: f["sha256"] for n, f in first["files"].items()})
-    # The same files again: nothing rewritten, same version.
-    assert publish(reg, artifacts) == 0
+    # The same files again: nothing rewritten, same version (and the manifest handed back on request).
+    out = artifacts["onnx"].parent / "published.json"
+    assert publish(reg, artifacts, "--manifest-out", str(out)) == 0
+    assert json.loads(out.read_text()) == first
     assert "already published" in capsys.readouterr().out
     # Other weights: a new version, and latest follows; both are listed, oldest first.
     artifacts["onnx"].write_bytes(b"other-onnx" * 1000)
