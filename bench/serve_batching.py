@@ -20,14 +20,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def load(url: str, clients: int, seconds: float, n: int) -> dict:
+def load(url: str, clients: int, seconds: float, n: int, headers: dict | None = None) -> dict:
+    """`clients` threads posting n-image requests to `url` for `seconds`: requests, requests/s, images/s,
+    p50/p99 latency, errors (non-200), 5xx and connection failures (counted as status 0)."""
     import httpx
 
     latencies, codes, lock = [], [], threading.Lock()
     stop = time.monotonic() + seconds
 
     def client(k: int) -> None:
-        with httpx.Client(base_url=url, timeout=60) as c:
+        with httpx.Client(base_url=url, timeout=60, headers=headers) as c:
             while time.monotonic() < stop:
                 body = {
                     "inputs": [
@@ -37,10 +39,13 @@ def load(url: str, clients: int, seconds: float, n: int) -> dict:
                     ]
                 }
                 t = time.perf_counter()
-                r = c.post("/v2/models/nvae-decoder/infer", json=body)
+                try:
+                    code = c.post("/v2/models/nvae-decoder/infer", json=body).status_code
+                except httpx.HTTPError:
+                    code = 0  # connection-level failure
                 with lock:
                     latencies.append(time.perf_counter() - t)
-                    codes.append(r.status_code)
+                    codes.append(code)
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
     start = time.perf_counter()
@@ -53,10 +58,12 @@ def load(url: str, clients: int, seconds: float, n: int) -> dict:
     ok = codes.count(200)
     return {
         "requests": len(codes),
+        "requests_per_s": len(codes) / elapsed,
         "images_per_s": ok * n / elapsed,
         "p50_ms": 1000 * statistics.median(lat),
         "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
         "errors": len(codes) - ok,
+        "5xx": sum(500 <= c < 600 for c in codes),
     }
 
 

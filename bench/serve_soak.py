@@ -17,7 +17,6 @@ import argparse
 import os
 import secrets
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,52 +26,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from serve_batching import load  # noqa: E402 - the same clients, side by side with the batching bench
+
 INFER = "/v2/models/nvae-decoder/infer"
 
 
 def sampling_clients(url: str, token: str, clients: int, seconds: float, n: int) -> dict:
-    import httpx
-
-    latencies, codes, lock = [], [], threading.Lock()
-    stop = time.monotonic() + seconds
-
-    def client(k: int) -> None:
-        headers = {"Authorization": f"Bearer {token}"}
-        with httpx.Client(base_url=url, timeout=60, headers=headers) as c:
-            while time.monotonic() < stop:
-                body = {
-                    "inputs": [
-                        {"name": "n", "datatype": "INT64", "shape": [1], "data": [n]},
-                        {"name": "temperature", "datatype": "FP32", "shape": [1], "data": [0.8]},
-                        {"name": "seed", "datatype": "INT64", "shape": [1], "data": [k]},
-                    ]
-                }
-                t = time.perf_counter()
-                try:
-                    code = c.post(INFER, json=body).status_code
-                except httpx.HTTPError:
-                    code = 0  # connection-level failure
-                with lock:
-                    latencies.append(time.perf_counter() - t)
-                    codes.append(code)
-
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - start
-    lat = sorted(latencies)
-    ok = codes.count(200)
-    return {
-        "requests_per_s": len(codes) / elapsed,
-        "images_per_s": ok * n / elapsed,
-        "p50_ms": 1000 * statistics.median(lat),
-        "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
-        "5xx": sum(500 <= c < 600 for c in codes),
-        "other_errors": sum(c != 200 and not 500 <= c < 600 for c in codes),
-    }
+    """serve_batching's load with the bearer token; non-200 answers split into 5xx and the rest."""
+    row = load(url, clients, seconds, n, headers={"Authorization": f"Bearer {token}"})
+    row["other_errors"] = row["errors"] - row["5xx"]
+    return row
 
 
 class SlowClients:
