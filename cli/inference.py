@@ -183,7 +183,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.onnx:
         from serving.sampler import OnnxSampler
 
-        sampler = OnnxSampler(args.onnx)
+        # --device picks the provider: cuda must load (no silent CPU run), cpu, or none: CUDA if it loads
+        sampler = OnnxSampler(args.onnx, {"cuda": "cuda", "cpu": "cpu"}.get(args.device or "", "auto"))
         if args.decode and args.decode != sampler.decode:
             raise NVAEError(
                 f"{args.onnx} was exported with decode={sampler.decode}; re-export with "
@@ -396,7 +397,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--nrow", type=positive_int("--nrow"), help="images per grid row")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--device")
+    p.add_argument(
+        "--device",
+        help="cpu or cuda (default: cuda when available); with --onnx, cuda requires onnxruntime's CUDA "
+        "provider to load",
+    )
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser(

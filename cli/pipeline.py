@@ -16,6 +16,8 @@ def _params(args, local_source: bool = False):
     if local_source and "source" not in values:
         # The subprocess runner reads this machine's files: the embedded Fashion-MNIST, not the store.
         values["source"] = LOCAL_SOURCE
+    if local_source and "checkpoint_store" not in values:
+        values["checkpoint_store"] = ""  # ... and keeps its checkpoints with the run's outputs
     return PipelineParams.from_overrides(values)
 
 
@@ -39,6 +41,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ValueError("only --local runs here; use `nvae pipeline submit --host URL` for a cluster")
     params = _params(args, local_source=args.runner == "subprocess")
     print(f"source: {params.source}  (runner: {args.runner})", flush=True)
+    if params.checkpoint_store:
+        print(f"checkpoints: {params.checkpoint_store}/<run id>/checkpoints", flush=True)
     found = run_local(params, args.root, _images(args), args.runner)
     print("local pipeline run finished; results:")
     for key, path in found.items():
@@ -109,7 +113,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=("subprocess", "docker"),
         default="subprocess",
         help="subprocess: every step in this Python (fast, no images; source defaults to the embedded "
-        "Fashion-MNIST); docker: every step in its image as on a cluster, via DOCKER_HOST (podman works)",
+        "Fashion-MNIST and checkpoint_store to none); docker: every step in its image as on a cluster, via DOCKER_HOST (podman works)",
     )
     add_images(r)
     add_set(r)

@@ -44,10 +44,23 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 @exit_75_when_retryable
 def cmd_get(args: argparse.Namespace) -> int:
-    from common.s3 import download_object
+    from common.s3 import download_object, download_tree
 
+    if args.uri.endswith("/"):
+        count = download_tree(args.uri, args.out)
+        print(f"fetched {args.uri} -> {args.out}/ ({count} files)")
+        return 0
     size = download_object(args.uri, args.out)
     print(f"fetched {args.uri} -> {args.out} ({size} bytes)")
+    return 0
+
+
+@exit_75_when_retryable
+def cmd_put(args: argparse.Namespace) -> int:
+    from common.s3 import upload_tree
+
+    count = upload_tree(args.folder, args.uri)
+    print(f"uploaded {args.folder}/ -> {args.uri} ({count} files)")
     return 0
 
 
@@ -81,11 +94,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.set_defaults(func=cmd_init)
     g = ssub.add_parser(
         "get",
-        help="download one object (e.g. the sampler's decoder) to a file, atomically",
-        description="The file appears only when the whole object has arrived. Endpoint and keys from the "
+        help="download one object (e.g. the sampler's decoder) to a file, or a prefix (URI ending in /) to "
+        "a folder, atomically",
+        description="Each file appears only when its whole object has arrived. Endpoint and keys from the "
         "environment as for init. Exit status: 0 done, 2 bad URI or a permanent failure (no such object, "
-        "bad keys), 75 the store is unreachable or not ready: run again.",
+        "an empty prefix, bad keys), 75 the store is unreachable or not ready: run again.",
     )
-    g.add_argument("uri", help="s3://bucket/path/to/object")
-    g.add_argument("--out", required=True, help="file to write")
+    g.add_argument("uri", help="s3://bucket/path/to/object, or s3://bucket/prefix/ for every object under it")
+    g.add_argument("--out", required=True, help="file to write (a folder for a prefix)")
     g.set_defaults(func=cmd_get)
+    u = ssub.add_parser(
+        "put",
+        help="upload every file of a folder under an s3:// prefix, keeping relative paths",
+        description="Each object appears whole or not at all. Endpoint and keys from the environment as for "
+        "init. Exit status as for get.",
+    )
+    u.add_argument("folder", help="local folder")
+    u.add_argument("uri", help="s3://bucket/prefix/")
+    u.set_defaults(func=cmd_put)

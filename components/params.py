@@ -22,6 +22,7 @@ DATASETS = (
 
 LOCAL_SOURCE = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist, on this machine
 STORE_SOURCE = "s3://nvae/raw/fashion-mnist"  # where `nvae data upload` puts it for a cluster
+STORE_RUNS = "s3://nvae/runs"  # each run's checkpoints (and a TrainJob's data and outputs) under <run id>/
 
 
 @dataclass
@@ -36,7 +37,13 @@ class PipelineParams:
     steps: int = 1000
     batch_size: int = 0  # 0: the preset's
     gpus: int = 0
+    nodes: int = 1
     accelerator: str = "nvidia.com/gpu"
+    checkpoint_store: str = STORE_RUNS  # "": checkpoints only in the step's output (no resume on retry)
+    checkpoint_every: int = 200
+    prepare_gpus: int = 0
+    eval_gpus: int = 0
+    sample_gpus: int = 0
     seed: int = 0
     iw_samples: int = 50
     eval_limit: int = 200  # 0: the whole test split
@@ -93,8 +100,16 @@ DESCRIPTIONS = {
     "overrides": "Config fields over the preset, 'key=value key=value' (validated before any step).",
     "steps": "Training steps (>= 1).",
     "batch_size": "Images per process and step; 0 takes the preset's (>= 0).",
-    "gpus": "GPUs for the training step, one torchrun process each; 0 trains on CPU (>= 0).",
-    "accelerator": "Kubernetes accelerator resource of the training step's GPUs.",
+    "gpus": "GPUs for the training step (per node), one torchrun process each; 0 trains on CPU (>= 0).",
+    "nodes": "Training nodes; above 1 the train step runs a Kubeflow TrainJob of that many nodes, each with "
+    "`gpus` GPUs (>= 1; above 1 needs a checkpoint_store).",
+    "accelerator": "Kubernetes accelerator resource of the steps' GPUs.",
+    "checkpoint_store": "s3://bucket/prefix where training checkpoints go, under <run id>/: a retried train "
+    "pod resumes there; empty: no store (a retry starts over).",
+    "checkpoint_every": "Training steps between checkpoints; 0: only at the end (>= 0).",
+    "prepare_gpus": "GPUs for DALI preparation, 0 or 1 (the GPU image when 1).",
+    "eval_gpus": "GPUs for IW evaluation and BN readjustment, 0 or 1 (the GPU image when 1).",
+    "sample_gpus": "GPUs for ONNX sampling (onnxruntime's CUDA provider), 0 or 1 (the GPU image when 1).",
     "seed": "Seed of training, sampling and evaluation noise.",
     "iw_samples": "Importance samples K per test image for the NLL bound (>= 1; 1000 for reported numbers).",
     "eval_limit": "Test images evaluated; 0 evaluates the whole test split (>= 0).",
@@ -118,6 +133,12 @@ _VALIDATED = (
     "batch_size",
     "eval_limit",
     "readjust_iters",
+    "prepare_gpus",
+    "eval_gpus",
+    "sample_gpus",
+    "nodes",
+    "checkpoint_store",
+    "checkpoint_every",
 )
 
 
@@ -135,6 +156,12 @@ def validate_pipeline_args(
     batch_size: int = 0,
     eval_limit: int = 0,
     readjust_iters: int = 1,
+    prepare_gpus: int = 0,
+    eval_gpus: int = 0,
+    sample_gpus: int = 0,
+    nodes: int = 1,
+    checkpoint_store: str = "",
+    checkpoint_every: int = 0,
 ) -> None:
     """Raise ConfigError naming the parameter and its allowed range; also checks preset + overrides."""
     from components.runtime import split_overrides
@@ -151,9 +178,33 @@ def validate_pipeline_args(
         ("batch_size", batch_size, 0),
         ("eval_limit", eval_limit, 0),
         ("readjust_iters", readjust_iters, 1),
+        ("nodes", nodes, 1),
+        ("checkpoint_every", checkpoint_every, 0),
     ):
         if value < low:
             raise ConfigError(f"{name}={value} is out of range; allowed {name} >= {low}")
+    for name, value in (
+        ("prepare_gpus", prepare_gpus),
+        ("eval_gpus", eval_gpus),
+        ("sample_gpus", sample_gpus),
+    ):
+        if value not in (0, 1):
+            raise ConfigError(f"{name}={value} is out of range; allowed 0 <= {name} <= 1")
+    if checkpoint_store and not checkpoint_store.startswith("s3://"):
+        raise ConfigError(f"checkpoint_store={checkpoint_store!r}: expected s3://bucket/prefix, or empty")
+    if checkpoint_store:
+        from common.errors import StorageError
+        from common.s3 import parse_s3_uri
+
+        try:
+            parse_s3_uri(checkpoint_store)
+        except StorageError as exc:
+            raise ConfigError(f"checkpoint_store: {exc}") from None
+    if nodes > 1 and not checkpoint_store:
+        raise ConfigError(
+            f"nodes={nodes} needs a checkpoint_store: the TrainJob's nodes share data and "
+            "checkpoints through it"
+        )
     if not (0 < temperature <= 10):
         raise ConfigError(f"temperature={temperature} is out of range; allowed 0 < temperature <= 10")
     cfg = build_config(preset, None, parse_set_args(split_overrides(overrides)[1::2]))

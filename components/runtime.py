@@ -23,21 +23,26 @@ def split_overrides(overrides: str) -> list[str]:
     return [arg for item in items for arg in ("--set", item)]
 
 
-def run_cli(argv: list[str]) -> None:
-    """Run `nvae ARGV...` in this process; raise StepFailed on a non-zero exit."""
+def cli_status(argv: list[str]) -> int:
+    """Run `nvae ARGV...` in this process; its exit status."""
     from cli.main import main
 
     print("+ nvae " + " ".join(shlex.quote(a) for a in argv), flush=True)
-    code = main(argv)
+    return main(argv)
+
+
+def run_cli(argv: list[str]) -> None:
+    """Run `nvae ARGV...` in this process; raise StepFailed on a non-zero exit."""
+    code = cli_status(argv)
     if code:
         raise StepFailed(f"nvae {argv[0]} exited with status {code}")
 
 
-def run_train(argv: list[str], nproc: int) -> None:
-    """`nvae train ARGV...`, under `torchrun --nproc_per_node nproc` when nproc > 1 (one process per GPU)."""
+def train_status(argv: list[str], nproc: int) -> int:
+    """`nvae train ARGV...`, under `torchrun --nproc_per_node nproc` when nproc > 1 (one process per GPU);
+    its exit status (torchrun's is 1 whatever a worker's was)."""
     if nproc <= 1:
-        run_cli(["train", *argv])
-        return
+        return cli_status(["train", *argv])
     cmd = [
         sys.executable,
         "-m",
@@ -50,9 +55,69 @@ def run_train(argv: list[str], nproc: int) -> None:
         *argv,
     ]
     print("+ " + " ".join(shlex.quote(a) for a in cmd), flush=True)
-    code = subprocess.call(cmd)
+    return subprocess.call(cmd)
+
+
+# `nvae train`'s exit statuses that a retry repeats (a flag, config, data or checkpoint problem; cli/train.py).
+PERMANENT_EXITS = (1, 2)
+PERMANENT_MARKER = "permanent-failure.json"
+
+
+def run_dir(checkpoint_store: str, run_id: str) -> str:
+    """The run's prefix in the store, `s3://bucket/runs/<run id>` ("" when there is no store)."""
+    return f"{checkpoint_store.rstrip('/')}/{run_id}" if checkpoint_store else ""
+
+
+def check_no_permanent_failure(run: str) -> None:
+    """Refuse at once when an earlier attempt of this run left the permanent-failure marker: KFP retries a
+    failed step whatever its exit status, and a permanent failure would only repeat."""
+    from common.s3 import get_json
+
+    marker = get_json(f"{run}/{PERMANENT_MARKER}")
+    if marker is not None:
+        raise StepFailed(
+            f"an earlier attempt of this run failed permanently ({marker.get('what', 'unknown')}; marker "
+            f"{run}/{PERMANENT_MARKER}): a retry would fail the same way; fix the cause and start a new run"
+        )
+
+
+def mark_permanent_failure(run: str, what: str) -> None:
+    from common.s3 import put_json
+
+    put_json(f"{run}/{PERMANENT_MARKER}", {"what": what})
+
+
+def run_train(argv: list[str], nproc: int, run: str = "") -> None:
+    """`nvae train ARGV...` (train_status), checkpointing under `run`/checkpoints when a run prefix is given,
+    so a retried pod resumes from the last checkpoint. One process: a permanent exit (1, 2) leaves the marker
+    that fails a retry at once (with torchrun every failure is status 1, so no marker is left)."""
+    if run:
+        check_no_permanent_failure(run)
+        argv = [*argv, "--checkpoint-dir", f"{run}/checkpoints"]
+    code = train_status(argv, nproc)
+    if code and run and nproc <= 1 and code in PERMANENT_EXITS:
+        mark_permanent_failure(run, f"nvae train exited with status {code}")
     if code:
-        raise StepFailed(f"torchrun nvae train exited with status {code}")
+        raise StepFailed(f"nvae train exited with status {code}")
+
+
+def fetch_checkpoint(run: str, out_dir: str | Path) -> None:
+    """Copy the run's last checkpoint (`run`/checkpoints/latest.json names it and its SHA-256) from the store
+    to `out_dir`/checkpoint.pt, where the later steps read it."""
+    from common.errors import StorageError
+    from common.files import file_sha256
+    from common.s3 import download_object, get_json, parse_s3_uri
+
+    pointer_uri = f"{run}/checkpoints/latest.json"
+    pointer = get_json(pointer_uri)
+    if pointer is None:
+        raise StorageError(f"{pointer_uri}: no checkpoint was written")
+    bucket, _ = parse_s3_uri(run)
+    dest = Path(out_dir) / "checkpoint.pt"
+    download_object(f"s3://{bucket}/{pointer['key']}", dest)
+    if file_sha256(dest) != pointer.get("sha256"):
+        dest.unlink()
+        raise StorageError(f"s3://{bucket}/{pointer['key']} does not match its SHA-256 in {pointer_uri}")
 
 
 def read_json(path: str | Path) -> dict:

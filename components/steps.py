@@ -8,6 +8,7 @@ the project images. kfp is installed in those images, so the components are comp
 """
 
 from types import SimpleNamespace
+from typing import NamedTuple
 
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
@@ -28,8 +29,23 @@ def validate_params(
     batch_size: int,
     eval_limit: int,
     readjust_iters: int,
+    prepare_gpus: int,
+    eval_gpus: int,
+    sample_gpus: int,
+    nodes: int,
+    checkpoint_store: str,
+    checkpoint_every: int,
+    cpu_image: str,
+    gpu_image: str,
+) -> NamedTuple(
+    "Plan",
+    [("prepare_image", str), ("eval_image", str), ("sample_image", str), ("train_pod_gpus", int)],
 ):
-    """Fail the run before any work when a parameter is out of range (the log names it and its range)."""
+    """Fail the run before any work when a parameter is out of range (the log names it and its range).
+    Returns the image of each step (the GPU image where the step gets a GPU) and the GPUs of the train pod
+    (none when it only launches a multi-node TrainJob)."""
+    from collections import namedtuple
+
     from components.params import validate_pipeline_args
 
     validate_pipeline_args(
@@ -45,15 +61,25 @@ def validate_params(
         batch_size=batch_size,
         eval_limit=eval_limit,
         readjust_iters=readjust_iters,
+        prepare_gpus=prepare_gpus,
+        eval_gpus=eval_gpus,
+        sample_gpus=sample_gpus,
+        nodes=nodes,
+        checkpoint_store=checkpoint_store,
+        checkpoint_every=checkpoint_every,
     )
+    image = {0: cpu_image, 1: gpu_image}
+    plan = namedtuple("Plan", ["prepare_image", "eval_image", "sample_image", "train_pod_gpus"])
+    return plan(image[prepare_gpus], image[eval_gpus], image[sample_gpus], gpus if nodes == 1 else 0)
 
 
-def prepare(dataset: str, source: str, limit: int, data: Output[Dataset]):
-    """DALI dataset preparation -> uint8 arrays + manifest. `source`: a path (a mounted volume) or
-    s3://bucket/prefix (endpoint and keys from the nvae-s3-pipeline Secret's variables)."""
+def prepare(dataset: str, source: str, limit: int, gpus: int, data: Output[Dataset]):
+    """DALI dataset preparation -> uint8 arrays + manifest, on the GPU when the step has one. `source`: a
+    path (a mounted volume) or s3://bucket/prefix (endpoint and keys from the nvae-s3-pipeline Secret)."""
     from components.runtime import read_json, run_cli
 
     argv = ["prepare", "--dataset", dataset, "--source", source, "--out", data.path]
+    argv += ["--device", "gpu" if gpus else "cpu"]
     run_cli(argv + (["--limit", str(limit)] if limit > 0 else []))
     manifest = read_json(data.path + "/manifest.json")
     data.metadata["dataset"] = dataset
@@ -69,35 +95,57 @@ def train(
     batch_size: int,
     gpus: int,
     seed: int,
+    nodes: int,
+    accelerator: str,
+    checkpoint_store: str,
+    checkpoint_every: int,
+    run_id: str,
+    image: str,
     model: Output[Model],
     train_metrics: Output[Metrics],
     curves: Output[HTML],
 ):
-    """NVAE training; one process per GPU under torchrun. Outputs the checkpoint (with the DVCLive run),
-    throughput and step counts as metrics, and the training curves as a page."""
+    """NVAE training: one process per GPU under torchrun, or with `nodes` > 1 a Kubeflow TrainJob of that
+    many nodes. With a checkpoint store, checkpoints go to <store>/<run id>/checkpoints and a retried pod
+    resumes from them. Outputs the checkpoint (with the DVCLive run), throughput and step counts as metrics,
+    and the training curves as a page."""
     from components.runtime import (
         curves_html,
+        fetch_checkpoint,
         numeric_items,
         read_json,
+        run_dir,
         run_train,
         split_overrides,
         write_text,
     )
 
-    argv = [
-        "--preset",
-        preset,
-        "--data",
-        data.path,
-        "--out",
-        model.path,
-        "--steps",
-        str(steps),
-        "--seed",
-        str(seed),
-        *split_overrides(overrides),
-    ]
-    run_train(argv + (["--batch-size", str(batch_size)] if batch_size > 0 else []), nproc=gpus)
+    run = run_dir(checkpoint_store, run_id)
+    argv = ["--preset", preset, "--steps", str(steps), "--seed", str(seed), *split_overrides(overrides)]
+    argv += ["--checkpoint-every", str(checkpoint_every), "--no-progress"]
+    argv += ["--batch-size", str(batch_size)] if batch_size > 0 else []
+    if nodes > 1:
+        from components.runtime import run_cli
+        from components.trainjob import in_cluster_api, job_name, run_trainjob, trainjob_body
+
+        run_cli(["store", "put", data.path, run + "/data/"])
+        body = trainjob_body(
+            name=job_name(run_id),
+            image=image,
+            nodes=nodes,
+            gpus_per_node=gpus,
+            accelerator=accelerator,
+            run=run,
+            train_args=argv,
+            store_secret="nvae-s3-pipeline",
+        )
+        api, namespace = in_cluster_api()
+        run_trainjob(api, namespace, body)
+        run_cli(["store", "get", run + "/out/", "--out", model.path])
+    else:
+        run_train(["--data", data.path, "--out", model.path, *argv], nproc=gpus, run=run)
+    if run:
+        fetch_checkpoint(run, model.path)
     summary = read_json(model.path + "/train_summary.json")
     for key, value in numeric_items(summary, ["steps", "skipped_steps", "last_nelbo_bpd", "last_img_per_s"]):
         train_metrics.log_metric(key, value)
@@ -110,6 +158,7 @@ def evaluate(
     data: Input[Dataset],
     iw_samples: int,
     limit: int,
+    gpus: int,
     metrics: Output[Metrics],
     results: Output[Artifact],
     kl_report: Output[HTML],
@@ -126,7 +175,8 @@ def evaluate(
     out_json, plot = results.path + "/metrics.json", results.path + "/kl_per_group.png"
     argv = ["evaluate", "--checkpoint", model.path + "/checkpoint.pt", "--data", data.path]
     argv += ["--iw-samples", str(iw_samples), "--out", out_json, "--kl-plot", plot]
-    run_cli(argv + (["--limit", str(limit)] if limit > 0 else []))
+    device = ["--device", "cuda" if gpus else "cpu"]
+    run_cli(argv + device + (["--limit", str(limit)] if limit > 0 else []))
     values = read_json(out_json)
     keys = ["nll_bpd", "nelbo_bpd", "kl_nats", "active_channels", "num_images", "iw_samples"]
     for key, value in numeric_items(values, keys):
@@ -134,12 +184,12 @@ def evaluate(
     write_text(kl_report.path, png_html(plot, f"KL per group ({values['active_channels']} active channels)"))
     with tempfile.TemporaryDirectory() as tmp:
         argv = ["sample", "--checkpoint", model.path + "/checkpoint.pt", "--reconstruct", "--data", data.path]
-        run_cli(argv + ["--n", "16", "--temperature", "1", "--nrow", "8", "--out", tmp])
+        run_cli(argv + device + ["--n", "16", "--temperature", "1", "--nrow", "8", "--out", tmp])
         page = png_html(tmp + "/reconstructions.png", "Test images (odd rows) and their reconstructions")
         write_text(reconstructions.path, page)
 
 
-def readjust_bn(model: Input[Model], temperature: float, iters: int, readjusted: Output[Model]):
+def readjust_bn(model: Input[Model], temperature: float, iters: int, gpus: int, readjusted: Output[Model]):
     """BN statistics re-estimated from prior samples at the sampling temperature."""
     import os
 
@@ -157,6 +207,8 @@ def readjust_bn(model: Input[Model], temperature: float, iters: int, readjusted:
             str(iters),
             "--out",
             readjusted.path + "/checkpoint.pt",
+            "--device",
+            "cuda" if gpus else "cpu",
         ]
     )
     readjusted.metadata["temperature"] = temperature
@@ -175,10 +227,12 @@ def sample(
     num_samples: int,
     temperature: float,
     seed: int,
+    gpus: int,
     samples: Output[Dataset],
     grid: Output[HTML],
 ):
-    """Sample a grid with the ONNX decoder (onnxruntime), the way serving does."""
+    """Sample a grid with the ONNX decoder (onnxruntime, its CUDA provider when the step has a GPU), the way
+    serving does."""
     from components.runtime import png_html, run_cli, write_text
 
     run_cli(
@@ -194,6 +248,8 @@ def sample(
             str(seed),
             "--out",
             samples.path,
+            "--device",
+            "cuda" if gpus else "cpu",
         ]
     )
     page = png_html(
@@ -228,7 +284,9 @@ def register(
     write_text(published.path, f"{registry}/{version}\n")
 
 
-# Which image each step runs in: train takes the CUDA build of torch (it runs on CPU nodes too).
+# Each step's image at compile time: train takes the CUDA build of torch (it runs on CPU nodes too). The
+# pipeline sets the image of prepare, evaluate, readjust-bn and sample at run time (validate_params' plan):
+# the GPU image when the step gets a GPU. export-onnx traces the network on the CPU (a GPU would buy nothing).
 _STEPS = {
     "validate_params": (validate_params, "cpu"),
     "prepare": (prepare, "cpu"),

@@ -6,10 +6,25 @@ Talks to whatever `DOCKER_HOST` points at (podman: `podman system service unix:/
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 
 from pipelines.local_logs import fold_executor_input, lines_of
+
+_PARAMETER = re.compile(r"\{\{\$\.inputs\.parameters\['([^']+)'\]\}\}")
+
+
+def resolve_image(image: str, command: list[str]) -> str:
+    """The image a task runs in. A step whose image the pipeline sets at run time (`set_container_image` with
+    an upstream output) has a placeholder there, which KFP's driver resolves on a cluster and kfp.local does
+    not: take the value from the task's own executor input, where the placeholder's parameter is."""
+    match = _PARAMETER.fullmatch(image)
+    if match is None:
+        return image
+    executor_input = json.loads(command[command.index("--executor_input") + 1])
+    return executor_input["inputs"]["parameterValues"][match.group(1)]
 
 
 def run_container(client, image: str, command: list[str], volumes: dict, **run_args) -> int:
@@ -24,6 +39,7 @@ def run_container(client, image: str, command: list[str], volumes: dict, **run_a
     """
     import docker
 
+    image = resolve_image(image, command)
     try:
         client.images.get(image)
     except docker.errors.ImageNotFound:

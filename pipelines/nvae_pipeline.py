@@ -38,6 +38,14 @@ def _store_client(task) -> None:
     task.set_env_variable(OPTIONAL_CA_ENV, f"{S3_CA_DIR}/ca.crt")
 
 
+def _gpu_step(task, image, accelerator, gpus) -> None:
+    """A step that gets `gpus` (0 or 1, a pipeline parameter) of `accelerator`, in `image` (validate_params'
+    plan: the GPU image when it gets one), tolerating the GPU nodes' taint."""
+    task.set_container_image(image)
+    task.set_accelerator_type(accelerator).set_accelerator_limit(gpus)
+    kubernetes.add_toleration(task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
+
+
 S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")  # the Secret's keys
 _D = PipelineParams()
 RUNNERS = ("subprocess", "docker")
@@ -56,7 +64,13 @@ def build_pipeline(images: Images = DEFAULT_IMAGES):
         steps: int = _D.steps,
         batch_size: int = _D.batch_size,
         gpus: int = _D.gpus,
+        nodes: int = _D.nodes,
         accelerator: str = _D.accelerator,
+        checkpoint_store: str = _D.checkpoint_store,
+        checkpoint_every: int = _D.checkpoint_every,
+        prepare_gpus: int = _D.prepare_gpus,
+        eval_gpus: int = _D.eval_gpus,
+        sample_gpus: int = _D.sample_gpus,
         seed: int = _D.seed,
         iw_samples: int = _D.iw_samples,
         eval_limit: int = _D.eval_limit,
@@ -78,11 +92,21 @@ def build_pipeline(images: Images = DEFAULT_IMAGES):
             batch_size=batch_size,
             eval_limit=eval_limit,
             readjust_iters=readjust_iters,
+            prepare_gpus=prepare_gpus,
+            eval_gpus=eval_gpus,
+            sample_gpus=sample_gpus,
+            nodes=nodes,
+            checkpoint_store=checkpoint_store,
+            checkpoint_every=checkpoint_every,
+            cpu_image=images.cpu,
+            gpu_image=images.gpu,
         ).set_display_name("validate parameters")
         check.set_caching_options(False)
+        plan = check.outputs
 
-        prep = comp.prepare(dataset=dataset, source=source, limit=prepare_limit).after(check)
+        prep = comp.prepare(dataset=dataset, source=source, limit=prepare_limit, gpus=prepare_gpus)
         prep.set_display_name("prepare (DALI)").set_cpu_request("2").set_memory_request("4G")
+        _gpu_step(prep, plan["prepare_image"], accelerator, prepare_gpus)
 
         fit = comp.train(
             data=prep.outputs["data"],
@@ -92,31 +116,53 @@ def build_pipeline(images: Images = DEFAULT_IMAGES):
             batch_size=batch_size,
             gpus=gpus,
             seed=seed,
+            nodes=nodes,
+            accelerator=accelerator,
+            checkpoint_store=checkpoint_store,
+            checkpoint_every=checkpoint_every,
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            image=images.gpu,
         )
-        fit.set_display_name("train (torchrun)").set_cpu_request("4").set_memory_request(
+        fit.set_display_name("train (torchrun / TrainJob)").set_cpu_request("4").set_memory_request(
             "16G"
         ).set_memory_limit("64G")
-        fit.set_accelerator_type(accelerator).set_accelerator_limit(gpus).set_retry(3, backoff_duration="60s")
+        # Retried on any failure (KFP cannot filter by exit status); a retry resumes from the run's
+        # checkpoints, and one after a permanent failure stops at once (components.runtime).
+        fit.set_accelerator_type(accelerator).set_accelerator_limit(plan["train_pod_gpus"]).after(check)
+        fit.set_retry(3, backoff_duration="60s")
         kubernetes.add_toleration(fit, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
         kubernetes.empty_dir_mount(
             fit, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit="16Gi"
         )
 
         ev = comp.evaluate(
-            model=fit.outputs["model"], data=prep.outputs["data"], iw_samples=iw_samples, limit=eval_limit
+            model=fit.outputs["model"],
+            data=prep.outputs["data"],
+            iw_samples=iw_samples,
+            limit=eval_limit,
+            gpus=eval_gpus,
         )
         ev.set_display_name("evaluate (IW bits/dim)").set_cpu_request("2").set_memory_request("8G")
+        _gpu_step(ev, plan["eval_image"], accelerator, eval_gpus)
 
-        adj = comp.readjust_bn(model=fit.outputs["model"], temperature=temperature, iters=readjust_iters)
+        adj = comp.readjust_bn(
+            model=fit.outputs["model"], temperature=temperature, iters=readjust_iters, gpus=eval_gpus
+        )
         adj.set_display_name("readjust BN").set_cpu_request("2").set_memory_request("4G")
+        _gpu_step(adj, plan["eval_image"], accelerator, eval_gpus)
 
         onnx = comp.export_onnx(model=adj.outputs["readjusted"])
         onnx.set_display_name("export ONNX").set_cpu_request("1").set_memory_request("4G")
 
         smp = comp.sample(
-            onnx_model=onnx.outputs["onnx_model"], num_samples=num_samples, temperature=temperature, seed=seed
+            onnx_model=onnx.outputs["onnx_model"],
+            num_samples=num_samples,
+            temperature=temperature,
+            seed=seed,
+            gpus=sample_gpus,
         )
         smp.set_display_name("sample (onnxruntime)").set_cpu_request("1").set_memory_request("2G")
+        _gpu_step(smp, plan["sample_image"], accelerator, sample_gpus)
 
         with dsl.If(registry != "", name="publish"):
             reg = comp.register(

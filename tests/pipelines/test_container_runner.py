@@ -96,3 +96,25 @@ def test_executor_input_is_folded_into_one_line(monkeypatch):
     monkeypatch.setenv("NVAE_FULL_EXECUTOR_LOG", "1")
     assert list(fold_executor_input(log)) == log
     assert list(lines_of([b"a\nb", b"c\n", b"d"])) == ["a\n", "bc\n", "d"]
+
+
+def test_an_image_chosen_at_run_time_is_taken_from_the_task_executor_input():
+    """A step whose image validate-params chose (a placeholder KFP's driver resolves on a cluster) runs in
+    the image its executor input names."""
+    import json
+
+    executor_input = {"inputs": {"parameterValues": {"pipelinechannel--validate-params-eval_image": "gpu:2"}}}
+    command = [
+        "sh",
+        "-c",
+        "run",
+        "--executor_input",
+        json.dumps(executor_input),
+        "--function_to_execute",
+        "f",
+    ]
+    client = FakeClient(images=("gpu:2",))
+    placeholder = "{{$.inputs.parameters['pipelinechannel--validate-params-eval_image']}}"
+    assert run_container(client, placeholder, command, {}) == 0
+    (kwargs,) = client.runs
+    assert kwargs["image"] == "gpu:2"

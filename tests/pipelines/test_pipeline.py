@@ -41,11 +41,12 @@ def test_spec_loads_back_with_kfp_and_has_the_dag(tmp_path):
     ) | {a["taskOutputArtifact"]["producerTask"] for a in inner["register"]["inputs"]["artifacts"].values()
          if "taskOutputArtifact" in a}  # fmt: skip
     deps = {name: set(t.get("dependentTasks", [])) for name, t in tasks.items()}
+    # validate-params also feeds the image (and train's GPU count) of the steps that can get a GPU.
     assert deps["prepare"] == {"validate-params"}
-    assert deps["train"] == {"prepare"}
-    assert deps["evaluate"] == {"train", "prepare"}
-    assert deps["readjust-bn"] == {"train"} and deps["export-onnx"] == {"readjust-bn"}
-    assert deps["sample"] == {"export-onnx"}
+    assert deps["train"] == {"prepare", "validate-params"}
+    assert deps["evaluate"] == {"train", "prepare", "validate-params"}
+    assert deps["readjust-bn"] == {"train", "validate-params"} and deps["export-onnx"] == {"readjust-bn"}
+    assert deps["sample"] == {"export-onnx", "validate-params"}
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert params["preset"]["defaultValue"] == "fmnist-cpu" and params["gpus"]["defaultValue"] == 0
     # A cluster run reads the dataset from the store (`nvae data upload`), not from this machine's disk.
@@ -69,6 +70,11 @@ def test_every_parameter_has_its_description_in_the_run_form():
         ("batch_size=-2", "batch_size=-2 is out of range; allowed batch_size >= 0"),
         ("eval_limit=-1", "eval_limit=-1 is out of range; allowed eval_limit >= 0"),
         ("readjust_iters=0", "readjust_iters=0 is out of range; allowed readjust_iters >= 1"),
+        ("eval_gpus=2", "eval_gpus=2 is out of range; allowed 0 <= eval_gpus <= 1"),
+        ("prepare_gpus=-1", "prepare_gpus=-1 is out of range; allowed 0 <= prepare_gpus <= 1"),
+        ("nodes=0", "nodes=0 is out of range; allowed nodes >= 1"),
+        ("checkpoint_every=-1", "checkpoint_every=-1 is out of range; allowed checkpoint_every >= 0"),
+        ("checkpoint_store=/data/runs", "checkpoint_store='/data/runs': expected s3://bucket/prefix"),
     ],
 )
 def test_the_validate_step_names_the_parameter_and_its_range(setting, message):
@@ -77,12 +83,13 @@ def test_the_validate_step_names_the_parameter_and_its_range(setting, message):
     values = {**PipelineParams().as_arguments(), **dict([setting.split("=")])}
     args = {k: type(getattr(PipelineParams(), k))(v) for k, v in values.items() if k in _VALIDATE_ARGS}
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
-        validate_params(**args)
+        validate_params(**args, cpu_image="c", gpu_image="g")
 
 
 _VALIDATE_ARGS = (
     "preset dataset overrides steps gpus iw_samples temperature num_samples "
-    "prepare_limit batch_size eval_limit readjust_iters"
+    "prepare_limit batch_size eval_limit readjust_iters prepare_gpus eval_gpus sample_gpus nodes "
+    "checkpoint_store checkpoint_every"
 ).split()
 
 
@@ -110,7 +117,67 @@ def test_train_task_resources_and_kubernetes_settings():
         assert env[OPTIONAL_CA_ENV] == ca["mountPath"] + "/ca.crt", name
     assert spec["root"]["dag"]["tasks"]["train"]["retryPolicy"]["maxRetryCount"] == 3
     for name, ex in spec["deploymentSpec"]["executors"].items():
-        assert ex["container"]["image"] in (DEFAULT_IMAGES.cpu, DEFAULT_IMAGES.gpu), name
+        if name not in _RUN_TIME_IMAGES:
+            assert ex["container"]["image"] in (DEFAULT_IMAGES.cpu, DEFAULT_IMAGES.gpu), name
+
+
+# Steps whose image validate-params chooses at run time (GPU image when the step gets a GPU), and the plan
+# output and pipeline parameter behind each.
+_RUN_TIME_IMAGES = {
+    "exec-prepare": ("prepare_image", "prepare_gpus"),
+    "exec-evaluate": ("eval_image", "eval_gpus"),
+    "exec-readjust-bn": ("eval_image", "eval_gpus"),
+    "exec-sample": ("sample_image", "sample_gpus"),
+}
+
+
+def test_steps_get_gpus_and_their_image_from_pipeline_parameters():
+    spec, platform = _docs(COMPILED)
+    executors = spec["deploymentSpec"]["executors"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    tasks = spec["root"]["dag"]["tasks"]
+    for executor, (plan_key, param) in _RUN_TIME_IMAGES.items():
+        container = executors[executor]["container"]
+        channel = f"pipelinechannel--validate-params-{plan_key}"
+        assert container["image"] == f"{{{{$.inputs.parameters['{channel}']}}}}", executor
+        task = tasks[executor.removeprefix("exec-")]
+        source = task["inputs"]["parameters"][channel]["taskOutputParameter"]
+        assert source == {"producerTask": "validate-params", "outputParameterKey": plan_key}
+        accelerator = container["resources"]["accelerator"]
+        assert accelerator["resourceCount"] == f"{{{{$.inputs.parameters['pipelinechannel--{param}']}}}}"
+        assert accelerator["resourceType"] == "{{$.inputs.parameters['pipelinechannel--accelerator']}}"
+        assert k8s[executor]["tolerations"][0]["key"] == "nvidia.com/gpu", executor
+    # export-onnx stays on the CPU image with no accelerator.
+    assert executors["exec-export-onnx"]["container"]["image"] == DEFAULT_IMAGES.cpu
+    assert "accelerator" not in executors["exec-export-onnx"]["container"].get("resources", {})
+    # The train pod holds the GPUs only when it trains itself (nodes == 1).
+    train = executors["exec-train"]["container"]["resources"]["accelerator"]
+    assert (
+        train["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--validate-params-train_pod_gpus']}}"
+    )
+
+
+@pytest.mark.parametrize(
+    "settings, plan",
+    [
+        ({}, ("cpu", "cpu", "cpu", 0)),
+        ({"prepare_gpus": 1, "gpus": 2}, ("gpu", "cpu", "cpu", 2)),
+        ({"eval_gpus": 1, "sample_gpus": 1, "gpus": 1}, ("cpu", "gpu", "gpu", 1)),
+        ({"nodes": 2, "gpus": 4}, ("cpu", "cpu", "cpu", 0)),  # a TrainJob's nodes hold the GPUs
+    ],
+)
+def test_the_validate_step_plans_images_and_train_pod_gpus(settings, plan):
+    from components.steps import validate_params
+
+    values = {**PipelineParams().as_arguments(), **settings}
+    args = {k: v for k, v in values.items() if k in _VALIDATE_ARGS}
+    out = validate_params(**args, cpu_image="cpu", gpu_image="gpu")
+    assert tuple(out) == plan
+
+
+def test_multi_node_training_needs_a_checkpoint_store():
+    with pytest.raises(ConfigError, match="nodes=2 needs a checkpoint_store"):
+        PipelineParams.from_overrides({"nodes": "2", "checkpoint_store": ""})
 
 
 def _executors(spec_path):
@@ -131,9 +198,16 @@ def test_image_registry_and_tag_are_chosen_at_compile_time(tmp_path):
     out = tmp_path / "spec.yaml"
     argv = ["pipeline", "compile", "--out", str(out), "--image-registry", "registry.example:5000/team"]
     assert main([*argv, "--image-tag", "v7"]) == 0
-    images = {ex["container"]["image"] for ex in _executors(out).values()}
+    images = {
+        ex["container"]["image"] for name, ex in _executors(out).items() if name not in _RUN_TIME_IMAGES
+    }
     assert images == {"registry.example:5000/team/nvae-cpu:v7", "registry.example:5000/team/nvae-gpu:v7"}
     assert _executors(out)["exec-train"]["container"]["image"].endswith("/nvae-gpu:v7")
+    # ... and so are the images validate-params chooses from at run time.
+    spec, _ = _docs(out)
+    constants = spec["root"]["dag"]["tasks"]["validate-params"]["inputs"]["parameters"]
+    assert constants["cpu_image"]["runtimeValue"]["constant"] == "registry.example:5000/team/nvae-cpu:v7"
+    assert constants["gpu_image"]["runtimeValue"]["constant"] == "registry.example:5000/team/nvae-gpu:v7"
 
 
 @pytest.mark.parametrize(
@@ -304,7 +378,8 @@ def test_submit_with_other_images_sends_a_spec_naming_them():
     (run,) = [r for r in _KfpStub.requests if r[0] == "POST" and r[1].startswith("/apis/v2beta1/runs")]
     spec = run[2]["pipeline_spec"]
     spec = spec.get("pipeline_spec", spec)
-    images = {ex["container"]["image"] for ex in spec["deploymentSpec"]["executors"].values()}
+    executors = spec["deploymentSpec"]["executors"]
+    images = {ex["container"]["image"] for name, ex in executors.items() if name not in _RUN_TIME_IMAGES}
     assert images == {"localhost/team/nvae-cpu:t1", "localhost/team/nvae-gpu:t1"}
 
 

@@ -1,0 +1,251 @@
+"""Multi-node training from a pipeline step: a Kubeflow Trainer v2 `TrainJob`, created, watched and reported.
+
+The train step calls this when the pipeline's `nodes` is above 1. The TrainJob is the one of `k8s/train/`
+(runtime `torch-distributed`, the same pod security and volumes), filled from the pipeline's parameters. Its
+nodes cannot see the step's files, so everything goes through the object store, under the run's prefix:
+
+    <run>/data/         the prepared dataset (the step uploads it; every node downloads it)
+    <run>/checkpoints/  checkpoints (`nvae train --checkpoint-dir`): a new TrainJob resumes from them
+    <run>/out/          node 0's run folder (summary, metrics, curves), uploaded when training ends
+
+The job's name comes from the run id, so a retried step finds the TrainJob of its earlier attempt: it follows
+one that is still running or has completed, and replaces one that failed (resuming from its checkpoints).
+
+Kubernetes API calls, all on `trainjobs` in the pod's namespace (k8s/base/rbac grants exactly these):
+create, get (polled), delete (a failed job of an earlier attempt).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
+RUNTIME = "torch-distributed"
+UID = 10001  # the images' user
+NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+STORE_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+class TrainJobFailed(RuntimeError):
+    """The TrainJob failed (its reason and message), or could not be created or followed."""
+
+
+def job_name(run_id: str) -> str:
+    """`nvae-train-<run id>`, lower case, a valid Kubernetes name (at most 63 characters)."""
+    slug = re.sub(r"[^a-z0-9-]+", "-", run_id.lower()).strip("-") or "run"
+    return f"nvae-train-{slug}"[:63].rstrip("-")
+
+
+def node_script(run: str, train_args: list[str]) -> str:
+    """What each node runs: fetch the prepared data, train under torchrun (which reads the PET_* variables
+    the torch runtime sets), and on node 0 upload the run folder."""
+    train = ["torchrun", "-m", "cli", "train", "--data", "/work/data", "--out", "/work/out"]
+    train += ["--checkpoint-dir", f"{run}/checkpoints", *train_args]
+    return "\n".join(
+        [
+            f"nvae store get {shlex.quote(run + '/data/')} --out /work/data",
+            " ".join(shlex.quote(a) for a in train),
+            'if [ "${PET_NODE_RANK:-0}" = 0 ]; then',
+            f"  nvae store put /work/out {shlex.quote(run + '/out/')}",
+            "fi",
+        ]
+    )
+
+
+def trainjob_body(
+    *,
+    name: str,
+    image: str,
+    nodes: int,
+    gpus_per_node: int,
+    accelerator: str,
+    run: str,
+    train_args: list[str],
+    store_secret: str,
+    labels: dict[str, str] | None = None,
+) -> dict:
+    """The TrainJob object (as `k8s/train/trainjob.yaml`, with the store in place of the PVC)."""
+    gpu = {accelerator: str(gpus_per_node)} if gpus_per_node else {}
+    env = [
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "MPLCONFIGDIR", "value": "/tmp/matplotlib"},
+        *(
+            {"name": key, "valueFrom": {"secretKeyRef": {"name": store_secret, "key": key}}}
+            for key in STORE_ENV
+        ),
+    ]
+    pod = {
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": UID,
+            "runAsGroup": UID,
+            "fsGroup": UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "tolerations": [{"key": accelerator, "operator": "Exists", "effect": "NoSchedule"}],
+        "containers": [
+            {
+                "name": "node",
+                "securityContext": {
+                    "allowPrivilegeEscalation": False,
+                    "readOnlyRootFilesystem": True,
+                    "capabilities": {"drop": ["ALL"]},
+                },
+                "volumeMounts": [
+                    {"name": "work", "mountPath": "/work"},
+                    {"name": "dshm", "mountPath": "/dev/shm"},
+                    {"name": "tmp", "mountPath": "/tmp"},
+                ],
+            }
+        ],
+        "volumes": [
+            {"name": "work", "emptyDir": {"sizeLimit": "200Gi"}},  # data and node 0's run folder
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "32Gi"}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+        ],
+    }
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "TrainJob",
+        "metadata": {
+            "name": name,
+            "labels": {"app.kubernetes.io/part-of": "nvae-pipeline", **(labels or {})},
+        },
+        "spec": {
+            "runtimeRef": {"name": RUNTIME},
+            "trainer": {
+                "image": image,
+                "numNodes": nodes,
+                "numProcPerNode": max(1, gpus_per_node),
+                "command": ["sh", "-ec"],
+                "args": [node_script(run, train_args)],
+                "env": env,
+                "resourcesPerNode": {
+                    "requests": {"cpu": "8", "memory": "64Gi", **gpu},
+                    "limits": {"cpu": "32", "memory": "256Gi", **gpu},
+                },
+            },
+            "runtimePatches": [
+                {
+                    "manager": "nvae-pipeline",
+                    "trainingRuntimeSpec": {
+                        "template": {
+                            "spec": {
+                                "replicatedJobs": [
+                                    {
+                                        "name": "node",
+                                        "template": {
+                                            "spec": {
+                                                "template": {
+                                                    "metadata": {"labels": {"nvae.io/store-client": "true"}},
+                                                    "spec": pod,
+                                                }
+                                            }
+                                        },
+                                    }
+                                ]
+                            }
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def phase(obj: dict) -> tuple[str, str]:
+    """(phase, detail) of a TrainJob: Failed or Succeeded from its conditions (type Failed / Complete with
+    status True; detail is the reason and message), Running while a child job is active, else Created."""
+    status = obj.get("status") or {}
+    for cond in status.get("conditions") or []:
+        if cond.get("status") != "True":
+            continue
+        detail = ": ".join(filter(None, [cond.get("reason"), cond.get("message")]))
+        if cond.get("type") == "Failed":
+            return "Failed", detail
+        if cond.get("type") == "Complete":
+            return "Succeeded", detail
+    jobs = status.get("jobsStatus") or []
+    if any(j.get("active") for j in jobs):
+        ready = sum(int(j.get("ready") or 0) for j in jobs)
+        return "Running", f"{ready} of {len(jobs)} job(s) ready"
+    return "Created", ""
+
+
+def in_cluster_api():
+    """CustomObjectsApi with the pod's service account, and the pod's namespace."""
+    from kubernetes import client, config
+
+    config.load_incluster_config()
+    return client.CustomObjectsApi(), NAMESPACE_FILE.read_text().strip()
+
+
+def run_trainjob(
+    api,
+    namespace: str,
+    body: dict,
+    poll_s: float = 15.0,
+    log: Callable[[str], None] = print,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict:
+    """Create the TrainJob (or take over the one of an earlier attempt), print each change of its phase and
+    return it when it succeeds; TrainJobFailed with the job's reason when it fails."""
+    from kubernetes.client.exceptions import ApiException
+
+    name = body["metadata"]["name"]
+    where = dict(group=GROUP, version=VERSION, namespace=namespace, plural=PLURAL)
+
+    def call(what: str, fn, **kwargs):
+        try:
+            return fn(**where, **kwargs)
+        except ApiException as exc:
+            if exc.status == 409 and what == "create":
+                raise
+            raise TrainJobFailed(
+                f"TrainJob {namespace}/{name}: cannot {what} it: HTTP {exc.status} {exc.reason}"
+            ) from None
+
+    try:
+        call("create", api.create_namespaced_custom_object, body=body)
+        log(f"TrainJob {namespace}/{name} created: {body['spec']['trainer']['numNodes']} nodes")
+    except ApiException:  # 409: an earlier attempt of this run created it
+        earlier = call("read", api.get_namespaced_custom_object, name=name)
+        state, detail = phase(earlier)
+        if state != "Failed":
+            log(f"TrainJob {namespace}/{name} exists ({state}): following it")
+        else:
+            log(f"TrainJob {namespace}/{name} of an earlier attempt failed ({detail}): replacing it")
+            call("delete", api.delete_namespaced_custom_object, name=name)
+            _wait_gone(api, where, name, poll_s, sleep)
+            call("create", api.create_namespaced_custom_object, body=body)
+            log(f"TrainJob {namespace}/{name} created again; it resumes from the run's checkpoints")
+    seen = None
+    while True:
+        obj = call("read", api.get_namespaced_custom_object, name=name)
+        state, detail = phase(obj)
+        if (state, detail) != seen:
+            log(f"TrainJob {namespace}/{name}: {state}" + (f" ({detail})" if detail else ""))
+            seen = (state, detail)
+        if state == "Succeeded":
+            return obj
+        if state == "Failed":
+            raise TrainJobFailed(f"TrainJob {namespace}/{name} failed: {detail or 'no reason given'}")
+        sleep(poll_s)
+
+
+def _wait_gone(api, where: dict, name: str, poll_s: float, sleep) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    for _ in range(240):
+        try:
+            api.get_namespaced_custom_object(**where, name=name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return
+            raise
+        sleep(poll_s)
+    raise TrainJobFailed(f"TrainJob {where['namespace']}/{name} was not deleted in time")
