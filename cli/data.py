@@ -34,12 +34,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--source",
         required=True,
         metavar="PATH",
-        help="raw data: a directory (idx files, CIFAR batches, npz batches, images), the CIFAR .tar.gz, or "
+        help="raw data: a directory (idx files, CIFAR batches, ImageNet 32 TFRecords or npz batches, images), "
+        "the CIFAR .tar.gz, or "
         "s3://bucket/prefix (endpoint and keys from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)",
     )
     p.add_argument(
         "--out", required=True, metavar="DIR", help="output directory (must not exist, or be empty)"
     )
+    _format_argument(p)
     p.add_argument(
         "--bits",
         type=int,
@@ -101,7 +103,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     u.add_argument("--dataset", required=True, choices=list(RECIPES), metavar="NAME", help="dataset recipe")
     u.add_argument("--source", required=True, metavar="DIR", help="directory with the raw files")
     u.add_argument("--to", required=True, metavar="S3_URI", help="e.g. s3://nvae/raw/fashion-mnist")
+    _format_argument(u)
     u.set_defaults(func=upload)
+
+
+def _format_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--format",
+        choices=("auto", *dict.fromkeys(f for r in RECIPES.values() for f in r.formats)),
+        default="auto",
+        help="imagenet32 only: tfrecord (the authors' data: van den Oord's downsampled ImageNet as Glow's "
+        "TFRecords) or npz (Chrabaszcz et al.'s variant, downsampled differently); auto: whichever the source "
+        "holds (default)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -120,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         max_pixels=args.max_pixels,
         max_file_mb=args.max_file_mb,
+        source_format=args.format,
     )
     return 0
 
@@ -128,7 +143,7 @@ def upload(args: argparse.Namespace) -> int:
     from data.prepare import check_source
     from data.remote import upload_source
 
-    check_source(args.dataset, args.source)
+    check_source(args.dataset, args.source, args.format)
     objects = upload_source(args.source, args.to)
     total = sum(o["bytes"] for o in objects)
     print(f"uploaded {len(objects)} files ({total / 1e6:.1f} MB) to {args.to}")

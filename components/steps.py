@@ -73,9 +73,22 @@ def validate_params(
     return plan(image[prepare_gpus], image[eval_gpus], image[sample_gpus], gpus if nodes == 1 else 0)
 
 
-def prepare(dataset: str, source: str, limit: int, gpus: int, data: Output[Dataset]):
+def fingerprint_source(source: str) -> str:
+    """What the source holds now (data.remote.source_fingerprint: keys, sizes and ETags), so prepare's cache
+    entry is reused only while the source's content is unchanged, not merely its URI. Never cached itself."""
+    from data.remote import source_fingerprint
+
+    fingerprint = source_fingerprint(source)
+    print(f"{source}: fingerprint {fingerprint}")
+    return fingerprint
+
+
+def prepare(
+    dataset: str, source: str, source_fingerprint: str, limit: int, gpus: int, data: Output[Dataset]
+):
     """DALI dataset preparation -> uint8 arrays + manifest, on the GPU when the step has one. `source`: a
-    path (a mounted volume) or s3://bucket/prefix (endpoint and keys from the nvae-s3-pipeline Secret)."""
+    path (a mounted volume) or s3://bucket/prefix (endpoint and keys from the nvae-s3-pipeline Secret);
+    `source_fingerprint` keys KFP's cache to the source's content."""
     from components.runtime import read_json, run_cli
 
     argv = ["prepare", "--dataset", dataset, "--source", source, "--out", data.path]
@@ -84,6 +97,7 @@ def prepare(dataset: str, source: str, limit: int, gpus: int, data: Output[Datas
     manifest = read_json(data.path + "/manifest.json")
     data.metadata["dataset"] = dataset
     data.metadata["source"] = source
+    data.metadata["source_fingerprint"] = source_fingerprint
     data.metadata["source_listing_sha256"] = manifest["source"]["listing_sha256"]  # ETags for s3://
 
 
@@ -289,6 +303,7 @@ def register(
 # the GPU image when the step gets a GPU. export-onnx traces the network on the CPU (a GPU would buy nothing).
 _STEPS = {
     "validate_params": (validate_params, "cpu"),
+    "fingerprint_source": (fingerprint_source, "cpu"),
     "prepare": (prepare, "cpu"),
     "train": (train, "gpu"),
     "evaluate": (evaluate, "cpu"),

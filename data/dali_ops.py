@@ -1,4 +1,5 @@
-"""NVIDIA DALI pipelines of the preparation step: decode, crop, resize and reduce bits, on GPU or CPU.
+"""NVIDIA DALI pipelines of the preparation step: read TFRecords, decode, crop, resize and reduce bits, on GPU
+or CPU.
 
 Without a GPU, DALI runs in CPU mode (`device_id=None`, CPU operators only: the `mixed` decoder needs a GPU).
 A pipeline that failed is no longer usable, so a failing batch is rebuilt and re-run one image at a time to
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,14 +108,20 @@ class DecodeFailure:
     reason: str
 
 
-def _decoder_reason(exc: Exception) -> str:
+def _dali_cause(exc: Exception) -> str | None:
+    """The first line of what DALI says it encountered, without its traceback of the pipeline definition."""
     text = str(exc)
     if "encountered:" in text:
         lines = [ln.strip() for ln in text.split("encountered:", 1)[1].splitlines() if ln.strip()]
         lines = [ln for ln in lines if "no longer valid" not in ln]
         if lines:
-            return f"cannot be decoded ({lines[0]})"
-    return "cannot be decoded"
+            return lines[0]
+    return None
+
+
+def _decoder_reason(exc: Exception) -> str:
+    cause = _dali_cause(exc)
+    return f"cannot be decoded ({cause})" if cause else "cannot be decoded"
 
 
 class ImagePipeline:
@@ -177,3 +185,131 @@ class ImagePipeline:
 
     def _empty(self) -> np.ndarray:
         return np.zeros((0, self.size, self.size, 3), np.uint8)
+
+
+# ------------------------------------------------------------------------------------------ TFRecords
+
+_SOURCE_INFO = re.compile(r"(?P<file>.*) at index (?P<offset>\d+)")
+_PARSE_ERROR = re.compile(r"Error while parsing TFRecord file: (?P<file>.*) at index (?P<offset>\d+)")
+
+
+def _record_name(source_info: str) -> str:
+    """'<file>: record at byte <offset>' from DALI's '<file> at index <offset>'."""
+    m = _SOURCE_INFO.fullmatch(source_info)
+    return f"{m['file']}: record at byte {m['offset']}" if m else source_info
+
+
+class TFRecordImages:
+    """Raw uint8 images from TFRecords of `tf.train.Example`s with features 'data' (the H*W*C bytes) and
+    'shape' ([H, W, C]), read in file order by DALI's TFRecord reader (CPU: DALI has no GPU TFRecord reader).
+
+    Other features ('label') are not read: NVAE trains unconditionally.
+    """
+
+    def __init__(self, side: int, channels: int = 3, batch_size: int = 1024):
+        self.shape = (side, side, channels)
+        self.batch_size = batch_size
+
+    def _pipe(self, files: list[Path], indexes: list[Path], batch_size: int):
+        from nvidia.dali import Pipeline, fn
+        from nvidia.dali import tfrecord as tfrec
+
+        pipe = Pipeline(
+            batch_size=batch_size,
+            num_threads=cpu_threads(),
+            device_id=None,
+            prefetch_queue_depth=1,
+            exec_async=False,
+            exec_pipelined=False,
+            seed=0,
+        )
+        with pipe:
+            records = fn.readers.tfrecord(
+                path=[str(p) for p in files],
+                index_path=[str(p) for p in indexes],
+                features={
+                    "data": tfrec.FixedLenFeature((), tfrec.string, ""),
+                    "shape": tfrec.VarLenFeature(tfrec.int64, 0),
+                },
+                random_shuffle=False,
+                pad_last_batch=True,
+                name="records",
+            )
+            pipe.set_outputs(records["data"], records["shape"])
+        pipe.build()
+        return pipe
+
+    def __call__(self, files: list[Path], indexes: list[Path], count: int) -> np.ndarray:
+        """The first `count` records of `files` (in order) as uint8 (count, H, W, C); DataError naming the
+        file and byte offset of a record that does not parse or does not hold one image of the expected shape."""
+        out = np.empty((count, *self.shape), np.uint8)
+        batch_size = min(self.batch_size, count)
+        try:
+            self._read(self._pipe(files, indexes, batch_size), out)
+        except RuntimeError as exc:
+            raise self._locate(files, indexes, count, exc) from None
+        return out
+
+    def _read(self, pipe, out: np.ndarray) -> None:
+        at = 0
+        while at < len(out):
+            data, shape = pipe.run()
+            take = min(len(data), len(out) - at)  # past `take`: padding, or records beyond `count`
+            images = self._whole_batch(data, shape, take)
+            if images is None:
+                images = np.stack([self._one(data[k], shape[k]) for k in range(take)])
+            out[at : at + take] = images
+            at += take
+
+    def _whole_batch(self, data, shape, take: int) -> np.ndarray | None:
+        """The batch's first `take` images (take, H, W, C) when all are well formed, else None."""
+        if not (data.is_dense_tensor() and shape.is_dense_tensor()):
+            return None
+        images, dims = data.as_array()[:take], shape.as_array()[:take]
+        if (
+            images.shape[1:] != (int(np.prod(self.shape)),)
+            or dims.shape[1:] != (len(self.shape),)
+            or (dims != self.shape).any()
+        ):
+            return None
+        return images.reshape(take, *self.shape)
+
+    def _one(self, data, shape) -> np.ndarray:
+        image, dims = np.asarray(data), np.asarray(shape)  # a missing feature comes back as a 0-d tensor
+        row = int(np.prod(self.shape))
+        where = _record_name(data.source_info())
+        for name, value in (("data", image), ("shape", dims)):
+            if value.ndim != 1:
+                raise DataError(f"{where}: has no '{name}' feature (Glow's records hold 'data' and 'shape')")
+        if image.size != row or dims.tolist() != list(self.shape):
+            raise DataError(
+                f"{where}: holds {image.size} bytes of shape {dims.tolist()}; expected {row} bytes of shape "
+                f"{list(self.shape)} (features 'data' and 'shape')"
+            )
+        return image.reshape(self.shape)
+
+    def _locate(self, files: list[Path], indexes: list[Path], count: int, exc: RuntimeError) -> DataError:
+        """A DataError naming the record DALI failed on: from its message, else by re-reading one record per
+        batch (a missing feature only fails when batched with records that have it)."""
+        located = _parse_failure(exc)
+        if located is None:
+            try:
+                self._read(self._pipe(files, indexes, 1), np.empty((count, *self.shape), np.uint8))
+            except DataError as found:
+                located = found
+            except RuntimeError as again:
+                exc, located = again, _parse_failure(again)
+        if located is not None:
+            return located
+        names = ", ".join(str(p) for p in files[:3]) + (
+            f" and {len(files) - 3} more" if len(files) > 3 else ""
+        )
+        return DataError(f"{names}: DALI cannot read the TFRecords ({_dali_cause(exc) or 'no reason given'})")
+
+
+def _parse_failure(exc: RuntimeError) -> DataError | None:
+    """The DataError for DALI's 'Error while parsing TFRecord file: <file> at index <offset>', if that is it."""
+    m = _PARSE_ERROR.search(str(exc))
+    if m is None:
+        return None
+    return DataError(f"{m['file']}: record at byte {m['offset']}: not a tf.train.Example (cannot parse it)")

@@ -78,6 +78,7 @@ def prepare(
     overwrite: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_file_mb: int = DEFAULT_MAX_FILE_MB,
+    source_format: str = "auto",
     _remote: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Prepare `dataset` from `source` into `out`; returns the manifest written to `out/manifest.json`.
@@ -86,9 +87,11 @@ def prepare(
     `image-folder`. limit: keep the first N images of each split (for tests and smoke runs).
     skip_corrupt: skip undecodable images and record them, instead of failing.
     source: a directory or file, or s3://bucket/prefix (fetched first; the manifest records each object's
-    key, ETag and size).
+    key, ETag and size). source_format: for a dataset offered in several formats (ImageNet 32: 'tfrecord', the
+    authors', or 'npz'), the one to read; 'auto' picks whichever the source holds.
     """
     recipe = get_recipe(dataset)
+    _check_format(recipe, source_format)
     bits = recipe.default_bits if bits is None else bits
     if bits not in ALLOWED_BITS:
         raise DataError(f"bits={bits} is not supported; choose one of: {', '.join(map(str, ALLOWED_BITS))}")
@@ -108,12 +111,12 @@ def prepare(
             manifest = prepare(
                 dataset, fetched, out, bits=bits, device=device, skip_corrupt=skip_corrupt, size=size,
                 limit=limit, overwrite=overwrite, max_pixels=max_pixels, max_file_mb=max_file_mb,
-                _remote={"uri": str(source), "objects": objects},
+                source_format=source_format, _remote={"uri": str(source), "objects": objects},
             )  # fmt: skip
         return manifest
     if max_pixels < 1 or max_file_mb < 1:
         raise DataError(f"max_pixels={max_pixels} and max_file_mb={max_file_mb} must be >= 1")
-    src = _read_source(recipe, source, limit, max_file_mb << 20)  # validated before anything is written
+    src = _read_source(recipe, source, limit, max_file_mb << 20, source_format)  # checked before writing
     total = sum(_split_count(src, s) for s in src.splits)
     _check_free_space(out.parent, total * side * side * recipe.channels)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -190,9 +193,23 @@ def _stored_size(recipe: Recipe, size: int | None) -> int:
     return recipe.size
 
 
-def check_source(dataset: str, source: str | Path) -> None:
+def check_source(dataset: str, source: str | Path, source_format: str = "auto") -> None:
     """Raise DataError unless `source` reads as `dataset`'s raw data (its first image of each split)."""
-    _read_source(get_recipe(dataset), source, 1)
+    recipe = get_recipe(dataset)
+    _check_format(recipe, source_format)
+    _read_source(recipe, source, 1, source_format=source_format)
+
+
+def _check_format(recipe: Recipe, source_format: str) -> None:
+    if source_format == "auto" or source_format in recipe.formats:
+        return
+    if not recipe.formats:
+        raise DataError(
+            f"format={source_format!r}: dataset {recipe.name!r} has one source format; use 'auto'"
+        )
+    raise DataError(
+        f"format={source_format!r} is not a format of {recipe.name!r}; choose one of: auto, {', '.join(recipe.formats)}"
+    )
 
 
 def _check_free_space(folder: Path, needed: int) -> None:
@@ -208,14 +225,18 @@ def _check_free_space(folder: Path, needed: int) -> None:
 
 
 def _read_source(
-    recipe: Recipe, source: str | Path, limit: int | None, max_bytes: int = DEFAULT_MAX_FILE_MB << 20
+    recipe: Recipe,
+    source: str | Path,
+    limit: int | None,
+    max_bytes: int = DEFAULT_MAX_FILE_MB << 20,
+    source_format: str = "auto",
 ) -> ArraySource | ImageSource:
     if recipe.source_kind == "idx":
         return read_idx_source(source, limit, max_bytes)
     if recipe.source_kind == "cifar10":
         return read_cifar10_source(source, limit)
     if recipe.source_kind == "imagenet32":
-        return read_imagenet32_source(source, limit)
+        return read_imagenet32_source(source, limit, source_format)
     return read_image_source(source, recipe, limit)
 
 
@@ -392,6 +413,8 @@ def _manifest(
         "listing": SOURCES_NAME,
         "listing_sha256": hashlib.sha256(_sources_lines(files).encode()).hexdigest(),
     }
+    if isinstance(src, ArraySource) and src.format:
+        source["format"] = src.format
     if len(files) <= INLINE_SOURCE_LIMIT:
         source["files"] = [{"path": f.path, "bytes": f.bytes, "sha256": f.sha256} for f in files]
     return {

@@ -1,8 +1,8 @@
 """What each dataset becomes once prepared: source format, stored size, bits, splits and augmentation.
 
 The recipe is data, not branches in code: `prepare` reads it to decide how to decode and crop, and the loaders
-read it back from the manifest to pick the default augmentation (NVAE flips CIFAR-10, CelebA 64, CelebA HQ and
-FFHQ; never MNIST, Fashion-MNIST or ImageNet 32).
+read it back from the manifest to pick the default augmentation (NVAE flips CIFAR-10, ImageNet 32, CelebA 64,
+CelebA HQ and FFHQ at random when training, never when evaluating; never MNIST or Fashion-MNIST).
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ class Recipe:
     """How one dataset is prepared and augmented.
 
     `size` is the stored side (H = W); None means it comes from the caller (`--size`). `crop_rel` is a
-    (top, left, height, width) box relative to the decoded image, applied before resizing.
+    (top, left, height, width) box relative to the decoded image, applied before resizing. `formats`: the
+    source formats of a dataset offered in several (`--format`), the authors' first.
     """
 
     name: str
@@ -46,10 +47,12 @@ class Recipe:
     crop_rel: tuple[float, float, float, float] | None = None
     description: str = ""
     eval_split: str = "test"  # the split the authors report on (`nvae evaluate` default)
+    formats: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["crop_rel"] = list(self.crop_rel) if self.crop_rel else None
+        d["formats"] = list(self.formats)
         return d
 
 
@@ -95,10 +98,13 @@ RECIPES: dict[str, Recipe] = {
             32,
             3,
             8,
-            flip=False,
+            flip=True,  # the authors' train transform for ImageNet: RandomHorizontalFlip (datasets.py)
             binarize=False,
             split_rule="files",
-            description="downsampled-ImageNet npz batches train_data_batch_*.npz and val_data.npz",
+            description="the authors' Glow TFRecords (imagenet-oord-tfr.tar: train/, validation/ "
+            "*-r05-s-*-of-*.tfrecords), or --format npz for Chrabaszcz et al.'s train_data_batch_*.npz and "
+            "val_data.npz; 1.28M/50k",
+            formats=("tfrecord", "npz"),
         ),
         Recipe(
             "celeba64",

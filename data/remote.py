@@ -112,3 +112,20 @@ def upload_source(source: str | Path, uri: str, client=None) -> list[dict[str, A
         except S3UploadFailedError as exc:  # boto3's transfer wraps the ClientError in its message
             raise StorageError(f"s3://{bucket}/{key}: cannot upload: {exc}") from None
     return list_objects(uri, client)
+
+
+def source_fingerprint(source: str | Path) -> str:
+    """A SHA-256 over what a source holds now: for s3:// each object's key, size and ETag; for a folder each
+    file's relative path, size and modification time. It changes when an object is replaced under the same
+    URI, which the URI alone does not show (the pipeline keys prepare's cache on it)."""
+    import hashlib
+
+    if is_s3_uri(source):
+        lines = [f"{o['etag']} {o['bytes']} {o['path']}" for o in list_objects(str(source))]
+    else:
+        root = Path(source)
+        if not root.exists():
+            raise DataError(f"{source}: no such file or folder")
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        lines = [f"{p.stat().st_mtime_ns} {p.stat().st_size} {p.relative_to(root).as_posix()}" for p in files]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()

@@ -1,4 +1,5 @@
-"""Readers of the raw dataset formats: idx, CIFAR-10 pickles, ImageNet 32 npz batches, and image folders.
+"""Readers of the raw dataset formats: idx, CIFAR-10 pickles, ImageNet 32 (Glow's TFRecords, the authors', or
+Chrabaszcz et al.'s npz batches), and image folders.
 
 Every reader checks what it reads and raises `DataError` naming the file and what was wrong. Nothing here
 follows a path out of the source directory (a symlink escaping it is rejected), and CIFAR pickles go through
@@ -15,7 +16,10 @@ import logging
 import os
 import pickle
 import re
+import shutil
 import tarfile
+import tempfile
+import weakref
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +29,10 @@ from typing import Any
 import numpy as np
 
 from common.errors import DataError
+from common.progress import progress as progress_bar
+from data.dali_ops import TFRecordImages, cpu_threads
 from data.recipes import CELEBA_PARTITION_BOUNDS, TRAIN_FRACTION, Recipe
+from data.tfrecord import glow_shards, has_glow_shards, make_indexes
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +61,12 @@ class ArrayChunk:
 
 @dataclass
 class ArraySource:
-    """An already-decoded source: per split, the chunks in order, plus the files they came from."""
+    """An already-decoded source: per split, the chunks in order, plus the files they came from and, for a
+    dataset offered in several formats, the one read."""
 
     splits: dict[str, list[ArrayChunk]]
     files: list[SourceFile] = field(default_factory=list)
+    format: str | None = None
 
 
 @dataclass
@@ -292,6 +301,9 @@ def read_cifar10_source(source: str | Path, limit: int | None) -> ArraySource:
 
 # ------------------------------------------------------------------------------------------ ImageNet 32
 
+_NPZ_TRAIN = re.compile(r"train_data_batch_\d+(\.npz)?")
+TFRECORD_CHUNK_IMAGES = 1 << 16  # shards read per DALI pipeline: about 200 MB of 32x32 images
+
 
 def _npz_data_count(path: Path, side: int = 32) -> int:
     """Number of images in an ImageNet-32 npz batch, from the array header alone (no full load)."""
@@ -321,18 +333,47 @@ def _load_npz_images(path: Path, side: int = 32) -> np.ndarray:
     return np.ascontiguousarray(data.reshape(-1, 3, side, side).transpose(0, 2, 3, 1))
 
 
-def read_imagenet32_source(source: str | Path, limit: int | None) -> ArraySource:
-    """Downsampled ImageNet 32x32: train_data_batch_<k>.npz (k = 1..10) and val_data.npz in a directory."""
+def read_imagenet32_source(source: str | Path, limit: int | None, source_format: str = "auto") -> ArraySource:
+    """Downsampled ImageNet 32x32 from a directory, in one of two formats (`source_format`):
+
+    - 'tfrecord', the authors': van den Oord et al.'s images as Glow's TFRecords (imagenet-oord-tfr.tar),
+      train/train-r05-s-<k>-of-2000.tfrecords and validation/validation-r05-s-<k>-of-0080.tfrecords;
+    - 'npz': Chrabaszcz et al.'s batches train_data_batch_<k>.npz and val_data.npz (downsampled otherwise);
+    - 'auto': whichever of the two the directory holds.
+    """
     root = source_root(source)
     if not root.is_dir():
-        raise DataError(f"{root}: expected a directory holding train_data_batch_*.npz and val_data.npz")
+        raise DataError(f"{root}: expected a directory holding ImageNet 32 TFRecords or npz batches")
+    if source_format == "auto":
+        source_format = _imagenet32_format(root)
+    if source_format == "tfrecord":
+        return read_imagenet32_tfrecords(root, limit)
+    if source_format == "npz":
+        return read_imagenet32_npz(root, limit)
+    raise DataError(f"unknown ImageNet 32 format {source_format!r}; choose one of: auto, tfrecord, npz")
+
+
+def _imagenet32_format(root: Path) -> str:
+    tfrecord = has_glow_shards(root, 32)
+    npz = any(_NPZ_TRAIN.fullmatch(p.name) for p in root.iterdir())
+    if tfrecord and npz:
+        raise DataError(f"{root}: holds both TFRecords and npz batches of ImageNet 32; choose with --format")
+    if not (tfrecord or npz):
+        raise DataError(
+            f"{root}: no ImageNet 32 found: expected Glow's TFRecords (train/train-r05-s-*-of-*.tfrecords and "
+            "validation/validation-r05-s-*-of-*.tfrecords, from imagenet-oord-tfr.tar; the authors' data) or "
+            "Chrabaszcz et al.'s npz batches (train_data_batch_*.npz and val_data.npz)"
+        )
+    return "tfrecord" if tfrecord else "npz"
+
+
+def read_imagenet32_npz(root: Path, limit: int | None) -> ArraySource:
+    """Chrabaszcz et al.'s ImageNet 32x32: train_data_batch_<k>.npz (k = 1..10) and val_data.npz."""
 
     def batch_key(p: Path) -> int:
         return int(re.findall(r"\d+", p.stem)[-1])
 
-    train = sorted(
-        (p for p in root.iterdir() if re.fullmatch(r"train_data_batch_\d+(\.npz)?", p.name)), key=batch_key
-    )
+    train = sorted((p for p in root.iterdir() if _NPZ_TRAIN.fullmatch(p.name)), key=batch_key)
     val = [p for p in (root / "val_data.npz", root / "val_data") if p.is_file()][:1]
     if not train:
         raise DataError(f"{root}: no train_data_batch_*.npz files")
@@ -352,7 +393,74 @@ def read_imagenet32_source(source: str | Path, limit: int | None) -> ArraySource
             if count:
                 chunks.append(ArrayChunk(count, lambda p=p, c=count: _load_npz_images(p)[:c], p.name))
         splits[split] = chunks
-    return ArraySource(splits, files)
+    return ArraySource(splits, files, format="npz")
+
+
+def read_imagenet32_tfrecords(root: Path, limit: int | None, side: int = 32) -> ArraySource:
+    """Glow's ImageNet 32 TFRecords under `root` (or its mnt/host/imagenet-oord-tfr): train, and validation
+    as our 'test' split, each in shard order.
+
+    Every shard read is indexed with DALI's tfrecord2idx into a temporary directory (the source may be
+    read-only), removed with the returned source; with `limit`, only the shards that hold the first `limit`
+    records are indexed and read.
+    """
+    shards = glow_shards(root, side)
+    index_root = Path(tempfile.mkdtemp(prefix="nvae-tfrecord-index-"))
+    try:
+        reader = TFRecordImages(side)
+        splits: dict[str, list[ArrayChunk]] = {}
+        files: list[SourceFile] = []
+        for split, paths in shards.items():
+            used = _index_shards(root, [inside(root, p) for p in paths], index_root / split, limit)
+            files += [describe_file(root, path) for path, _, _ in used]
+            splits[split] = _tfrecord_chunks(used, reader, split)
+    except BaseException:
+        shutil.rmtree(index_root, ignore_errors=True)
+        raise
+    source = ArraySource(splits, files, format="tfrecord")
+    weakref.finalize(source, shutil.rmtree, index_root, ignore_errors=True)
+    return source
+
+
+def _index_shards(
+    root: Path, paths: list[Path], index_dir: Path, limit: int | None
+) -> list[tuple[Path, Path, int]]:
+    """(shard, its index file, records to read) for the shards that hold the first `limit` records (all
+    without a limit), each indexed by tfrecord2idx into `index_dir` and checked."""
+    pairs = [(p, index_dir / f"{p.name}.idx") for p in paths]
+    used: list[tuple[Path, Path, int]] = []
+    remaining = limit
+    desc = f"index {relative_name(root, paths[0].parent)}"
+    with progress_bar(total=len(pairs), desc=desc, unit="file", mininterval=1.0) as bar:
+        for (path, index), count in zip(pairs, make_indexes(pairs, cpu_threads()), strict=False):
+            bar.update(1)
+            take = count if remaining is None else min(count, remaining)
+            used.append((path, index, take))
+            if remaining is not None:
+                remaining -= take
+                if remaining == 0:
+                    break
+    return used
+
+
+def _tfrecord_chunks(
+    used: list[tuple[Path, Path, int]], reader: TFRecordImages, split: str
+) -> list[ArrayChunk]:
+    """Consecutive shards grouped into chunks of up to TFRECORD_CHUNK_IMAGES images, one DALI read each."""
+    groups: list[list[tuple[Path, Path, int]]] = [[]]
+    for shard in used:
+        if groups[-1] and sum(n for *_, n in groups[-1]) + shard[2] > TFRECORD_CHUNK_IMAGES:
+            groups.append([])
+        groups[-1].append(shard)
+    chunks = []
+    for group in groups:
+        count = sum(n for *_, n in group)
+        if not count:
+            continue
+        paths, indexes = [p for p, _, _ in group], [i for _, i, _ in group]
+        name = f"{split}: {paths[0]}" + (f" .. {paths[-1].name}" if len(paths) > 1 else "")
+        chunks.append(ArrayChunk(count, lambda p=paths, i=indexes, c=count: reader(p, i, c), name))
+    return chunks
 
 
 # --------------------------------------------------------------------------------------- image folders

@@ -281,7 +281,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         **_RGB,
         **_SMALL,
         "dataset": "imagenet32",
-        "flip": False,
         "data_size": 32,
         "image_size": 32,
         "channels": 192,

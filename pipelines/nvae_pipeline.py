@@ -104,7 +104,17 @@ def build_pipeline(images: Images = DEFAULT_IMAGES):
         check.set_caching_options(False)
         plan = check.outputs
 
-        prep = comp.prepare(dataset=dataset, source=source, limit=prepare_limit, gpus=prepare_gpus)
+        fingerprint = comp.fingerprint_source(source=source).after(check)
+        fingerprint.set_display_name("fingerprint the source").set_cpu_request("1").set_memory_request("1G")
+        fingerprint.set_caching_options(False)  # must look at the store every run: it is what keys prepare's cache
+
+        prep = comp.prepare(
+            dataset=dataset,
+            source=source,
+            source_fingerprint=fingerprint.output,
+            limit=prepare_limit,
+            gpus=prepare_gpus,
+        )
         prep.set_display_name("prepare (DALI)").set_cpu_request("2").set_memory_request("4G")
         _gpu_step(prep, plan["prepare_image"], accelerator, prepare_gpus)
 
@@ -181,7 +191,7 @@ def build_pipeline(images: Images = DEFAULT_IMAGES):
         for task in (ev, adj, onnx, smp):
             kubernetes.add_pod_label(task, STORE_CLIENT_LABEL, "true")
         # prepare reads s3:// sources and train writes s3:// checkpoints with the store's endpoint and keys.
-        for task in (prep, fit):
+        for task in (fingerprint, prep, fit):
             _store_client(task)
 
     # KFP reads parameter descriptions from the docstring's Args section and shows them in the run form.

@@ -55,3 +55,11 @@ def test_yaml_then_cli_override_order(tmp_path):
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="unknown preset 'svhn'"):
         get_preset("svhn")
+
+
+def test_imagenet32_trains_with_the_authors_random_horizontal_flip():
+    """The authors give imagenet_32 the generic transforms (RandomHorizontalFlip in training, datasets.py)."""
+    from model.config import build_config
+
+    assert build_config("imagenet32", None, {}).flip is True
+    assert build_config("mnist", None, {}).flip is False

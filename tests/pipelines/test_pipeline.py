@@ -13,7 +13,7 @@ from components.images import DEFAULT_IMAGES
 from components.params import LOCAL_SOURCE, STORE_SOURCE, PipelineParams
 from pipelines.nvae_pipeline import COMPILED, compile_pipeline, find_local_outputs
 
-TASKS = {"validate-params", "prepare", "train", "evaluate", "readjust-bn", "export-onnx", "sample"}
+TASKS = {"validate-params", "fingerprint-source", "prepare", "train", "evaluate", "readjust-bn", "export-onnx", "sample"}
 
 
 def _docs(path):
@@ -42,7 +42,8 @@ def test_spec_loads_back_with_kfp_and_has_the_dag(tmp_path):
          if "taskOutputArtifact" in a}  # fmt: skip
     deps = {name: set(t.get("dependentTasks", [])) for name, t in tasks.items()}
     # validate-params also feeds the image (and train's GPU count) of the steps that can get a GPU.
-    assert deps["prepare"] == {"validate-params"}
+    assert deps["fingerprint-source"] == {"validate-params"}
+    assert deps["prepare"] == {"validate-params", "fingerprint-source"}
     assert deps["train"] == {"prepare", "validate-params"}
     assert deps["evaluate"] == {"train", "prepare", "validate-params"}
     assert deps["readjust-bn"] == {"train", "validate-params"} and deps["export-onnx"] == {"readjust-bn"}
@@ -173,6 +174,36 @@ def test_the_validate_step_plans_images_and_train_pod_gpus(settings, plan):
     args = {k: v for k, v in values.items() if k in _VALIDATE_ARGS}
     out = validate_params(**args, cpu_image="cpu", gpu_image="gpu")
     assert tuple(out) == plan
+
+
+def test_prepare_is_cached_on_the_source_content_not_only_its_uri():
+    spec, _ = _docs(COMPILED)
+    tasks = spec["root"]["dag"]["tasks"]
+    assert tasks["fingerprint-source"]["cachingOptions"] == {}  # enableCache absent: never cached
+    assert tasks["prepare"]["cachingOptions"] == {"enableCache": True}
+    fed = tasks["prepare"]["inputs"]["parameters"]["source_fingerprint"]["taskOutputParameter"]
+    assert fed == {"producerTask": "fingerprint-source", "outputParameterKey": "Output"}
+
+
+def test_the_source_fingerprint_changes_when_an_object_is_replaced_under_the_same_uri(s3_env, tmp_path):
+    import boto3
+
+    from data.remote import source_fingerprint
+
+    client = boto3.client("s3")
+    s3_env["make_bucket"]("fingerprints")
+    client.put_object(Bucket="fingerprints", Key="raw/a.idx", Body=b"one")
+    client.put_object(Bucket="fingerprints", Key="raw/b.idx", Body=b"two")
+    first = source_fingerprint("s3://fingerprints/raw")
+    assert source_fingerprint("s3://fingerprints/raw") == first
+    client.put_object(Bucket="fingerprints", Key="raw/b.idx", Body=b"TWO")
+    assert source_fingerprint("s3://fingerprints/raw") != first
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    (folder / "a.idx").write_bytes(b"one")
+    local = source_fingerprint(folder)
+    (folder / "a.idx").write_bytes(b"one, longer")
+    assert source_fingerprint(folder) != local
 
 
 def test_multi_node_training_needs_a_checkpoint_store():
