@@ -109,6 +109,14 @@ rm -rf "$root"
   --set readjust_iters=20 --set num_samples=16 --set registry=s3://nvae/models/nvae-fmnist \
   | tee "$work/pipeline.log"
 stamp "pipeline finished"
+# The train step checkpointed into the store under the run's id, where a retried pod would resume.
+"$py" - <<'EOF'
+import boto3
+keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="nvae", Prefix="runs/").get("Contents", [])]
+pointers = [k for k in keys if k.endswith("/checkpoints/latest.json")]
+assert len(pointers) == 1, keys
+print(f"run checkpoints: s3://nvae/{pointers[0]}")
+EOF
 
 # --- the registered model: listed, pulled (every file's sha256 checked) and served -------------------------
 "$repo/.venv/bin/nvae" model list --registry s3://nvae/models/nvae-fmnist
