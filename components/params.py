@@ -36,6 +36,7 @@ class PipelineParams:
     overrides: str = ""  # "key=value key=value" over the preset
     steps: int = 1000
     batch_size: int = 0  # 0: the preset's
+    grad_accum: int = 1
     gpus: int = 0
     nodes: int = 1
     accelerator: str = "nvidia.com/gpu"
@@ -100,6 +101,8 @@ DESCRIPTIONS = {
     "overrides": "Config fields over the preset, 'key=value key=value' (validated before any step).",
     "steps": "Training steps (>= 1).",
     "batch_size": "Images per process and step; 0 takes the preset's (>= 0).",
+    "grad_accum": "Batches summed into each optimisation step (>= 1): nodes x gpus x grad_accum = the recipe's "
+    "process count (nvae info) reaches the authors' global batch; BN still sees one batch.",
     "gpus": "GPUs for the training step (per node), one torchrun process each; 0 trains on CPU (>= 0).",
     "nodes": "Training nodes; above 1 the train step runs a Kubeflow TrainJob of that many nodes, each with "
     "`gpus` GPUs (>= 1; above 1 needs a checkpoint_store).",
@@ -133,6 +136,7 @@ _VALIDATED = (
     "batch_size",
     "eval_limit",
     "readjust_iters",
+    "grad_accum",
     "prepare_gpus",
     "eval_gpus",
     "sample_gpus",
@@ -156,6 +160,7 @@ def validate_pipeline_args(
     batch_size: int = 0,
     eval_limit: int = 0,
     readjust_iters: int = 1,
+    grad_accum: int = 1,
     prepare_gpus: int = 0,
     eval_gpus: int = 0,
     sample_gpus: int = 0,
@@ -179,6 +184,7 @@ def validate_pipeline_args(
         ("eval_limit", eval_limit, 0),
         ("readjust_iters", readjust_iters, 1),
         ("nodes", nodes, 1),
+        ("grad_accum", grad_accum, 1),
         ("checkpoint_every", checkpoint_every, 0),
     ):
         if value < low:

@@ -29,6 +29,7 @@ def validate_params(
     batch_size: int,
     eval_limit: int,
     readjust_iters: int,
+    grad_accum: int,
     prepare_gpus: int,
     eval_gpus: int,
     sample_gpus: int,
@@ -61,6 +62,7 @@ def validate_params(
         batch_size=batch_size,
         eval_limit=eval_limit,
         readjust_iters=readjust_iters,
+        grad_accum=grad_accum,
         prepare_gpus=prepare_gpus,
         eval_gpus=eval_gpus,
         sample_gpus=sample_gpus,
@@ -83,9 +85,7 @@ def fingerprint_source(source: str) -> str:
     return fingerprint
 
 
-def prepare(
-    dataset: str, source: str, source_fingerprint: str, limit: int, gpus: int, data: Output[Dataset]
-):
+def prepare(dataset: str, source: str, source_fingerprint: str, limit: int, gpus: int, data: Output[Dataset]):
     """DALI dataset preparation -> uint8 arrays + manifest, on the GPU when the step has one. `source`: a
     path (a mounted volume) or s3://bucket/prefix (endpoint and keys from the nvae-s3-pipeline Secret);
     `source_fingerprint` keys KFP's cache to the source's content."""
@@ -107,6 +107,7 @@ def train(
     overrides: str,
     steps: int,
     batch_size: int,
+    grad_accum: int,
     gpus: int,
     seed: int,
     nodes: int,
@@ -136,7 +137,7 @@ def train(
 
     run = run_dir(checkpoint_store, run_id)
     argv = ["--preset", preset, "--steps", str(steps), "--seed", str(seed), *split_overrides(overrides)]
-    argv += ["--checkpoint-every", str(checkpoint_every), "--no-progress"]
+    argv += ["--grad-accum", str(grad_accum), "--checkpoint-every", str(checkpoint_every), "--no-progress"]
     argv += ["--batch-size", str(batch_size)] if batch_size > 0 else []
     if nodes > 1:
         from components.runtime import run_cli

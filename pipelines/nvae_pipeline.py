@@ -63,6 +63,7 @@ def build_pipeline(images: Images = DEFAULT_IMAGES):
         overrides: str = _D.overrides,
         steps: int = _D.steps,
         batch_size: int = _D.batch_size,
+        grad_accum: int = _D.grad_accum,
         gpus: int = _D.gpus,
         nodes: int = _D.nodes,
         accelerator: str = _D.accelerator,
@@ -92,6 +93,7 @@ def build_pipeline(images: Images = DEFAULT_IMAGES):
             batch_size=batch_size,
             eval_limit=eval_limit,
             readjust_iters=readjust_iters,
+            grad_accum=grad_accum,
             prepare_gpus=prepare_gpus,
             eval_gpus=eval_gpus,
             sample_gpus=sample_gpus,
@@ -106,7 +108,9 @@ def build_pipeline(images: Images = DEFAULT_IMAGES):
 
         fingerprint = comp.fingerprint_source(source=source).after(check)
         fingerprint.set_display_name("fingerprint the source").set_cpu_request("1").set_memory_request("1G")
-        fingerprint.set_caching_options(False)  # must look at the store every run: it is what keys prepare's cache
+        fingerprint.set_caching_options(
+            False
+        )  # must look at the store every run: it is what keys prepare's cache
 
         prep = comp.prepare(
             dataset=dataset,
@@ -124,6 +128,7 @@ def build_pipeline(images: Images = DEFAULT_IMAGES):
             overrides=overrides,
             steps=steps,
             batch_size=batch_size,
+            grad_accum=grad_accum,
             gpus=gpus,
             seed=seed,
             nodes=nodes,

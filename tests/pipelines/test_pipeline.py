@@ -13,7 +13,16 @@ from components.images import DEFAULT_IMAGES
 from components.params import LOCAL_SOURCE, STORE_SOURCE, PipelineParams
 from pipelines.nvae_pipeline import COMPILED, compile_pipeline, find_local_outputs
 
-TASKS = {"validate-params", "fingerprint-source", "prepare", "train", "evaluate", "readjust-bn", "export-onnx", "sample"}
+TASKS = {
+    "validate-params",
+    "fingerprint-source",
+    "prepare",
+    "train",
+    "evaluate",
+    "readjust-bn",
+    "export-onnx",
+    "sample",
+}
 
 
 def _docs(path):
@@ -74,6 +83,7 @@ def test_every_parameter_has_its_description_in_the_run_form():
         ("eval_gpus=2", "eval_gpus=2 is out of range; allowed 0 <= eval_gpus <= 1"),
         ("prepare_gpus=-1", "prepare_gpus=-1 is out of range; allowed 0 <= prepare_gpus <= 1"),
         ("nodes=0", "nodes=0 is out of range; allowed nodes >= 1"),
+        ("grad_accum=0", "grad_accum=0 is out of range; allowed grad_accum >= 1"),
         ("checkpoint_every=-1", "checkpoint_every=-1 is out of range; allowed checkpoint_every >= 0"),
         ("checkpoint_store=/data/runs", "checkpoint_store='/data/runs': expected s3://bucket/prefix"),
     ],
@@ -89,7 +99,7 @@ def test_the_validate_step_names_the_parameter_and_its_range(setting, message):
 
 _VALIDATE_ARGS = (
     "preset dataset overrides steps gpus iw_samples temperature num_samples "
-    "prepare_limit batch_size eval_limit readjust_iters prepare_gpus eval_gpus sample_gpus nodes "
+    "prepare_limit batch_size eval_limit readjust_iters grad_accum prepare_gpus eval_gpus sample_gpus nodes "
     "checkpoint_store checkpoint_every"
 ).split()
 
@@ -479,3 +489,10 @@ def _logged_metrics(task_dir: Path, name: str) -> dict:
     out = json.loads((task_dir / "executor_output.json").read_text())
     (artifact,) = out["artifacts"][name]["artifacts"]
     return artifact.get("metadata", {})
+
+
+def test_gradient_accumulation_is_a_pipeline_parameter_of_the_train_step():
+    spec, _ = _docs(COMPILED)
+    train = spec["root"]["dag"]["tasks"]["train"]["inputs"]["parameters"]
+    assert train["grad_accum"] == {"componentInputParameter": "grad_accum"}
+    assert spec["root"]["inputDefinitions"]["parameters"]["grad_accum"]["defaultValue"] == 1
