@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from cli.store import exit_75_when_retryable
+from common.files import atomic_write_json
 
 
 def _registry(args: argparse.Namespace):
@@ -41,13 +42,19 @@ def model_card(checkpoint: str, metrics: str | None, data_manifest: str | None, 
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
+    if not args.registry and args.allow_empty_registry:
+        # dvc.yaml's publish stage with publish.registry "" (no store): its out still says what happened.
+        if args.manifest_out:
+            atomic_write_json(args.manifest_out, {"published": False, "reason": "no registry given"})
+        print("no registry given: nothing published")
+        return 0
     files = {"decoder.onnx": args.onnx, "checkpoint.pt": args.checkpoint}
     if args.metrics:
         files["metrics.json"] = args.metrics
     card = model_card(args.checkpoint, args.metrics, args.data_manifest, args.run_id)
     manifest, created = _registry(args).publish(files, card)
     if args.manifest_out:
-        Path(args.manifest_out).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        atomic_write_json(args.manifest_out, manifest)
     state = "published" if created else "already published (same files)"
     print(f"{args.registry}/{manifest['version']}: {state}; latest -> {manifest['version']}")
     return 0
@@ -106,6 +113,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--data-manifest", help="manifest.json of the prepared data (its sha256 goes in the card)")
     q.add_argument("--run-id", help="the pipeline run that made it (in the card)")
     q.add_argument("--manifest-out", help="also write the published version's manifest.json here")
+    q.add_argument(
+        "--allow-empty-registry",
+        action="store_true",
+        help='with --registry "": publish nothing and exit 0 (--manifest-out then says {"published": false})',
+    )
     add("list", cmd_list, "list the published versions, oldest first")
     q = add("show", cmd_show, "print a version's manifest: files, checksums, model card")
     q.add_argument("--version", default="latest")

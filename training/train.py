@@ -19,7 +19,6 @@ vectors are buffers computed from the (identical) weights and broadcast from ran
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import signal
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 
 from common.errors import DataError, NVAEError
+from common.files import atomic_write_json
 from common.progress import progress as progress_bar
 from model.checkpoint import FORMAT, VERSION, config_from_checkpoint
 from model.config import NVAEConfig
@@ -518,13 +518,6 @@ def _evaluate_interval(
         grid_path.parent.mkdir(parents=True, exist_ok=True)
         save_png(image_grid(images), grid_path)
     logger.log_interval(step, stats, grid_path)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write JSON through a temporary file and rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
 
 
 __all__ = [

@@ -49,3 +49,14 @@ def run(
     if check:
         assert proc.returncode == 0, f"{' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     return proc
+
+
+def git_repo(root: Path, files: list[str]) -> Path:
+    """A fresh git repository at `root` holding copies of `files` from this checkout, committed."""
+    for name in files:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, root / name)
+    run(["git", "init", "-q"], cwd=root)
+    run(["git", "add", "-A"], cwd=root)
+    run(["git", "commit", "-qm", "init"], cwd=root)
+    return root

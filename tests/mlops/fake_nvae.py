@@ -52,6 +52,9 @@ def main(argv: list[str]) -> int:
         write(opt(argv, "--out"), digest(argv, [opt(argv, "--checkpoint")]))
     elif command == "sample":
         write(f"{opt(argv, '--out')}/samples.npz", digest(argv, [opt(argv, "--onnx")]))
+    elif command == "model" and argv[1] == "publish":
+        inputs = [opt(argv, f) for f in ("--onnx", "--checkpoint", "--metrics", "--data-manifest")]
+        write(opt(argv, "--manifest-out"), digest(argv, inputs))
     else:
         print(f"fake nvae: unknown command {command}", file=sys.stderr)
         return 2

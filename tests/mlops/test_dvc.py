@@ -17,7 +17,7 @@ import yaml
 
 from .conftest import REPO, run, tool, tool_env
 
-STAGES = ["prepare", "train", "evaluate", "readjust_bn", "export_onnx", "sample"]
+STAGES = ["prepare", "train", "evaluate", "readjust_bn", "export_onnx", "sample", "publish"]
 EDGES = {
     ("prepare", "train"),
     ("prepare", "evaluate"),
@@ -25,6 +25,10 @@ EDGES = {
     ("train", "readjust_bn"),
     ("readjust_bn", "export_onnx"),
     ("export_onnx", "sample"),
+    ("prepare", "publish"),
+    ("evaluate", "publish"),
+    ("readjust_bn", "publish"),
+    ("export_onnx", "publish"),
 }
 DVC_FILES = ["dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore"]
 
@@ -160,17 +164,18 @@ def _status_stages(repo: Path, env: dict) -> set[str]:
 
 def test_repro_runs_every_stage_once_then_nothing(fake_repo):
     repo, env, log = fake_repo
-    assert _repro(repo, env, log) == ["prepare", "train", "evaluate", "readjust-bn", "export-onnx", "sample"]
+    assert _repro(repo, env, log) == "prepare train evaluate readjust-bn export-onnx sample model".split()
     assert _repro(repo, env, log) == []
     assert _status_stages(repo, env) == set()
 
 
-# (parameter, new value, stages `dvc status` reports, nvae commands `dvc repro` then runs), applied in turn.
+# (parameter, new value, stages `dvc status` reports, nvae commands `dvc repro` then runs), applied in turn;
+# "model" is the publish stage (`nvae model publish`), downstream of every new model or metrics.
 CHANGES = [
-    ("evaluate.iw_samples", 8, {"evaluate"}, ["evaluate"]),
+    ("evaluate.iw_samples", 8, {"evaluate"}, ["evaluate", "model"]),
     ("sample.n", 4, {"sample"}, ["sample"]),
-    ("sample.temperature", 0.9, {"readjust_bn", "sample"}, ["readjust-bn", "export-onnx", "sample"]),
-    ("train.steps", 7, {"train"}, ["train", "evaluate", "readjust-bn", "export-onnx", "sample"]),
+    ("sample.temperature", 0.9, {"readjust_bn", "sample"}, ["readjust-bn", "export-onnx", "sample", "model"]),
+    ("train.steps", 7, {"train"}, ["train", "evaluate", "readjust-bn", "export-onnx", "sample", "model"]),
 ]
 
 
@@ -233,4 +238,4 @@ def test_repro_on_a_fresh_clone_runs_the_embedded_default(tmp_path):
     assert "Running stage" not in run([tool("dvc"), "repro"], cwd=repo, env=env).stdout
     _set_param(repo, "evaluate.limit", 16)
     out = run([tool("dvc"), "repro"], cwd=repo, env=env, timeout=1800).stdout
-    assert re.findall(r"Running stage '(\w+)'", out) == ["evaluate"]
+    assert re.findall(r"Running stage '(\w+)'", out) == ["evaluate", "publish"]
