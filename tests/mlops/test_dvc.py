@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import REPO, run, tool, tool_env
+from .conftest import REPO, git_repo, run, tool, tool_env
 
 STAGES = ["prepare", "train", "evaluate", "readjust_bn", "export_onnx", "sample", "publish"]
 EDGES = {
@@ -48,17 +48,6 @@ def _lookup(params: dict, dotted: str):
     return node
 
 
-def _git_repo(tmp: Path, files: list[str]) -> Path:
-    """A fresh git repository holding copies of `files` from this checkout, committed."""
-    for name in files:
-        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, tmp / name)
-    run(["git", "init", "-q"], cwd=tmp)
-    run(["git", "add", "-A"], cwd=tmp)
-    run(["git", "commit", "-qm", "init"], cwd=tmp)
-    return tmp
-
-
 # --- structure, read from the files and from dvc itself ------------------------------------------------------
 
 
@@ -70,7 +59,7 @@ def test_stages_in_order_each_calling_the_nvae_cli():
 
 
 def test_dag_edges_as_dvc_sees_them(tmp_path):
-    repo = _git_repo(tmp_path, DVC_FILES)
+    repo = git_repo(tmp_path, DVC_FILES)
     dot = run([tool("dvc"), "dag", "--dot"], cwd=repo).stdout
     edges = {tuple(e) for e in re.findall(r'"?(\w+)"?\s*->\s*"?(\w+)"?', dot)}
     assert edges == EDGES
@@ -127,7 +116,7 @@ def test_metrics_and_plots_are_declared():
 def fake_repo(tmp_path):
     """A git repo with dvc.yaml/params.yaml/.dvc and a stand-in `nvae` first on PATH; yields (repo, env, log)."""
     (tmp_path / "repo").mkdir()
-    repo = _git_repo(tmp_path / "repo", DVC_FILES)
+    repo = git_repo(tmp_path / "repo", DVC_FILES)
     bindir = tmp_path / "bin"
     bindir.mkdir()
     fake = bindir / "nvae"
@@ -220,7 +209,7 @@ def test_repro_on_a_fresh_clone_runs_the_embedded_default(tmp_path):
         pytest.skip("the embedded Fashion-MNIST is not installed")
     listed = run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO).stdout.split()
     files = [f for f in listed if (REPO / f).is_file() and not f.startswith(("outputs/", "runs/"))]
-    repo = _git_repo(tmp_path, files)
+    repo = git_repo(tmp_path, files)
     env = tool_env()
     run([tool("dvc"), "repro"], cwd=repo, env=env, timeout=3600)
     for out in [
