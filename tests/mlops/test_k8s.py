@@ -15,7 +15,14 @@ from components import images as images_mod
 from .conftest import REPO, run, tool
 
 K8S = REPO / "k8s"
-KUSTOMIZATIONS = ["base", "overlays/cpu-dev", "overlays/gpu", "overlays/kserve", "train"]
+KUSTOMIZATIONS = [
+    "base",
+    "overlays/cpu-dev",
+    "overlays/gpu",
+    "overlays/kserve",
+    "overlays/kserve-grpc",
+    "train",
+]
 K8S_VERSION = "1.33.0"  # schema version the manifests target (kubernetes-validate bundles it)
 IMAGES = yaml.safe_load((K8S / "images.yaml").read_text())
 PROJECT_REPO = images_mod.DEFAULT_REGISTRY + "/"
@@ -232,7 +239,9 @@ def test_sampler_probes_hit_the_serving_health_endpoints(built):
         } <= kinds
 
 
-@pytest.mark.parametrize("path", ["overlays/cpu-dev", "overlays/gpu", "overlays/kserve"])
+@pytest.mark.parametrize(
+    "path", ["overlays/cpu-dev", "overlays/gpu", "overlays/kserve", "overlays/kserve-grpc"]
+)
 def test_every_overlay_turns_sampler_authentication_on(built, path):
     from serving.__main__ import TOKEN_ENV
 
@@ -279,6 +288,25 @@ def test_kserve_overlay_runs_kserves_model_server_on_the_model_kserve_fetches(bu
     assert (
         sa["metadata"]["annotations"]["serving.kserve.io/s3-endpoint"] == "minio.nvae.svc.cluster.local:9000"
     )
+
+
+def test_kserve_grpc_overlay_routes_the_predictor_port_to_the_grpc_server(built):
+    """KServe routes one port per predictor container; `h2c` makes it gRPC. It must be the port the server's
+    gRPC listens on, and the probes (Knative allows only the serving port) must check that port."""
+    (isvc,) = [d for d in built["overlays/kserve-grpc"] if d["kind"] == "InferenceService"]
+    (c,) = isvc["spec"]["predictor"]["containers"]
+    (port,) = c["ports"]
+    assert port["name"] == "h2c"
+    assert int(c["args"][c["args"].index("--grpc-port") + 1]) == port["containerPort"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert c[probe] == {"tcpSocket": {"port": port["containerPort"]}}, probe
+    assert _strict_kserve_load(isvc, "V1beta1InferenceService", "InferenceService") is not None
+    (rest,) = [d for d in built["overlays/kserve"] if d["kind"] == "InferenceService"]
+    assert {k: v for k, v in c.items() if k not in ("args", "ports", "readinessProbe", "livenessProbe")} == {
+        k: v
+        for k, v in rest["spec"]["predictor"]["containers"][0].items()
+        if k not in ("args", "ports", "readinessProbe", "livenessProbe")
+    }
 
 
 def test_gpu_overlay_gives_the_sampler_a_gpu_and_cpu_dev_does_not(built):
