@@ -47,6 +47,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--allow-cpu-fallback", action="store_true", help="with --providers cuda: run on CPU if CUDA fails"
     )
+    p.add_argument(
+        "--ort-cache",
+        metavar="DIR",
+        help="cache onnxruntime's optimised graph here (keyed by the decoder, providers, onnxruntime version "
+        "and CPU), so a restart skips graph optimisation; default: no cache",
+    )
     p.add_argument("--max-images", type=positive_int("--max-images"), default=256, help="images per request")
     p.add_argument(
         "--max-batch", type=positive_int("--max-batch"), default=64, help="images per onnxruntime run"
@@ -130,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
         header_timeout_s=args.header_timeout,
         body_timeout_s=args.body_timeout,
         shutdown_timeout_s=args.shutdown_timeout,
+        ort_cache_dir=args.ort_cache,
     )
     try:
         cfg.validate()

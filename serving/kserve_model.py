@@ -94,7 +94,9 @@ def make_model(
             self.batcher: Batcher | None = None
 
         def load(self) -> bool:
-            self.sampler = OnnxSampler(onnx_path, providers, allow_cpu_fallback=allow_cpu_fallback)
+            self.sampler = OnnxSampler(
+                onnx_path, providers, allow_cpu_fallback=allow_cpu_fallback, cache_dir=cfg.ort_cache_dir
+            )
             self.batcher = Batcher(
                 self.sampler,
                 # always batching: KServe's server has no per-request path of its own to fall back on

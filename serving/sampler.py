@@ -72,13 +72,15 @@ def cpu_limit(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
     return cores
 
 
-def session_options(threads: int | None = None):
-    """Throughput settings: all graph optimisations, one sequential stream using every core we may use,
-    denormals flushed (NVAE's small activations otherwise stall the CPU kernels)."""
+def session_options(threads: int | None = None, optimize: bool = True):
+    """Throughput settings: all graph optimisations (none for a graph that is already optimised), one
+    sequential stream using every core we may use, denormals flushed (NVAE's small activations otherwise
+    stall the CPU kernels)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    level = ort.GraphOptimizationLevel
+    so.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.intra_op_num_threads = threads or cpu_limit()
     so.inter_op_num_threads = 1
@@ -93,6 +95,8 @@ class OnnxSampler:
     `providers`: None or "auto" (CUDA if onnxruntime-gpu finds a GPU, else CPU), "cpu", "cuda", or a list.
     With "cuda", a CUDA provider that does not load is an error unless `allow_cpu_fallback`.
     `.providers` holds the providers the session actually uses; `.metadata` the file's `nvae.*` metadata.
+    `cache_dir`: keep onnxruntime's optimised graph there between starts (`_open_session`). `io_binding`:
+    run through onnxruntime's IO binding (default: on CUDA only).
     """
 
     def __init__(
@@ -103,20 +107,18 @@ class OnnxSampler:
         threads: int | None = None,
         memory_budget: int | None = None,
         allow_cpu_fallback: bool = False,
+        cache_dir: str | Path | None = None,
+        io_binding: bool | None = None,
     ):
-        import onnxruntime as ort
-
         self.path = Path(path)
         if not self.path.is_file():
             raise OnnxModelError(f"ONNX file not found: {self.path}")
         wanted = resolve_providers(providers)
-        try:
-            self.session = ort.InferenceSession(str(self.path), session_options(threads), providers=wanted)
-        except Exception as exc:  # onnxruntime raises its own (Fail, InvalidGraph, ...) for bad files
-            raise OnnxModelError(
-                f"{self.path}: onnxruntime cannot load it ({type(exc).__name__}: {exc})"
-            ) from None
+        self.session, self.cached = _open_session(self.path, wanted, threads, cache_dir)
         self.providers: list[str] = self.session.get_providers()
+        # IO binding (None: on CUDA only): on CUDA the output stays on the device until one copy; on CPU it
+        # saves one output copy, which measured within noise of a plain run (bench/ort_session.py).
+        self.io_binding = self.device == "cuda" if io_binding is None else io_binding
         if "CUDAExecutionProvider" in wanted and "CUDAExecutionProvider" not in self.providers:
             if providers == "cuda" and not allow_cpu_fallback:
                 raise OnnxModelError(
@@ -209,8 +211,78 @@ class OnnxSampler:
                 raise TimeoutError("sampling was stopped")
             chunk = {k: v[i : i + batch] for k, v in feeds.items()}
             chunk["temperature"] = temp
-            out[i : i + batch] = self.session.run([output], chunk, run_options)[0]
+            if self.io_binding:
+                self._run_bound(chunk, output, out[i : i + batch], run_options)
+            else:
+                out[i : i + batch] = self.session.run([output], chunk, run_options)[0]
         return out
+
+    def _run_bound(self, chunk: dict[str, np.ndarray], output: str, dest: np.ndarray, run_options) -> None:
+        """One run through onnxruntime's IO binding: on CPU the images are written straight into `dest` (no
+        output copy); on CUDA the output stays on the device until one copy into `dest`."""
+        binding = self.session.io_binding()
+        for name, value in chunk.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        if self.device == "cpu":
+            binding.bind_output(output, "cpu", 0, np.float32, list(dest.shape), dest.ctypes.data)
+            self.session.run_with_iobinding(binding, run_options)
+        else:
+            binding.bind_output(output, "cuda")
+            self.session.run_with_iobinding(binding, run_options)
+            dest[...] = binding.copy_outputs_to_cpu()[0]
+
+
+def _open_session(path: Path, providers: list, threads: int | None, cache_dir: str | Path | None):
+    """An onnxruntime session for `path`; with `cache_dir`, through a cache of the optimised graph.
+
+    Graph optimisation at the highest level takes most of a session's start (fusions, layout changes for the
+    CPU's kernels). Its result depends on the graph, the providers, the onnxruntime version and the CPU, so
+    the cached file is named by all of them; the first start writes it (atomically), later ones load it with
+    optimisation off. A cached file onnxruntime cannot load is rebuilt. Returns (session, cached: bool)."""
+    import hashlib
+    import platform
+
+    import onnxruntime as ort
+
+    def create(model: Path, optimize: bool, save_to: Path | None = None):
+        so = session_options(threads, optimize=optimize)
+        if save_to is not None:
+            so.optimized_model_filepath = str(save_to)
+        return ort.InferenceSession(str(model), so, providers=providers)
+
+    try:
+        if cache_dir is None:
+            return create(path, True), False
+        key = hashlib.sha256(path.read_bytes())
+        key.update(json.dumps([providers, ort.__version__, platform.machine(), _cpu_flags()]).encode())
+        cached = Path(cache_dir) / f"{path.stem}-{key.hexdigest()[:16]}.optimized.onnx"
+        if cached.is_file():
+            try:
+                return create(cached, False), True
+            except Exception as exc:  # a damaged cache entry: rebuild it
+                log.warning("optimised-graph cache %s unusable (%s); rebuilding it", cached, exc)
+                cached.unlink(missing_ok=True)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+        session = create(path, True, save_to=tmp)
+        os.replace(tmp, cached)
+        log.info("optimised graph cached in %s", cached)
+        return session, False
+    except OSError as exc:
+        raise OnnxModelError(f"{path}: {exc.strerror or exc} ({getattr(exc, 'filename', '')})") from None
+    except Exception as exc:  # onnxruntime raises its own (Fail, InvalidGraph, ...) for bad files
+        raise OnnxModelError(f"{path}: onnxruntime cannot load it ({type(exc).__name__}: {exc})") from None
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (the optimised graph's kernels depend on them), as /proc/cpuinfo lists them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def registry_version(onnx_path: Path) -> str | None:

@@ -84,6 +84,7 @@ class ServeConfig:
     header_timeout_s: float = 10.0  # from connection (or the previous response) to complete headers
     body_timeout_s: float = 10.0  # from headers to the whole body
     shutdown_timeout_s: float = 10.0  # in-flight requests' grace on SIGTERM
+    ort_cache_dir: str | None = None  # where the optimised graph is cached between starts; None: no cache
 
     def validate(self) -> ServeConfig:
         for name in (
@@ -726,7 +727,9 @@ def serve(
     import uvicorn
 
     cfg = (cfg or ServeConfig()).validate()
-    sampler = OnnxSampler(onnx_path, providers, allow_cpu_fallback=allow_cpu_fallback)
+    sampler = OnnxSampler(
+        onnx_path, providers, allow_cpu_fallback=allow_cpu_fallback, cache_dir=cfg.ort_cache_dir
+    )
     app = create_app(sampler, cfg)
     log.info(
         "serving %s (registry version %s) as %r on http://%s:%d (providers %s, authentication %s)",

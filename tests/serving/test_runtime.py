@@ -57,3 +57,29 @@ def sampler_file(tmp_path_factory):
         NVAE(apply_overrides(get_preset("fmnist-cpu"), TINY)), path, exporter="torchscript", verify=False
     )
     return path
+
+
+def test_the_optimised_graph_is_cached_and_gives_the_same_images(sampler_file, tmp_path):
+    import numpy as np
+
+    cache = tmp_path / "ort-cache"
+    first = OnnxSampler(sampler_file, "cpu", cache_dir=cache)
+    (entry,) = cache.iterdir()
+    assert not first.cached and entry.name.startswith("tiny-") and entry.name.endswith(".optimized.onnx")
+    second = OnnxSampler(sampler_file, "cpu", cache_dir=cache)
+    assert second.cached and second.metadata == first.metadata  # the nvae.* metadata survives
+    plain = OnnxSampler(sampler_file, "cpu")
+    np.testing.assert_array_equal(second.sample(3, 0.7, seed=4), plain.sample(3, 0.7, seed=4))
+    # A damaged entry is rebuilt, not fatal.
+    entry.write_bytes(b"not a model")
+    third = OnnxSampler(sampler_file, "cpu", cache_dir=cache)
+    assert not third.cached and OnnxSampler(sampler_file, "cpu", cache_dir=cache).cached
+
+
+def test_io_binding_writes_the_same_images_as_a_plain_run(sampler_file):
+    import numpy as np
+
+    bound = OnnxSampler(sampler_file, "cpu", io_binding=True)
+    plain = OnnxSampler(sampler_file, "cpu", io_binding=False)
+    for n, batch in ((1, None), (5, 2), (7, None)):
+        np.testing.assert_array_equal(bound.sample(n, 0.8, 9, batch), plain.sample(n, 0.8, 9, batch))
