@@ -8,6 +8,7 @@ seeded with `seed`, float32 standard normals per group coarse first; for decode=
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -239,9 +240,6 @@ def _open_session(path: Path, providers: list, threads: int | None, cache_dir: s
     CPU's kernels). Its result depends on the graph, the providers, the onnxruntime version and the CPU, so
     the cached file is named by all of them; the first start writes it (atomically), later ones load it with
     optimisation off. A cached file onnxruntime cannot load is rebuilt. Returns (session, cached: bool)."""
-    import hashlib
-    import platform
-
     import onnxruntime as ort
 
     def create(model: Path, optimize: bool, save_to: Path | None = None):
@@ -251,27 +249,44 @@ def _open_session(path: Path, providers: list, threads: int | None, cache_dir: s
         return ort.InferenceSession(str(model), so, providers=providers)
 
     try:
-        if cache_dir is None:
-            return create(path, True), False
-        key = hashlib.sha256(path.read_bytes())
-        key.update(json.dumps([providers, ort.__version__, platform.machine(), _cpu_flags()]).encode())
-        cached = Path(cache_dir) / f"{path.stem}-{key.hexdigest()[:16]}.optimized.onnx"
-        if cached.is_file():
-            try:
-                return create(cached, False), True
-            except Exception as exc:  # a damaged cache entry: rebuild it
-                log.warning("optimised-graph cache %s unusable (%s); rebuilding it", cached, exc)
-                cached.unlink(missing_ok=True)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
-        session = create(path, True, save_to=tmp)
-        os.replace(tmp, cached)
-        log.info("optimised graph cached in %s", cached)
-        return session, False
-    except OSError as exc:
-        raise OnnxModelError(f"{path}: {exc.strerror or exc} ({getattr(exc, 'filename', '')})") from None
+        if cache_dir is not None:
+            cached = _from_cache(path, providers, cache_dir, create)
+            if cached is not None:
+                return cached
+        return create(path, True), False
     except Exception as exc:  # onnxruntime raises its own (Fail, InvalidGraph, ...) for bad files
         raise OnnxModelError(f"{path}: onnxruntime cannot load it ({type(exc).__name__}: {exc})") from None
+
+
+def _from_cache(path: Path, providers: list, cache_dir: str | Path, create):
+    """(session, cached) through the cache, or None when the cache cannot be used (a full or read-only
+    disk, a file onnxruntime cannot write): serving then starts without it, as it would with no cache."""
+    import hashlib
+    import platform
+
+    import onnxruntime as ort
+
+    key = hashlib.sha256(path.read_bytes())
+    key.update(json.dumps([providers, ort.__version__, platform.machine(), _cpu_flags()]).encode())
+    cached = Path(cache_dir) / f"{path.stem}-{key.hexdigest()[:16]}.optimized.onnx"
+    if cached.is_file():
+        try:
+            return create(cached, False), True
+        except Exception as exc:  # a damaged entry: rebuild it
+            log.warning("optimised-graph cache %s unusable (%s); rebuilding it", cached, exc)
+            cached.unlink(missing_ok=True)
+    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        session = create(path, True, save_to=tmp)
+        os.replace(tmp, cached)
+    except Exception as exc:
+        log.warning("cannot cache the optimised graph in %s (%s); starting without the cache", cache_dir, exc)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        return None
+    log.info("optimised graph cached in %s", cached)
+    return session, False
 
 
 def _cpu_flags() -> str:

@@ -76,6 +76,14 @@ def test_the_optimised_graph_is_cached_and_gives_the_same_images(sampler_file, t
     assert not third.cached and OnnxSampler(sampler_file, "cpu", cache_dir=cache).cached
 
 
+def test_a_cache_that_cannot_be_written_does_not_stop_the_sampler(sampler_file, tmp_path, caplog):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder should be")
+    s = OnnxSampler(sampler_file, "cpu", cache_dir=blocked)
+    assert not s.cached and s.sample(2, 0.8, 0).shape[0] == 2
+    assert "starting without the cache" in caplog.text
+
+
 def test_io_binding_writes_the_same_images_as_a_plain_run(sampler_file):
     import numpy as np
 
