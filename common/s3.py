@@ -216,6 +216,8 @@ def download_tree(uri: str, dest: str | Path, client=None) -> int:
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, prefix = parse_s3_uri(uri)
+    if Path(dest).exists() and not Path(dest).is_dir():
+        raise StorageError(f"{dest}: not a folder (the objects under {uri} go into a folder)")
     client = client or s3_client_from_env()
     base = f"{prefix}/" if prefix else ""
     try:

@@ -46,8 +46,9 @@ def test_store_get_downloads_one_object_atomically(s3_env, tmp_path, capsys):
     assert err.endswith("s3://models-store/models/none.onnx: cannot download it: no such object")
     assert "\n" not in err and out.read_bytes() == payload
     assert [p.name for p in out.parent.iterdir()] == ["decoder.onnx"]
+    # A prefix (a URI ending in /) downloads into a folder, never over a file.
     assert main(["store", "get", "s3://models-store/models/", "--out", str(out)]) == 2
-    assert "names no object" in capsys.readouterr().err
+    assert "decoder.onnx: not a folder" in capsys.readouterr().err and out.read_bytes() == payload
 
 
 def test_store_get_from_an_unreachable_store_exits_75(monkeypatch, tmp_path, capsys):
