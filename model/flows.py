@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from model.layers import WNConv2d
+from model.layers import WNConv2d, elu
 
 
 def channel_mask(c_in: int, c_out: int, zero_diag: bool) -> torch.Tensor:
@@ -86,9 +85,9 @@ class FlowCell(nn.Module):
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = F.elu(self.conv1(z))
-        h = F.elu(self.conv2(h))
-        return z - self.shift(F.elu(h)).to(z.dtype)
+        h = elu(self.conv1(z))
+        h = elu(self.conv2(h))
+        return z - self.shift(elu(h)).to(z.dtype)
 
 
 class FlowPair(nn.Module):

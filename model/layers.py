@@ -15,6 +15,45 @@ BN_MOMENTUM = 0.05
 BN_EPS = 1e-5
 
 
+class _FastELU(torch.autograd.Function):
+    """ELU (alpha 1) from vectorised kernels, `max(x, 0) + (exp(min(x, 0)) - 1)`: PyTorch's CPU `elu` goes
+    through a scalar `expm1` (measured 1.43 ms against 0.15 ms for this on a 16x64x16x16 tensor, AVX-512,
+    2 threads). Positive inputs pass exactly; negative ones differ from `expm1` by at most ~6e-8. The gradient
+    is ELU's, from the saved output as PyTorch's own (1 for x > 0, y + 1 = exp(x) otherwise), so it keeps one
+    tensor per call, as `F.elu` does."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = x.clamp(min=0) + (x.clamp(max=0).exp() - 1)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * (y.clamp(max=0) + 1)
+
+
+def elu(x: torch.Tensor) -> torch.Tensor:
+    """ELU: `_FastELU` on the CPU; PyTorch's `elu` on CUDA (fast there), in ONNX export (one `Elu` node, which
+    onnxruntime runs vectorised), under tracing and under torch.compile (which fuses it itself)."""
+    if (
+        x.device.type != "cpu"
+        or torch.onnx.is_in_onnx_export()
+        or torch.jit.is_tracing()
+        or torch.compiler.is_compiling()
+    ):
+        return F.elu(x)
+    return _FastELU.apply(x)
+
+
+class ELU(nn.Module):
+    """`nn.ELU()` through `elu` (no state: checkpoints are unchanged)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return elu(x)
+
+
 class WNConv2d(nn.Conv2d):
     """Conv2d with weight normalization `w = exp(log_g) * v / ||v||` per output channel.
 

@@ -17,7 +17,7 @@ from model.cells import DecoderCell, DecoderCombiner, EncoderCell, EncoderCombin
 from model.config import NVAEConfig
 from model.distributions import Bernoulli, DiscretizedLogisticMixture, Normal
 from model.flows import FlowPair
-from model.layers import WNConv2d
+from model.layers import ELU, WNConv2d
 from model.regularizers import SpectralRegularizer, bn_regularization
 
 
@@ -85,7 +85,7 @@ class NVAE(nn.Module):
         top_mult = mult
 
         width = c * top_mult
-        self.enc0 = nn.Sequential(nn.ELU(), WNConv2d(width, width, 1, bias=True), nn.ELU())
+        self.enc0 = nn.Sequential(ELU(), WNConv2d(width, width, 1, bias=True), ELU())
 
         # Learned decoder input h at the coarsest latent resolution.
         side = cfg.image_size // cfg.total_downsample
@@ -101,7 +101,7 @@ class NVAE(nn.Module):
                 self.enc_sampler.append(WNConv2d(c * m, 2 * z, 3, padding=1, bias=True))
                 self.flows.append(nn.ModuleList(FlowPair(z) for _ in range(cfg.num_nf)))
                 if not (s == 0 and g == 0):
-                    self.dec_sampler.append(nn.Sequential(nn.ELU(), WNConv2d(c * m, 2 * z, 1, bias=True)))
+                    self.dec_sampler.append(nn.Sequential(ELU(), WNConv2d(c * m, 2 * z, 1, bias=True)))
             m //= 2
 
         # Decoder tower, coarsest scale first: group 0 only a combiner, later groups `cells_dec` cells then
@@ -134,7 +134,7 @@ class NVAE(nn.Module):
                 else:
                     post.append(DecoderCell(c * m, c * m, 3, fused_bn_swish=fused))
         self.postprocess = nn.Sequential(*post)
-        self.head = nn.Sequential(nn.ELU(), WNConv2d(c * m, cfg.output_channels, 3, padding=1, bias=True))
+        self.head = nn.Sequential(ELU(), WNConv2d(c * m, cfg.output_channels, 3, padding=1, bias=True))
 
         self.spectral = SpectralRegularizer(self)
 

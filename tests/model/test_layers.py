@@ -241,3 +241,21 @@ def test_bn_swish_conv_block_under_bf16_autocast_matches_autocast_chain():
     torch.testing.assert_close(xa.grad, xb.grad, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(fused[1].weight.grad, plain[1].weight.grad, atol=5e-2, rtol=5e-2)
     assert fused[1].weight.grad.dtype == torch.float32
+
+
+def test_the_cpu_elu_equals_pytorchs_in_value_and_gradient():
+    import torch.nn.functional as F
+
+    from model.layers import elu
+
+    torch.manual_seed(0)
+    x = (torch.randn(8, 16, 9, 9) * 3).contiguous(memory_format=torch.channels_last).requires_grad_()
+    g = torch.randn_like(x)
+    ours, ref = elu(x), F.elu(x)
+    assert torch.allclose(ours, ref, rtol=0, atol=1e-7)
+    assert torch.equal(ours[x > 0], x[x > 0])  # positive inputs pass exactly
+    (d_ours,) = torch.autograd.grad(ours, x, g)
+    (d_ref,) = torch.autograd.grad(ref, x, g)
+    assert torch.allclose(d_ours, d_ref, rtol=1e-6, atol=1e-7)
+    x64 = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(elu, (x64,))
