@@ -137,7 +137,7 @@ def train(
 
     run = run_dir(checkpoint_store, run_id)
     argv = ["--preset", preset, "--steps", str(steps), "--seed", str(seed), *split_overrides(overrides)]
-    argv += ["--grad-accum", str(grad_accum), "--checkpoint-every", str(checkpoint_every), "--no-progress"]
+    argv += ["--grad-accum", str(grad_accum), "--checkpoint-every", str(checkpoint_every)]
     argv += ["--batch-size", str(batch_size)] if batch_size > 0 else []
     if nodes > 1:
         from components.runtime import run_cli
