@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from common.store_admin import DEFAULT_SAMPLER_PREFIX
 
@@ -44,10 +45,14 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 @exit_75_when_retryable
 def cmd_get(args: argparse.Namespace) -> int:
-    from common.s3 import download_object, download_tree
+    from common.errors import StorageError
+    from common.s3 import download_object
+    from data.remote import fetch_source
 
     if args.uri.endswith("/"):
-        count = download_tree(args.uri, args.out)
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise StorageError(f"{args.out}: not a folder (the objects under {args.uri} go into a folder)")
+        count = len(fetch_source(args.uri, args.out))
         print(f"fetched {args.uri} -> {args.out}/ ({count} files)")
         return 0
     size = download_object(args.uri, args.out)
@@ -57,9 +62,9 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 @exit_75_when_retryable
 def cmd_put(args: argparse.Namespace) -> int:
-    from common.s3 import upload_tree
+    from data.remote import upload_source
 
-    count = upload_tree(args.folder, args.uri)
+    count = len(upload_source(args.folder, args.uri))
     print(f"uploaded {args.folder}/ -> {args.uri} ({count} files)")
     return 0
 

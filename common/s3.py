@@ -189,49 +189,6 @@ def _storage_error(uri: str, action: str, exc: Exception) -> StorageError:
     return StorageError(one_line(f"{uri}: cannot {action}: {exc}{hint}"), is_retryable(exc))
 
 
-def upload_tree(src: str | Path, uri: str, client=None) -> int:
-    """Upload every file under the folder `src` to `uri` (s3://bucket/prefix/), keeping relative paths.
-    Each object appears whole or not at all (an S3 upload is atomic). Returns the number of files."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    bucket, prefix = parse_s3_uri(uri)
-    src = Path(src)
-    if not src.is_dir():
-        raise StorageError(f"{src}: not a folder")
-    client = client or s3_client_from_env()
-    files = sorted(p for p in src.rglob("*") if p.is_file())
-    for path in files:
-        key = "/".join(filter(None, [prefix, path.relative_to(src).as_posix()]))
-        try:
-            client.upload_file(str(path), bucket, key)
-        except (BotoCoreError, ClientError) as exc:
-            raise _storage_error(f"s3://{bucket}/{key}", "upload it", exc) from None
-    return len(files)
-
-
-def download_tree(uri: str, dest: str | Path, client=None) -> int:
-    """Download every object under `uri` (s3://bucket/prefix/) into the folder `dest`, keeping relative
-    paths, each file atomically (download_object). An empty prefix is an error naming it. Returns the
-    number of files."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    bucket, prefix = parse_s3_uri(uri)
-    if Path(dest).exists() and not Path(dest).is_dir():
-        raise StorageError(f"{dest}: not a folder (the objects under {uri} go into a folder)")
-    client = client or s3_client_from_env()
-    base = f"{prefix}/" if prefix else ""
-    try:
-        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base)
-        keys = [o["Key"] for page in pages for o in page.get("Contents", []) if not o["Key"].endswith("/")]
-    except (BotoCoreError, ClientError) as exc:
-        raise _storage_error(uri, "list it", exc) from None
-    if not keys:
-        raise StorageError(f"{uri}: no objects under this prefix")
-    for key in keys:
-        download_object(f"s3://{bucket}/{key}", Path(dest) / key[len(base) :], client=client)
-    return len(keys)
-
-
 def put_json(uri: str, value: dict, client=None) -> None:
     """Write `value` as the JSON object at `uri` (one PUT: readers see the old or the new one)."""
     import json

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import DataError, StorageError
-from common.s3 import parse_s3_uri, s3_client_from_env
+from common.s3 import is_retryable, parse_s3_uri, s3_client_from_env
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +108,13 @@ def upload_source(source: str | Path, uri: str, client=None) -> list[dict[str, A
         try:
             client.upload_file(str(path), bucket, key)
         except (ClientError, BotoCoreError) as exc:
-            raise StorageError(f"s3://{bucket}/{key}: cannot upload: {_cause(exc)}") from None
+            raise StorageError(
+                f"s3://{bucket}/{key}: cannot upload: {_cause(exc)}", is_retryable(exc)
+            ) from None
         except S3UploadFailedError as exc:  # boto3's transfer wraps the ClientError in its message
-            raise StorageError(f"s3://{bucket}/{key}: cannot upload: {exc}") from None
+            cause = exc.__context__
+            retryable = isinstance(cause, Exception) and is_retryable(cause)
+            raise StorageError(f"s3://{bucket}/{key}: cannot upload: {exc}", retryable) from None
     return list_objects(uri, client)
 
 
