@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from common.progress import progress as progress_bar
+from model.layers import shared_effective_weights
 from model.network import NVAE
 
 ACTIVE_KL_THRESHOLD = 0.1  # nats: a latent channel whose mean KL exceeds this is "active"
@@ -48,23 +49,24 @@ def iw_batch(model: NVAE, x: torch.Tensor, k: int, chunk: int, generator: torch.
     log_w, elbo, recon, kl, kl_groups = [], [], [], [], []
     kl_channels = [torch.zeros(s[0], device=x.device) for s in model.latent_shapes()]
     done = 0
-    while done < k:
-        n = min(chunk, k - done)
-        # sample-major noise: draws for sample j of this batch are the same for any chunking
-        per_sample = [_noise(model, b, generator, x.device) for _ in range(n)]
-        eps = [torch.cat([s[g] for s in per_sample]) for g in range(len(per_sample[0]))]
-        xs = x.repeat(n, 1, 1, 1)
-        out = model(xs, eps=eps)
-        rec = model.reconstruction_nll(out.logits, xs)  # (n*B,)
-        kl_stack = torch.stack(out.kl_all, dim=1)  # (n*B, G)
-        log_w.append((-rec + out.log_p - out.log_q).view(n, b))
-        recon.append(rec.view(n, b))
-        kl.append(kl_stack.sum(1).view(n, b))
-        elbo.append(-(rec + kl_stack.sum(1)).view(n, b))
-        kl_groups.append(kl_stack.view(n, b, -1))
-        for g, d in enumerate(out.kl_diag):  # d is the mean over the n*B rows: sum them
-            kl_channels[g] += d * (n * b)
-        done += n
+    with shared_effective_weights(model):  # one weight norm for all chunks (and batches, see `evaluate`)
+        while done < k:
+            n = min(chunk, k - done)
+            # sample-major noise: draws for sample j of this batch are the same for any chunking
+            per_sample = [_noise(model, b, generator, x.device) for _ in range(n)]
+            eps = [torch.cat([s[g] for s in per_sample]) for g in range(len(per_sample[0]))]
+            xs = x.repeat(n, 1, 1, 1)
+            out = model(xs, eps=eps)
+            rec = model.reconstruction_nll(out.logits, xs)  # (n*B,)
+            kl_stack = torch.stack(out.kl_all, dim=1)  # (n*B, G)
+            log_w.append((-rec + out.log_p - out.log_q).view(n, b))
+            recon.append(rec.view(n, b))
+            kl.append(kl_stack.sum(1).view(n, b))
+            elbo.append(-(rec + kl_stack.sum(1)).view(n, b))
+            kl_groups.append(kl_stack.view(n, b, -1))
+            for g, d in enumerate(out.kl_diag):  # d is the mean over the n*B rows: sum them
+                kl_channels[g] += d * (n * b)
+            done += n
     log_w_all = torch.cat(log_w)  # (k, B)
     return BatchResult(
         log_px=torch.logsumexp(log_w_all, dim=0) - math.log(k),
@@ -106,22 +108,23 @@ def evaluate(
     kl_channels = [torch.zeros(s[0], dtype=torch.float64) for s in model.latent_shapes()]
     n_images = 0
     bar = progress_bar(total=limit or total, disable=not progress, desc=f"evaluate (K={k})", unit="img")
-    for x in batches:
-        if limit is not None and n_images >= limit:
-            break
-        if limit is not None:
-            x = x[: limit - n_images]
-        x = x.to(device)
-        step_chunk = chunk or max(1, min(k, per_pass // max(1, x.size(0))))
-        res = iw_batch(model, x, k, step_chunk, generator)
-        for key in sums:
-            sums[key] += float(getattr(res, key).double().sum())
-        kl_groups += res.kl_groups.double().sum(0).cpu()
-        for g, c in enumerate(res.kl_channels):
-            kl_channels[g] += c.double().cpu() / k
-        n_images += x.size(0)
-        bar.update(x.size(0))
-        bar.set_postfix(bpd=f"{-sums['log_px'] / n_images / (math.log(2) * cfg.dims):.4f}")
+    with shared_effective_weights(model):
+        for x in batches:
+            if limit is not None and n_images >= limit:
+                break
+            if limit is not None:
+                x = x[: limit - n_images]
+            x = x.to(device)
+            step_chunk = chunk or max(1, min(k, per_pass // max(1, x.size(0))))
+            res = iw_batch(model, x, k, step_chunk, generator)
+            for key in sums:
+                sums[key] += float(getattr(res, key).double().sum())
+            kl_groups += res.kl_groups.double().sum(0).cpu()
+            for g, c in enumerate(res.kl_channels):
+                kl_channels[g] += c.double().cpu() / k
+            n_images += x.size(0)
+            bar.update(x.size(0))
+            bar.set_postfix(bpd=f"{-sums['log_px'] / n_images / (math.log(2) * cfg.dims):.4f}")
     bar.close()
     if n_images == 0:
         raise ValueError("no images to evaluate")

@@ -9,6 +9,7 @@ import time
 import torch
 
 from common.progress import progress as progress_bar
+from model.layers import shared_effective_weights
 from model.network import NVAE
 from model.regularizers import bn_layers
 
@@ -42,8 +43,9 @@ def readjust_bn(
     generator = torch.Generator(device=model.h.device).manual_seed(seed)
     start = time.perf_counter()
     bar = progress_bar(range(iters), disable=not progress, desc=f"readjust BN (t={temperature:g})", unit="it")
-    for _ in bar:
-        model.sample_logits(batch, temperature, generator=generator)
+    with shared_effective_weights(model):  # the weights are fixed: normalise them once for all passes
+        for _ in bar:
+            model.sample_logits(batch, temperature, generator=generator)
     model.eval()
     seconds = time.perf_counter() - start
     log.info(

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import kernels
+
 BN_MOMENTUM = 0.05
 BN_EPS = 1e-5
 
@@ -110,7 +112,9 @@ class WNConv2d(nn.Conv2d):
         if self.mask is not None:
             w = w * self.mask
         if self.log_g is not None:
-            norm = w.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            # over dims (1, 2, 3) in place of `flatten(1)`: no copy of a channels-last weight, which the norm's
+            # backward would also keep (133 MB per `mnist` step)
+            norm = torch.linalg.vector_norm(w, dim=(1, 2, 3), keepdim=True)
             w = w * (self.log_g.exp() / (norm + 1e-5))  # per-channel scale first: one weight-sized product
         return w
 
@@ -131,17 +135,17 @@ class WNConv2d(nn.Conv2d):
             and self.stride == (1, 1)
             and self.padding[0] == self.padding[1]
             and self.kernel_size[0] == self.kernel_size[1]
-            and x.size(-1) * x.size(-2) <= DEPTHWISE_SHIFTED_MAX_PIXELS
         )
 
 
-# At or below this many pixels (H*W) per map, a depthwise conv's weight gradient is computed as k*k shifted
-# products on CPU: oneDNN's backward for small maps is slow (4x4 maps, 1536 channels: 45 ms against 9 ms).
+# At or below this many pixels (H*W) per map, a depthwise conv's weight gradient without a compiled kernel
+# is computed as k*k shifted products on CPU: oneDNN's backward for small maps is slow (4x4 maps, 1536
+# channels: 45 ms against 9 ms on AVX2); from 8x8 up oneDNN's is faster than these products.
 DEPTHWISE_SHIFTED_MAX_PIXELS = 16
 
 
 class _DepthwiseConv(torch.autograd.Function):
-    """Depthwise stride-1 convolution with a CPU backward for small maps (decoder cells' 5x5 conv).
+    """Depthwise stride-1 convolution with a faster CPU backward (decoder cells' 5x5 conv).
 
     See `_depthwise_backward`. Same values as `F.conv2d`'s autograd up to float rounding.
     """
@@ -162,9 +166,11 @@ class _DepthwiseConv(torch.autograd.Function):
 def _depthwise_backward(grad_out, x, weight, p: int, needs: tuple[bool, bool]):
     """(grad_x, grad_w) of a depthwise stride-1 conv with padding p.
 
-    grad_x is the convolution of grad_out with the flipped kernel (oneDNN's fast forward kernel);
-    grad_w[c, i, j] = sum over (b, h, w) of x_pad[b, c, h + i, w + j] * grad_out[b, c, h, w], as k*k
-    broadcast products reduced over (b, h, w).
+    grad_x is the convolution of grad_out with the flipped kernel: oneDNN's forward kernel, faster than its
+    backward-data one at every decoder shape measured (8x8 maps, 768 channels, channels-last: 0.40 against
+    0.98 ms). grad_w[c, i, j] = sum over (b, h, w) of x_pad[b, c, h + i, w + j] * grad_out[b, c, h, w]: from
+    a compiled kernel where one applies (`model.kernels`), else k*k broadcast products for small maps and
+    oneDNN's weight gradient for larger ones.
     """
     k, c = weight.size(-1), x.size(1)
     grad_out = grad_out.contiguous(memory_format=_memory_format(x))
@@ -172,12 +178,14 @@ def _depthwise_backward(grad_out, x, weight, p: int, needs: tuple[bool, bool]):
     if needs[0]:
         grad_x = F.conv2d(grad_out, weight.flip(2, 3), None, 1, k - 1 - p, 1, c)
     if needs[1]:
-        h, w = grad_out.shape[-2:]
-        xp = F.pad(x, (p, p, p, p))
-        grad_w = torch.stack(
-            [(xp[:, :, i : i + h, j : j + w] * grad_out).sum((0, 2, 3)) for i in range(k) for j in range(k)],
-            dim=1,
-        ).view_as(weight)
+        grad_w = kernels.dw_grad_weight(x, grad_out, k, p)
+        if grad_w is None and x.size(-1) * x.size(-2) <= DEPTHWISE_SHIFTED_MAX_PIXELS:
+            grad_w = kernels.dw_grad_weight_by_shift(x, grad_out, k, p)
+        elif grad_w is None:
+            grad_w = torch.ops.aten.convolution_backward(
+                grad_out, x, weight, None, [1, 1], [p, p], [1, 1], False, [0, 0], c, [False, True, False]
+            )[1]
+        grad_w = grad_w.view_as(weight)
     return grad_x, grad_w
 
 
@@ -193,9 +201,11 @@ def shared_effective_weights(model: nn.Module) -> Iterator[None]:
 
     A training step uses each weight twice (the forward pass and the spectral regularizer); sharing the
     normalised weight halves the weight-norm work in forward and backward without changing any value.
-    Only for one step: parameters must not change inside the block.
+    Inference loops (evaluation, BN readjustment, sampling) normalise once for all their passes: without
+    gradients the weight norm of `mnist` is ~15 % of a readjust iteration. Parameters must not change inside
+    the block. Nested blocks keep the outer one's weights.
     """
-    convs = [m for m in model.modules() if isinstance(m, WNConv2d)]
+    convs = [m for m in model.modules() if isinstance(m, WNConv2d) and m._weight_cache is None]
     for m in convs:
         m._weight_cache = []
     try:

@@ -22,7 +22,8 @@ def _weight_matrix(conv: nn.Conv2d) -> torch.Tensor:
 
 
 class _BilinearForm(torch.autograd.Function):
-    """u_l^T W_l v_l for stacked W (L, rows, cols) and constant u (L, rows), v (L, cols) -> (L,).
+    """u^T W v for W (rows, cols) and constant u (rows,), v (cols,) -> a scalar; or stacked, W (L, rows, cols),
+    u (L, rows), v (L, cols) -> (L,).
 
     Saves only u and v; the backward's outer products are one broadcast multiply (autograd's bmm form
     computes them as a K = 1 batched matmul: 97 ms of a `mnist` step).
@@ -31,20 +32,41 @@ class _BilinearForm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, u, v):
         ctx.save_for_backward(u, v)
-        return torch.bmm(u.unsqueeze(1), torch.bmm(w, v.unsqueeze(2))).view(-1)
+        return torch.matmul(u.unsqueeze(-2), torch.matmul(w, v.unsqueeze(-1))).reshape(u.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad):
         u, v = ctx.saved_tensors
-        return grad.view(-1, 1, 1) * u.unsqueeze(2) * v.unsqueeze(1), None, None
+        return grad.reshape(*u.shape[:-1], 1, 1) * u.unsqueeze(-1) * v.unsqueeze(-2), None, None
+
+
+def _matrix_view(w: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """`w` (C_out, C_in, k, k) as a (C_out, C_in*k*k) matrix without a copy, and whether its columns are in
+    (k, k, C_in) order: a channels-last weight is viewed in its memory order, which permutes the columns
+    (the singular values, and u, stay; v is permuted the same way, see `_v_to`)."""
+    o = w.size(0)
+    if w.dim() == 4 and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last):
+        return w.permute(0, 2, 3, 1).reshape(o, -1), True
+    return w.reshape(o, -1), False
+
+
+def _v_to(v: torch.Tensor, shape: torch.Size, memory_order: bool) -> torch.Tensor:
+    """v from (C_in, k, k) column order to the (k, k, C_in) memory order of a channels-last weight, or back."""
+    c, kh, kw = shape[1:]
+    if memory_order:
+        return v.view(c, kh, kw).permute(1, 2, 0).reshape(-1)
+    return v.view(kh, kw, c).permute(2, 0, 1).reshape(-1)
 
 
 class SpectralRegularizer(nn.Module):
     """Sum over conv layers of the largest singular value of the weight reshaped to (C_out, rest).
 
-    Layers of equal matrix shape are stacked and run through batched power iteration. The singular vector
-    estimates `u_k`, `v_k` are buffers, so they persist across steps and checkpoints: `iters_first`
-    iterations the first time, `iters` after.
+    The singular vector estimates are buffers, one pair per matrix shape (`u_k` (L, rows), `v_k` (L, cols) for
+    the L layers of that shape), so they persist across steps and checkpoints: `iters_first` iterations the
+    first time, `iters` after. Each layer runs its iterations on its own weight, viewed in place as a matrix
+    (no copy): it stays in cache for all its matrix-vector products, where a stack of all layers of a shape
+    (the previous form) was copied and then streamed from memory for each product. `mnist`, the term with
+    its weight norms, forward and backward: 140 ms -> 80 ms per step (AVX-512, 2 threads).
     """
 
     def __init__(self, model: nn.Module, iters: int | None = None, iters_first: int | None = None):
@@ -70,19 +92,27 @@ class SpectralRegularizer(nn.Module):
         n_iter = self.iters_first if first else self.iters
         total = None
         for k, names in enumerate(self.group_names):
-            w = torch.stack([_weight_matrix(modules[n]) for n in names]).float()  # (L, rows, cols)
-            u, v = getattr(self, f"u_{k}"), getattr(self, f"v_{k}")
-            with torch.no_grad():
-                wd = w.detach()
-                for _ in range(n_iter):
-                    v = F.normalize(torch.bmm(u.unsqueeze(1), wd).squeeze(1), dim=1, eps=1e-3)
-                    u = F.normalize(torch.bmm(wd, v.unsqueeze(2)).squeeze(2), dim=1, eps=1e-3)
-                getattr(self, f"u_{k}").copy_(u)
-                getattr(self, f"v_{k}").copy_(v)
-            sigma = _BilinearForm.apply(w, u, v).sum()
-            total = sigma if total is None else total + sigma
+            u_all, v_all = getattr(self, f"u_{k}"), getattr(self, f"v_{k}")
+            for i, name in enumerate(names):
+                sigma = self._one_layer(n_iter, modules[name], u_all[i], v_all[i])
+                total = sigma if total is None else total + sigma
         self.initialized.fill_(True)
         return total if total is not None else torch.zeros(())
+
+    @staticmethod
+    def _one_layer(n_iter: int, conv: nn.Conv2d, u_buf: torch.Tensor, v_buf: torch.Tensor) -> torch.Tensor:
+        """sigma of one layer's weight after `n_iter` power iterations, which update `u_buf`, `v_buf`."""
+        w = conv.effective_weight() if hasattr(conv, "effective_weight") else conv.weight
+        wm, memory_order = _matrix_view(w.to(u_buf.dtype))  # the buffers' precision (float32 under autocast)
+        with torch.no_grad():
+            wd, u = wm.detach(), u_buf
+            v = _v_to(v_buf, w.shape, True) if memory_order else v_buf
+            for _ in range(n_iter):
+                v = F.normalize(u @ wd, dim=0, eps=1e-3)
+                u = F.normalize(wd @ v, dim=0, eps=1e-3)
+            u_buf.copy_(u)
+            v_buf.copy_(_v_to(v, w.shape, False) if memory_order else v)
+        return _BilinearForm.apply(wm, u.clone(), v.clone())
 
     @torch.no_grad()
     def singular_values(self, model: nn.Module) -> dict[str, float]:
@@ -90,8 +120,8 @@ class SpectralRegularizer(nn.Module):
         modules = dict(model.named_modules())
         out = {}
         for k, names in enumerate(self.group_names):
-            w = torch.stack([_weight_matrix(modules[n]) for n in names]).float()
             u, v = getattr(self, f"u_{k}"), getattr(self, f"v_{k}")
+            w = torch.stack([_weight_matrix(modules[n]) for n in names]).to(u.dtype)
             sig = torch.bmm(u.unsqueeze(1), torch.bmm(w, v.unsqueeze(2))).flatten()
             out.update({n: float(s) for n, s in zip(names, sig, strict=True)})
         return out

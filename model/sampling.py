@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from model.distributions import Bernoulli, quantize
+from model.layers import shared_effective_weights
 from model.network import NVAE
 
 DECODE_MODES = ("mean", "sample")
@@ -74,8 +75,9 @@ def sample_images(
     device = model.h.device
     eps = draw_noise(model, n, seed)
     out = []
-    for i in range(0, n, batch_size):
-        chunk = [e[i : i + batch_size].to(device) for e in eps]
-        logits = model.sample_logits(chunk[0].size(0), temperature, eps=chunk)
-        out.append(decode_images(model, logits, decode, temperature, seed + i).cpu())
+    with shared_effective_weights(model):  # one weight norm for all batches
+        for i in range(0, n, batch_size):
+            chunk = [e[i : i + batch_size].to(device) for e in eps]
+            logits = model.sample_logits(chunk[0].size(0), temperature, eps=chunk)
+            out.append(decode_images(model, logits, decode, temperature, seed + i).cpu())
     return torch.cat(out)

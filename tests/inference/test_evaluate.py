@@ -81,6 +81,43 @@ def test_readjust_touches_only_decoder_side_bn(model_and_data):
         assert changed == (id(m) in decoder_side)
 
 
+def test_inference_loops_normalise_each_weight_once(model_and_data, monkeypatch):
+    """Evaluation, readjustment and sampling compute each conv's weight norm once per call, whatever the
+    number of passes, and give the same numbers as a weight norm in every pass."""
+    import contextlib
+
+    import inference.evaluate
+    from model.layers import WNConv2d
+
+    model, x = model_and_data
+    with monkeypatch.context() as m:
+        m.setattr(inference.evaluate, "shared_effective_weights", lambda model: contextlib.nullcontext())
+        per_pass = iw_batch(model, x, 6, 2, torch.Generator().manual_seed(3))
+    calls = []
+    original = WNConv2d._normalised_weight
+    monkeypatch.setattr(WNConv2d, "_normalised_weight", lambda self: calls.append(self) or original(self))
+    n_convs = sum(isinstance(m, WNConv2d) for m in model.modules())
+    runs = {
+        "iw_batch, 3 chunks": lambda: iw_batch(model, x, 6, 2, torch.Generator().manual_seed(3)),
+        "evaluate, 2 batches x 2 chunks": lambda: evaluate(
+            model, [x[:3], x[3:]], k=2, chunk=1, progress=False
+        ),
+        "readjust, 4 passes": lambda: readjust_bn(model, 1.0, iters=4, batch=2, progress=False),
+        "sample, 3 batches": lambda: sample_images(model, 5, 1.0, seed=1, batch_size=2),
+    }
+    for name, run in runs.items():
+        calls.clear()
+        out = run()
+        assert 0 < len(calls) <= n_convs, name
+        if name.startswith("iw_batch"):
+            torch.testing.assert_close(out.log_px, per_pass.log_px, rtol=0, atol=0)
+    assert all(m._weight_cache is None for m in model.modules() if isinstance(m, WNConv2d))
+    monkeypatch.setattr(inference.evaluate, "shared_effective_weights", lambda m: contextlib.nullcontext())
+    calls.clear()
+    iw_batch(model, x, 6, 2, torch.Generator().manual_seed(3))
+    assert len(calls) > 2 * n_convs  # the same call without the block: once per pass
+
+
 def test_sampling_is_seeded_and_fix_scales_rows(model_and_data):
     model, _ = model_and_data
     a = sample_images(model, 5, 0.8, seed=1)

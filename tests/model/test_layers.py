@@ -141,7 +141,7 @@ def test_depthwise_fast_path_only_where_it_applies():
     conv = _depthwise(8)
     small, large = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 8, 8)
     assert conv._fast_depthwise(small)
-    assert not conv._fast_depthwise(large)  # oneDNN's backward is as fast from 8x8 up
+    assert conv._fast_depthwise(large)  # grad-input by the forward kernel is faster at every size
     with torch.no_grad():
         assert not conv._fast_depthwise(small)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -259,3 +259,87 @@ def test_the_cpu_elu_equals_pytorchs_in_value_and_gradient():
     assert torch.allclose(d_ours, d_ref, rtol=1e-6, atol=1e-7)
     x64 = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(elu, (x64,))
+
+
+def _onednn_dw_grad_weight(x, g, k, p):
+    w = torch.zeros(x.size(1), 1, k, k, dtype=x.dtype)
+    mask = [False, True, False]
+    return torch.ops.aten.convolution_backward(
+        g, x, w, None, [1, 1], [p, p], [1, 1], False, [0, 0], x.size(1), mask
+    )[1]
+
+
+def test_depthwise_weight_gradient_forms_match_onednn():
+    from model import kernels
+
+    torch.manual_seed(0)
+    for shape in ((2, 8, 4, 4), (3, 6, 9, 9)):
+        x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+        g = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+        ref = _onednn_dw_grad_weight(x, g, 5, 2)
+        torch.testing.assert_close(kernels.dw_grad_weight_by_shift(x, g, 5, 2), ref)
+        torch.testing.assert_close(kernels.dw_grad_weight_per_image(x, g, 5, 2), ref)
+
+
+def test_compiled_depthwise_weight_gradient_matches_onednn(monkeypatch):
+    """The compiled kernels (inductor, C++) against oneDNN, once per form; needs a C++ compiler."""
+    import pytest
+
+    from model import kernels
+
+    kernels.reset()
+    if not kernels.enabled():
+        pytest.skip("no C++ compiler: compiled kernels are off here")
+    monkeypatch.setattr(kernels, "MIN_NUMEL", 0)
+    torch.manual_seed(0)
+    for shape in ((2, 8, 4, 4), (2, 8, 12, 12)):  # by shift (<= 64 pixels), per image
+        x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+        g = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+        out = kernels.dw_grad_weight(x, g, 5, 2)
+        assert out is not None
+        torch.testing.assert_close(out, _onednn_dw_grad_weight(x, g, 5, 2), rtol=1e-5, atol=1e-5)
+    assert sorted(key[0] for key in kernels._compiled) == [
+        "dw_grad_weight_by_shift",
+        "dw_grad_weight_per_image",
+    ]
+    assert (
+        kernels.dw_grad_weight(torch.randn(2, 8, 4, 4, dtype=torch.float64), g, 5, 2) is None
+    )  # float32 only
+    kernels.reset()
+
+
+def test_compiled_kernels_fall_back_when_compilation_fails(monkeypatch, caplog):
+    from model import kernels
+
+    def broken(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no compiler here")
+
+        return run
+
+    kernels.reset()
+    monkeypatch.setattr(kernels, "MIN_NUMEL", 0)
+    monkeypatch.setattr(kernels, "enabled", lambda: kernels._state["available"] is not False)
+    monkeypatch.setattr(torch, "compile", broken)
+    torch.manual_seed(0)
+    conv = _depthwise(8)
+    x = torch.randn(2, 8, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+    with caplog.at_level("WARNING", logger="model.kernels"):
+        gx, gw = torch.autograd.grad(conv(x).square().sum(), (x, conv.weight))
+    assert "compiled CPU kernels are off" in caplog.text and kernels._state["available"] is False
+    ref = torch.nn.functional.conv2d(x, conv.weight, None, 1, 2, 1, 8)
+    rx, rw = torch.autograd.grad(ref.square().sum(), (x, conv.weight))
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gw, rw)
+    kernels.reset()
+
+
+def test_compiled_kernels_can_be_switched_off(monkeypatch):
+    from model import kernels
+
+    kernels.reset()
+    monkeypatch.setenv("NVAE_COMPILED_KERNELS", "0")
+    monkeypatch.setattr(kernels, "MIN_NUMEL", 0)
+    x = torch.randn(2, 8, 4, 4)
+    assert not kernels.enabled() and kernels.dw_grad_weight(x, x, 5, 2) is None
+    kernels.reset()
