@@ -373,7 +373,7 @@ class BatchNormSwish(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_fused_op(x):
-            return F.silu(super().forward(x))
+            return F.silu(super().forward(x), inplace=not torch.is_grad_enabled())
         return _BNSwishFunction.apply(x, *self._fused_bn_args())
 
     def forward_with_conv(self, x: torch.Tensor, conv: WNConv2d) -> torch.Tensor:
