@@ -343,3 +343,71 @@ def test_compiled_kernels_can_be_switched_off(monkeypatch):
     x = torch.randn(2, 8, 4, 4)
     assert not kernels.enabled() and kernels.dw_grad_weight(x, x, 5, 2) is None
     kernels.reset()
+
+
+def _two_block_chains(c=6, dtype=torch.float64, weight_norm=False):
+    """A FusedSequential of two BN-Swish-conv blocks (depthwise first, as in a decoder cell) and the plain chain."""
+    from model.layers import FusedSequential
+
+    def modules(fused):
+        return [
+            BatchNormSwish(c, fused),
+            WNConv2d(c, c, 5, padding=2, groups=c, bias=False, weight_norm=weight_norm),
+            BatchNormSwish(c, fused),
+            WNConv2d(c, 4, 1, bias=weight_norm, weight_norm=weight_norm),
+        ]
+
+    torch.manual_seed(0)
+    fused = FusedSequential(*modules(True)).to(dtype)
+    with torch.no_grad():
+        for bn in (fused[0], fused[2]):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    plain = nn.Sequential(*modules(False)).to(dtype)
+    plain.load_state_dict(fused.state_dict())
+    return fused, plain
+
+
+def test_two_bn_swish_conv_blocks_match_the_plain_chain():
+    for weight_norm in (False, True):
+        for layout in (torch.contiguous_format, torch.channels_last):
+            for size in (4, 8):  # the small-map and the compiled/oneDNN weight-gradient paths
+                fused, plain = _two_block_chains(weight_norm=weight_norm)
+                x = (torch.randn(3, 6, size, size, dtype=torch.float64) * 2 + 1).contiguous(
+                    memory_format=layout
+                )
+                xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+                ya, yb = fused(xa), plain(xb)
+                assert ya.grad_fn.name() == "_TwoBNSwishConvFunctionBackward"
+                torch.testing.assert_close(ya, yb)
+                g = torch.randn_like(ya)
+                (ya * g).sum().backward()
+                (yb * g).sum().backward()
+                torch.testing.assert_close(xa.grad, xb.grad)
+                for (name, pa), pb in zip(fused.named_parameters(), plain.parameters(), strict=True):
+                    torch.testing.assert_close(pa.grad, pb.grad, msg=f"{layout} {size} {name}")
+                for (name, ba), bb in zip(fused.named_buffers(), plain.buffers(), strict=True):
+                    torch.testing.assert_close(ba, bb, msg=name)
+
+
+def test_two_bn_swish_conv_blocks_gradcheck_and_memory():
+    fused, plain = _two_block_chains(c=3)
+    for bn in (fused[0], fused[2]):
+        bn.momentum = 0.0
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: fused(t), (x,))
+    fused, plain = _two_block_chains(c=16, dtype=torch.float32)
+    x = torch.randn(8, 16, 16, 16, requires_grad=True)
+    activation = x.numel() * 4
+    _, fused_bytes = _saved_bytes(lambda: fused(x))
+    _, pairs_bytes = _saved_bytes(lambda: plain(x))
+    assert fused_bytes < 1.1 * activation  # its input only; the plain chain keeps four
+    assert pairs_bytes >= 4 * activation
+
+
+def test_two_block_fusion_stays_off_under_autocast():
+    fused, _ = _two_block_chains(dtype=torch.float32)
+    x = torch.randn(3, 6, 8, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fused(x)
+    assert y.grad_fn.name() == "_BNSwishConvFunctionBackward"
