@@ -183,6 +183,20 @@ def _bn_conv_chains(conv_kwargs, c=6, dtype=torch.float64):
     return fused, plain
 
 
+def _assert_same_values_and_gradients(fused, plain, x, msg):
+    """fused(x) equals plain(x), and so do the gradients of x and of every parameter; returns fused(x)."""
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = fused(xa), plain(xb)
+    torch.testing.assert_close(ya, yb)
+    g = torch.randn_like(ya)
+    (ya * g).sum().backward()
+    (yb * g).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad)
+    for (name, pa), pb in zip(fused.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(pa.grad, pb.grad, msg=f"{msg} {name}")
+    return ya
+
+
 CONV_CASES = [
     {"c_out": 8, "kernel_size": 3, "stride": 2, "padding": 1},  # encoder down cell conv (weight norm, bias)
     {"c_out": 6, "kernel_size": 5, "padding": 2, "groups": 6, "bias": False, "weight_norm": False},  # dw, 4x4
@@ -195,15 +209,7 @@ def test_bn_swish_conv_block_matches_the_plain_chain_in_both_layouts():
         for layout in (torch.contiguous_format, torch.channels_last):
             fused, plain = _bn_conv_chains(kwargs)
             x = (torch.randn(3, 6, 4, 4, dtype=torch.float64) * 2 + 1).contiguous(memory_format=layout)
-            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-            ya, yb = fused(xa), plain(xb)
-            torch.testing.assert_close(ya, yb)
-            g = torch.randn_like(ya)
-            (ya * g).sum().backward()
-            (yb * g).sum().backward()
-            torch.testing.assert_close(xa.grad, xb.grad)
-            for (name, pa), pb in zip(fused.named_parameters(), plain.parameters(), strict=True):
-                torch.testing.assert_close(pa.grad, pb.grad, msg=f"{kwargs} {layout} {name}")
+            _assert_same_values_and_gradients(fused, plain, x, f"{kwargs} {layout}")
             torch.testing.assert_close(fused[0].running_var, plain[0].running_var)
             assert fused[0].num_batches_tracked == plain[0].num_batches_tracked == 1
 
@@ -376,16 +382,8 @@ def test_two_bn_swish_conv_blocks_match_the_plain_chain():
                 x = (torch.randn(3, 6, size, size, dtype=torch.float64) * 2 + 1).contiguous(
                     memory_format=layout
                 )
-                xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-                ya, yb = fused(xa), plain(xb)
-                assert ya.grad_fn.name() == "_TwoBNSwishConvFunctionBackward"
-                torch.testing.assert_close(ya, yb)
-                g = torch.randn_like(ya)
-                (ya * g).sum().backward()
-                (yb * g).sum().backward()
-                torch.testing.assert_close(xa.grad, xb.grad)
-                for (name, pa), pb in zip(fused.named_parameters(), plain.parameters(), strict=True):
-                    torch.testing.assert_close(pa.grad, pb.grad, msg=f"{layout} {size} {name}")
+                y = _assert_same_values_and_gradients(fused, plain, x, f"{layout} {size}")
+                assert y.grad_fn.name() == "_TwoBNSwishConvFunctionBackward"
                 for (name, ba), bb in zip(fused.named_buffers(), plain.buffers(), strict=True):
                     torch.testing.assert_close(ba, bb, msg=name)
 
