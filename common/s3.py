@@ -85,6 +85,9 @@ def is_retryable(exc: Exception) -> bool:
 
     if is_untrusted_certificate(exc):
         return False
+    wrapped = exc.__context__  # boto3's S3UploadFailedError carries the ClientError it replaced
+    if type(exc).__name__ == "S3UploadFailedError" and isinstance(wrapped, Exception):
+        return is_retryable(wrapped)
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0

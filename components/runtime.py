@@ -105,19 +105,11 @@ def fetch_checkpoint(run: str, out_dir: str | Path) -> None:
     """Copy the run's last checkpoint (`run`/checkpoints/latest.json names it and its SHA-256) from the store
     to `out_dir`/checkpoint.pt, where the later steps read it."""
     from common.errors import StorageError
-    from common.files import file_sha256
-    from common.s3 import download_object, get_json, parse_s3_uri
+    from training.storage import S3CheckpointStore
 
-    pointer_uri = f"{run}/checkpoints/latest.json"
-    pointer = get_json(pointer_uri)
-    if pointer is None:
-        raise StorageError(f"{pointer_uri}: no checkpoint was written")
-    bucket, _ = parse_s3_uri(run)
-    dest = Path(out_dir) / "checkpoint.pt"
-    download_object(f"s3://{bucket}/{pointer['key']}", dest)
-    if file_sha256(dest) != pointer.get("sha256"):
-        dest.unlink()
-        raise StorageError(f"s3://{bucket}/{pointer['key']} does not match its SHA-256 in {pointer_uri}")
+    store = S3CheckpointStore(f"{run}/checkpoints")
+    if store.download_latest(Path(out_dir) / "checkpoint.pt") is None:
+        raise StorageError(f"{store.location}latest.json: no checkpoint was written")
 
 
 def read_json(path: str | Path) -> dict:

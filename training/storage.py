@@ -96,6 +96,7 @@ class S3CheckpointStore:
         return f"s3://{self.bucket}/{self._key('')}"
 
     def save(self, payload: dict[str, Any], step: int) -> str:
+        from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError
 
         key = self._key(f"checkpoint-{step:010d}.pt")
@@ -111,7 +112,11 @@ class S3CheckpointStore:
                     Body=json.dumps(pointer).encode(),
                     ContentType="application/json",
                 )
-            except (BotoCoreError, ClientError) as exc:
+            except (
+                BotoCoreError,
+                ClientError,
+                S3UploadFailedError,
+            ) as exc:  # boto3 wraps an upload's ClientError
                 raise StorageError(
                     f"cannot write checkpoint to s3://{self.bucket}/{key}: {exc}", is_retryable(exc)
                 ) from None
@@ -156,24 +161,33 @@ class S3CheckpointStore:
         except json.JSONDecodeError as exc:
             raise StorageError(f"{self.location}{LATEST_NAME} is not JSON: {exc}") from None
 
-    def load_latest(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+    def download_latest(self, dest: str | Path) -> dict[str, Any] | None:
+        """Download the checkpoint `latest.json` names to `dest`, checked against the SHA-256 it records;
+        returns the pointer, or None when the prefix holds no checkpoint yet. A mismatching file is removed."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         pointer = self.latest_pointer()
         if pointer is None:
             return None
+        dest = Path(dest)
+        try:
+            self.client.download_file(self.bucket, pointer["key"], str(dest))  # boto3: temporary file, rename
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(
+                f"cannot download s3://{self.bucket}/{pointer['key']}: {exc}", is_retryable(exc)
+            ) from None
+        if _sha256(dest) != pointer.get("sha256"):
+            dest.unlink()
+            raise StorageError(
+                f"s3://{self.bucket}/{pointer['key']} does not match its SHA-256 in {self.location}{LATEST_NAME}"
+            )
+        return pointer
+
+    def load_latest(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
         with tempfile.TemporaryDirectory(prefix="nvae-ckpt-") as tmp:
             path = Path(tmp) / "checkpoint.pt"
-            try:
-                self.client.download_file(self.bucket, pointer["key"], str(path))
-            except (BotoCoreError, ClientError) as exc:
-                raise StorageError(
-                    f"cannot download s3://{self.bucket}/{pointer['key']}: {exc}", is_retryable(exc)
-                ) from None
-            if _sha256(path) != pointer.get("sha256"):
-                raise StorageError(
-                    f"s3://{self.bucket}/{pointer['key']} does not match its SHA-256 in latest.json"
-                )
+            if self.download_latest(path) is None:
+                return None
             return read_checkpoint(path, map_location)
 
 

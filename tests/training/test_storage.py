@@ -65,6 +65,31 @@ def test_failed_s3_upload_keeps_the_last_good_checkpoint(s3_env, monkeypatch):
     assert store.load_latest()["step"] == 2  # the pointer never moved
 
 
+def test_s3_upload_refused_by_the_store_is_a_storage_error(s3_env, monkeypatch):
+    """boto3's upload_file wraps the store's refusal (here: no such bucket) in S3UploadFailedError: it becomes a
+    StorageError that says whether a retry can pass (a 503 can, a missing bucket cannot)."""
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import ClientError
+
+    store = open_store("s3://no-such-bucket-here/run")
+    with pytest.raises(StorageError, match="cannot write checkpoint") as info:
+        store.save(_payload(2), 2)
+    assert not info.value.retryable
+
+    def busy_upload(*args, **kwargs):
+        try:
+            raise ClientError(
+                {"Error": {"Code": "SlowDown"}, "ResponseMetadata": {"HTTPStatusCode": 503}}, "Put"
+            )
+        except ClientError as exc:
+            raise S3UploadFailedError(f"Failed to upload: {exc}")  # noqa: B904 - as boto3 raises it
+
+    monkeypatch.setattr(store.client, "upload_file", busy_upload)
+    with pytest.raises(StorageError) as info:
+        store.save(_payload(2), 2)
+    assert info.value.retryable
+
+
 def test_corrupt_s3_object_is_refused(s3_env):
     bucket = s3_env["make_bucket"]("ckpt-corrupt")
     store = open_store(f"s3://{bucket}/run")
