@@ -322,8 +322,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--precision",
         choices=PRECISIONS,
-        help="fp32, bf16, or fp16 with GradScaler (CUDA). Default: fp16 on CUDA; bf16 on a CPU with native "
-        "bf16 (AVX512-BF16/AMX), else fp32",
+        help="fp32, bf16, or fp16 with GradScaler (CUDA). Default: fp16 on CUDA; bf16 on a CPU with AMX (or "
+        "Arm BF16), where it is faster; else fp32 (AVX512-BF16 alone measured slower than fp32)",
     )
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument(
