@@ -1,7 +1,8 @@
 """Exercise every CUDA path of the project on a lent GPU and write the figures to OUT/gpu_check.json.
 
 Sections (each independent; a failure is recorded, not fatal): training steps in fp32/bf16/fp16 (GradScaler),
-the `gpu`-marked tests, DALI GPU preparation vs CPU, onnxruntime-gpu parity and ms/image.
+each with the authors' published img/s per V100 (paper Table 6) beside it; the `gpu`-marked tests; DALI GPU
+preparation vs CPU; onnxruntime-gpu parity and ms/image.
 
     python bench/gpu_check.py --out OUTDIR [--quick]
 """
@@ -17,6 +18,37 @@ import time
 import traceback
 from pathlib import Path
 from typing import Any
+
+# The authors' training throughput per GPU, from the paper's Table 6 (epochs x training images / total train
+# time / GPUs, all 16- or 32-GB V100s; their per-GPU batch). It includes their evaluation and data loading and
+# ran on another GPU, so a ratio against it is context only.
+AUTHORS_TABLE6 = {
+    # preset: (epochs, training images, hours, GPUs, batch per GPU)
+    "mnist": (400, 60_000, 21, 2, 200),
+    "cifar10": (400, 50_000, 55, 8, 32),
+}
+
+
+def authors_img_per_s_per_gpu(preset: str) -> float | None:
+    """Images per second per V100 of the authors' published training run of `preset`, or None."""
+    if preset not in AUTHORS_TABLE6:
+        return None
+    epochs, images, hours, gpus, _ = AUTHORS_TABLE6[preset]
+    return epochs * images / (hours * 3600) / gpus
+
+
+def with_authors_reference(preset: str, figures: dict) -> dict:
+    """`figures` (a train_steps result) with the authors' published img/s per GPU and our ratio to it."""
+    ref = authors_img_per_s_per_gpu(preset)
+    if ref is None:
+        return figures
+    epochs, images, hours, gpus, batch = AUTHORS_TABLE6[preset]
+    return {
+        **figures,
+        "authors_published_img_per_s_per_v100": round(ref, 1),
+        "authors_published_from": f"{epochs} epochs x {images} images / {hours} h / {gpus} V100s, batch {batch}/GPU",
+        "ratio_vs_authors_published": round(figures["img_per_s"] / ref, 2),
+    }
 
 
 def section(results: dict, name: str):
@@ -189,10 +221,12 @@ def main() -> None:
     for preset, batch in (("mnist", 32), ("cifar10", 32)):
         for precision in ("fp32", "bf16", "fp16"):
             section(results, f"train_{preset}_b{batch}_{precision}")(
-                lambda p=preset, b=batch, q=precision: train_steps(p, b, q, steps)
+                lambda p=preset, b=batch, q=precision: with_authors_reference(p, train_steps(p, b, q, steps))
             )
         section(results, f"train_{preset}_b{batch}_fp16_channels_last")(
-            lambda p=preset, b=batch: train_steps(p, b, "fp16", steps, channels_last=True)
+            lambda p=preset, b=batch: with_authors_reference(
+                p, train_steps(p, b, "fp16", steps, channels_last=True)
+            )
         )
 
     @section(results, "pytest_gpu")
