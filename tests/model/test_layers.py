@@ -394,6 +394,9 @@ def test_two_bn_swish_conv_blocks_gradcheck_and_memory():
         bn.momentum = 0.0
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: fused(t), (x,))
+    fused.eval()  # running statistics, gradients still recorded: the same function
+    assert fused(x).grad_fn.name() == "_TwoBNSwishConvFunctionBackward"
+    assert torch.autograd.gradcheck(lambda t: fused(t), (x,))
     fused, plain = _two_block_chains(c=16, dtype=torch.float32)
     x = torch.randn(8, 16, 16, 16, requires_grad=True)
     activation = x.numel() * 4
