@@ -81,13 +81,13 @@ def is_retryable(exc: Exception) -> bool:
     """Whether a boto3/botocore failure can pass on a later try: timeouts, connection errors, 5xx,
     throttling. Credentials, missing buckets or keys, bad parameters and an untrusted TLS certificate are
     permanent."""
+    from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
 
     if is_untrusted_certificate(exc):
         return False
-    wrapped = exc.__context__  # boto3's S3UploadFailedError carries the ClientError it replaced
-    if type(exc).__name__ == "S3UploadFailedError" and isinstance(wrapped, Exception):
-        return is_retryable(wrapped)
+    if isinstance(exc, S3UploadFailedError):  # boto3's upload_file raises it in place of the ClientError
+        return isinstance(exc.__context__, Exception) and is_retryable(exc.__context__)
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0

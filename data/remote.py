@@ -112,9 +112,7 @@ def upload_source(source: str | Path, uri: str, client=None) -> list[dict[str, A
                 f"s3://{bucket}/{key}: cannot upload: {_cause(exc)}", is_retryable(exc)
             ) from None
         except S3UploadFailedError as exc:  # boto3's transfer wraps the ClientError in its message
-            cause = exc.__context__
-            retryable = isinstance(cause, Exception) and is_retryable(cause)
-            raise StorageError(f"s3://{bucket}/{key}: cannot upload: {exc}", retryable) from None
+            raise StorageError(f"s3://{bucket}/{key}: cannot upload: {exc}", is_retryable(exc)) from None
     return list_objects(uri, client)
 
 

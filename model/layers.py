@@ -452,33 +452,17 @@ class BatchNormSwish(nn.BatchNorm2d):
     def forward_with_two_convs(
         self, x: torch.Tensor, dwconv: WNConv2d, bn2: BatchNormSwish, conv2: WNConv2d
     ) -> torch.Tensor:
-        """`conv2(bn2(dwconv(self(x))))` keeping only `x` for backward (see `_TwoBNSwishConvFunction`); needs
-        `uses_fused_op(x)`, `bn2.fused`, a bias-free depthwise `dwconv` and no autocast."""
-        w1, b1 = dwconv.effective_weight(), dwconv.bias
-        assert b1 is None and dwconv.groups == dwconv.in_channels, "the first conv must be depthwise, no bias"
+        """`conv2(bn2(dwconv(self(x))))` keeping only `x` for backward (see `_TwoBNSwishConvFunction`); for
+        the modules `FusedSequential._two_blocks_at` accepts."""
         args1 = _ConvArgs(dwconv.stride, dwconv.padding, dwconv.groups, dwconv._fast_depthwise(x))
         args2 = _ConvArgs(conv2.stride, conv2.padding, conv2.groups, conv2._fast_depthwise(x))
-        w1_, b1_, rm1, rv1, *bn1 = self._fused_bn_args()
-        w2_, b2_, rm2, rv2, *bn2_args = bn2._fused_bn_args()
-        w2 = conv2.effective_weight()
+        gamma1, beta1, mean1, var1, *flags1 = self._fused_bn_args()
+        gamma2, beta2, mean2, var2, *flags2 = bn2._fused_bn_args()
         return _TwoBNSwishConvFunction.apply(
-            x,
-            w1_,
-            b1_,
-            rm1,
-            rv1,
-            w2_,
-            b2_,
-            rm2,
-            rv2,
-            w1,
-            w2,
-            conv2.bias,
-            tuple(bn1),
-            tuple(bn2_args),
-            args1,
-            args2,
-        )
+            x, gamma1, beta1, mean1, var1, gamma2, beta2, mean2, var2,
+            dwconv.effective_weight(), conv2.effective_weight(), conv2.bias,
+            tuple(flags1), tuple(flags2), args1, args2,
+        )  # fmt: skip
 
 
 class FusedSequential(nn.Sequential):
