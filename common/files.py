@@ -1,11 +1,23 @@
-"""File helpers shared by the layers that record what they read and write."""
+"""File helpers shared by every layer: the one home of atomic writes and file hashes.
+
+Dependency-free (standard library only), so every package, serving/ included, may use it. A writer that needs
+a path (torch.save, onnx.save_model, PIL, numpy) takes `atomic_path`; one that writes a stream takes
+`atomic_open`; small payloads take `atomic_write_bytes`, `atomic_write_text` or `atomic_write_json`. In each,
+readers see either the old file or the whole new one: the bytes go to a temporary file beside the target, are
+flushed to disk, and the temporary file is renamed over the target. A failed write leaves the target as it was
+and no temporary file behind, and its OSError names the target, not the temporary file.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 def file_sha256(path: str | Path) -> str:
@@ -17,9 +29,72 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON through a temporary file and rename, so readers never see half a file."""
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file; mkstemp's files are 0600
+
+
+def _fsync(path: Path) -> None:
+    with contextlib.suppress(OSError), open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def _renamed_error(exc: OSError, tmp: Path, path: Path) -> OSError:
+    """The OSError to raise: one that named our temporary file names the user's file instead."""
+    if exc.errno is not None and exc.filename in (None, str(tmp)):
+        return OSError(exc.errno, exc.strerror, str(path))
+    return exc
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path in `path`'s folder (created if missing) for the caller to write; when the block
+    ends without an error, the file is flushed to disk and renamed over `path`. Otherwise it is removed."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        os.chmod(tmp, _FILE_MODE)
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        new = _renamed_error(exc, tmp, path)
+        if new is exc:
+            raise
+        raise new from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "wb", suffix: str = ".tmp") -> Iterator[IO]:
+    """`open(path, mode)` for writing, atomically: the file appears under `path` whole, when the block ends
+    without an error (`mode` is "wb" or "w")."""
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_open: mode must be 'wb' or 'w', not {mode!r}")
+    with atomic_path(path, suffix=suffix) as tmp, open(tmp, mode) as fh:
+        yield fh
+        fh.flush()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_open(path, "wb") as fh:
+        fh.write(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """JSON (indented, keys sorted, one trailing newline), atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
