@@ -75,7 +75,7 @@ def train_steps(preset: str, batch: int, precision: str, steps: int, channels_la
     from model.config import get_preset
     from model.network import NVAE
     from model.objective import kl_balance_alphas, nvae_loss
-    from model.runtime import autocast
+    from model.precision import autocast
     from training.train import make_optimizer
 
     torch.manual_seed(0)
@@ -134,7 +134,7 @@ def onnx_gpu_check(
     from inference.export import GenerativePath, _export_copy, export_model, randomize_bn
     from model.config import get_preset
     from model.network import NVAE
-    from serving.sampler import OnnxSampler
+    from serving.onnx_sampler import OnnxSampler
 
     outdir = Path(outdir) / "onnx"
     outdir.mkdir(parents=True, exist_ok=True)
@@ -183,7 +183,7 @@ def onnx_gpu_check(
             entry[key] = time.perf_counter() - t
         report[precision] = entry
     if torch.cuda.is_available():
-        from model.sampling import sample_images
+        from model.prior_sampling import sample_images
 
         cuda_model = _export_copy(model, False).cuda()
         report["torch_cuda_eager_ms_per_image"] = {}

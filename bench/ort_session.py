@@ -33,7 +33,7 @@ def bench_preset(preset: str, batches: list[int], repeats: int, tmp: Path) -> li
     from inference.export import export_model, randomize_bn
     from model.config import get_preset
     from model.network import NVAE
-    from serving.sampler import OnnxSampler
+    from serving.onnx_sampler import OnnxSampler
 
     torch.manual_seed(0)
     model = NVAE(get_preset(preset))

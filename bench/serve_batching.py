@@ -82,7 +82,7 @@ def main() -> None:
     from inference.export import export_model, randomize_bn
     from model.config import get_preset
     from model.network import NVAE
-    from serving.sampler import OnnxSampler
+    from serving.onnx_sampler import OnnxSampler
     from serving.server import BackgroundServer, ServeConfig, create_app
 
     for preset in args.presets:

@@ -55,7 +55,7 @@ def run_variant(
 
     from model.config import apply_overrides, get_preset
     from model.network import NVAE
-    from model.runtime import autocast, configure_cpu
+    from model.precision import autocast, configure_cpu
     from training.train import Objective, make_optimizer
 
     configure_cpu(keep_freed_memory=keep_arena)

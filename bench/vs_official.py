@@ -12,9 +12,9 @@ Figures (MNIST recipe, fp32, the same thread count, batch and input images for b
   eval forward / image  one importance sample of a batch (encoder + decoder, eval-mode BN); authors: one pass of
                         the inner loop of their train.py test(); ours: inference.evaluate.evaluate with k=1
                         over EVAL_BATCHES batches (the weight norm once per call, as over a test set)
-  sampling / image      prior sampling at batch 64, t=1, Bernoulli mean; ours: model.sampling.sample_images
-                        (with --onnx also onnxruntime, through bench/sampling.py)
-Inference figures are the median of --repeats calls after one warm-up call (bench/sampling.py's timer).
+  sampling / image      prior sampling at batch 64, t=1, Bernoulli mean; ours: model.prior_sampling.sample_images
+                        (with --onnx also onnxruntime, through bench/sampling_speed.py)
+Inference figures are the median of --repeats calls after one warm-up call (bench/sampling_speed.py's timer).
 Both sides run with denormals flushed (ours does it itself; for the authors it is a CPU shim, as in the anchors'
 side_by_side.sh) and with random-init weights.
 
@@ -129,7 +129,7 @@ def peak_rss_gib() -> float:
 
 
 def _median_call_s(fn, repeats: int) -> float:
-    """Seconds: one warm-up call of fn, then the median of `repeats` calls (bench/sampling.py's timer)."""
+    """Seconds: one warm-up call of fn, then the median of `repeats` calls (bench/sampling_speed.py's timer)."""
     return sys.modules["bench.sampling"]._time(fn, repeats)
 
 
@@ -294,7 +294,7 @@ def ours_child(kind: str, spec: dict) -> dict:
 
     from model.config import apply_overrides, get_preset
     from model.network import NVAE
-    from model.runtime import configure_cpu
+    from model.precision import configure_cpu
 
     configure_cpu()  # as `nvae train` and the inference commands on CPU
     cfg = apply_overrides(get_preset(PRESETS[spec["preset"]]["ours"]), {"batch_size": spec["batch"]})
@@ -356,7 +356,7 @@ def ours_child(kind: str, spec: dict) -> dict:
         s = _median_call_s(lambda: evaluate(model, batches, 1, chunk=1, progress=False), spec["repeats"])
         res["eval_ms_per_img"] = 1000 * s / sum(x.size(0) for x in batches)
     elif kind == "sample":
-        from model.sampling import sample_images
+        from model.prior_sampling import sample_images
 
         model.eval()
         n = spec["sample_batch"]

@@ -1,5 +1,5 @@
 """`nvae evaluate`, `readjust-bn`, `sample`, `nearest`, `plot-kl` and `export-onnx`: a few lines each over
-`inference` (and `serving.sampler` for `sample --onnx`)."""
+`inference` (and `serving.onnx_sampler` for `sample --onnx`)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _load(checkpoint: str, device: str):
     import torch
 
     from model.checkpoint import load_model
-    from model.runtime import configure_cpu
+    from model.precision import configure_cpu
 
     if device == "cpu":
         configure_cpu()  # denormals flushed, malloc arena kept: as in training
@@ -169,7 +169,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from data.images import image_grid, save_png
     from inference.sample import fixed_scale_rows, reconstructions
-    from model.sampling import sample_images
+    from model.prior_sampling import sample_images
 
     if bool(args.checkpoint) == bool(args.onnx):
         raise NVAEError("give exactly one of --checkpoint or --onnx")
@@ -181,7 +181,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     arrays: dict[str, np.ndarray] = {"temperatures": np.asarray(args.temperature, dtype=np.float32)}
     written = []
     if args.onnx:
-        from serving.sampler import OnnxSampler
+        from serving.onnx_sampler import OnnxSampler
 
         # --device picks the provider: cuda must load (no silent CPU run), cpu, or none: CUDA if it loads
         sampler = OnnxSampler(args.onnx, {"cuda": "cuda", "cpu": "cpu"}.get(args.device or "", "auto"))

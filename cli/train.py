@@ -13,7 +13,7 @@ from pathlib import Path
 
 from common.argtypes import int_in, positive_int
 from model.config import PRESETS, build_config, get_preset, parse_set_args
-from model.runtime import PRECISIONS
+from model.precision import PRECISIONS
 
 log = logging.getLogger(__name__)
 

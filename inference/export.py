@@ -14,7 +14,7 @@ Graph interface (batch dimension `batch` is dynamic; S = network side, D = data 
     outputs  images              float32 (batch, C, D, D)       in [0, 1], quantised like `sample_images`
              images_continuous   float32 (batch, C, D, D)       in [0, 1], before quantisation
 
-`images` equals `model.sampling.sample_images(...)` for the same noise; `images_continuous` is what parity is
+`images` equals `model.prior_sampling.sample_images(...)` for the same noise; `images_continuous` is what parity is
 measured on (quantisation turns a 1e-7 difference at a rounding boundary into one whole level).
 Metadata keys are listed in `METADATA_KEYS`. The fp16 export runs the network in half precision with the
 same float32 inputs and outputs (distributions and quantisation stay float32, as in PyTorch).
@@ -110,7 +110,7 @@ class GenerativePath(nn.Module):
         else:
             x = dist.sample_from_uniform(uniforms[0], uniforms[1], 1.0)  # pixels at t=1, as the authors
         x = self.model.crop(x)
-        if self.decode == "sample" or self.bits > 1:  # as model.sampling.decode_images
+        if self.decode == "sample" or self.bits > 1:  # as model.prior_sampling.decode_images
             levels = 2**self.bits - 1
             return torch.round(x.clamp(0, 1) * levels) / levels, x
         return x, x

@@ -1,5 +1,5 @@
 """Sampling beyond plain prior draws: fixed top scales (paper Fig. 12), reconstructions, and the nearest
-training images of samples (App. B.1). Plain prior sampling is `model.sampling`."""
+training images of samples (App. B.1). Plain prior sampling is `model.prior_sampling`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from model.network import NVAE
-from model.sampling import decode_images, draw_noise
+from model.prior_sampling import decode_images, draw_noise
 
 
 @torch.no_grad()

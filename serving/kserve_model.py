@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.sampler import OnnxSampler
+from serving.onnx_sampler import OnnxSampler
 from serving.server import (
     BadRequest,
     Batcher,

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 from fastapi import Request  # at module level: FastAPI resolves the handlers' string annotations here
 
-from serving.sampler import MAX_SEED, OnnxSampler
+from serving.onnx_sampler import MAX_SEED, OnnxSampler
 
 log = logging.getLogger(__name__)
 

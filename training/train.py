@@ -39,7 +39,7 @@ from model.checkpoint import FORMAT, VERSION, config_from_checkpoint
 from model.config import NVAEConfig
 from model.network import NVAE
 from model.objective import LossTerms, kl_balance_alphas, nvae_loss
-from model.runtime import autocast, configure_cpu
+from model.precision import autocast, configure_cpu
 from training.distributed import (
     DistContext,
     any_flags,
@@ -513,7 +513,7 @@ def _evaluate_interval(
     grid_path = None
     if ctx.is_main and opts.sample_count > 0:
         from data.images import image_grid, save_png
-        from model.sampling import sample_images
+        from model.prior_sampling import sample_images
 
         model.eval()
         with _rng_guard(ctx.device):

@@ -16,7 +16,7 @@ RUN PIP_EXTRA_INDEX_URL="${PIP_EXTRA_INDEX_URL}" PIP_FIND_LINKS="${PIP_FIND_LINK
     pip install -c /tmp/constraints.txt -r /tmp/serve-requirements.txt
 COPY common /opt/app/common
 COPY serving /opt/app/serving
-RUN cd /opt/app && python -c "import serving.server, serving.sampler; import sys; assert 'torch' not in sys.modules"
+RUN cd /opt/app && python -c "import serving.server, serving.onnx_sampler; import sys; assert 'torch' not in sys.modules"
 
 FROM ${BASE_IMAGE}
 LABEL org.opencontainers.image.ref.name="ghcr.io/nvae-pipeline/nvae-serve-cpu:0.1.0" \

@@ -21,7 +21,7 @@ RUN grep -vx onnxruntime /tmp/serve-requirements.txt > /tmp/serve-gpu-requiremen
     pip install -c /tmp/constraints.txt -r /tmp/serve-gpu-requirements.txt "onnxruntime-gpu[cuda,cudnn]==1.31.1"
 COPY common /opt/app/common
 COPY serving /opt/app/serving
-RUN cd /opt/app && python -c "import serving.server, serving.sampler; import sys; assert 'torch' not in sys.modules"
+RUN cd /opt/app && python -c "import serving.server, serving.onnx_sampler; import sys; assert 'torch' not in sys.modules"
 
 FROM ${BASE_IMAGE}
 LABEL org.opencontainers.image.ref.name="ghcr.io/nvae-pipeline/nvae-serve-gpu:0.1.0" \

@@ -12,7 +12,7 @@ from inference.sample import fixed_scale_rows, nearest_neighbours
 from model.checkpoint import load_model, save_checkpoint
 from model.network import NVAE
 from model.regularizers import bn_layers
-from model.sampling import sample_images
+from model.prior_sampling import sample_images
 
 
 def _trained_bn(model, x, steps=3):

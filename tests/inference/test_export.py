@@ -22,8 +22,8 @@ from inference.export import (
 from model.checkpoint import load_model, save_checkpoint
 from model.config import apply_overrides, get_preset
 from model.network import NVAE
-from model.sampling import decode_images, draw_noise, sample_images
-from serving.sampler import OnnxSampler, resolve_providers
+from model.prior_sampling import decode_images, draw_noise, sample_images
+from serving.onnx_sampler import OnnxSampler, resolve_providers
 
 READJUST = {"temperature": 0.7, "iters": 10, "batch": 32}
 PARITY: dict = {}  # (batch, temperature) -> max |diff|, printed at the end of the module (pytest -s)

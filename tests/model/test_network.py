@@ -6,7 +6,7 @@ from model.info import build_on_meta, model_info
 from model.network import NVAE
 from model.objective import kl_balance_alphas, nvae_loss
 from model.regularizers import bn_layers, conv_layers
-from model.runtime import autocast
+from model.precision import autocast
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from common.errors import NVAEError
-from serving.sampler import OnnxSampler, cpu_limit
+from serving.onnx_sampler import OnnxSampler, cpu_limit
 
 
 def _cgroup(tmp_path, v2=None, v1=None):

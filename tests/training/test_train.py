@@ -331,7 +331,7 @@ def test_latent_stats_counts_active_channels():
 def test_keep_malloc_arena_applies_on_glibc():
     import platform
 
-    from model.runtime import keep_malloc_arena
+    from model.precision import keep_malloc_arena
 
     applied = keep_malloc_arena()
     assert applied == (platform.libc_ver()[0] == "glibc")

@@ -4,8 +4,8 @@ Random-init weights (BN statistics randomised), decode=mean, temperature 0.8. Bo
 the same seeded generator and decode to quantised images, so the work is the same; the table also shows the
 max |difference| of the two outputs. The ONNX graph is exported once per preset at the start (not timed).
 
-    python bench/sampling.py --presets fmnist-cpu mnist --batches 1 16 64 256 --repeats 3
-    python bench/sampling.py --device cuda --fp16      # GPU day: PyTorch CUDA eager vs onnxruntime-gpu
+    python bench/sampling_speed.py --presets fmnist-cpu mnist --batches 1 16 64 256 --repeats 3
+    python bench/sampling_speed.py --device cuda --fp16      # GPU day: PyTorch CUDA eager vs onnxruntime-gpu
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ def bench_preset(
     from inference.export import export_model, randomize_bn
     from model.config import get_preset
     from model.network import NVAE
-    from model.runtime import configure_cpu
-    from model.sampling import sample_images
-    from serving.sampler import OnnxSampler
+    from model.precision import configure_cpu
+    from model.prior_sampling import sample_images
+    from serving.onnx_sampler import OnnxSampler
 
     configure_cpu()
     torch.manual_seed(0)

@@ -3,7 +3,7 @@
 import torch
 
 from model.network import NVAE
-from model.sampling import decode_images, draw_uniforms
+from model.prior_sampling import decode_images, draw_uniforms
 
 
 def test_sample_mode_draws_pixels_at_temperature_one(tiny_cfg):

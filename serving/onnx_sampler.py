@@ -1,6 +1,6 @@
 """Fast batch sampling from an exported decoder (`inference.export`) with onnxruntime.
 
-The noise is drawn exactly as the PyTorch backend draws it (`model.sampling.draw_noise`: NumPy's generator
+The noise is drawn exactly as the PyTorch backend draws it (`model.prior_sampling.draw_noise`: NumPy's generator
 seeded with `seed`, float32 standard normals per group coarse first; for decode=sample the uniforms of
 `decode_images`, per block of `SAMPLE_NOISE_BLOCK` images seeded `seed + offset`), so `--checkpoint` and
 `--onnx` with the same seed give the same images. Nothing here imports torch.
@@ -22,7 +22,7 @@ from common.errors import NVAEError
 
 log = logging.getLogger(__name__)
 
-# `model.sampling.sample_images` decodes in chunks of its `batch_size` (default 64) and seeds the pixel noise
+# `model.prior_sampling.sample_images` decodes in chunks of its `batch_size` (default 64) and seeds the pixel noise
 # of each chunk with `seed + offset`; decode=sample matches it at that default.
 SAMPLE_NOISE_BLOCK = 64
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of activations per run on CPU
