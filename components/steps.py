@@ -40,11 +40,21 @@ def validate_params(
     gpu_image: str,
 ) -> NamedTuple(
     "Plan",
-    [("prepare_image", str), ("eval_image", str), ("sample_image", str), ("train_pod_gpus", int)],
+    [
+        ("prepare_image", str),
+        ("eval_image", str),
+        ("sample_image", str),
+        ("prepare_gpus", str),
+        ("eval_gpus", str),
+        ("sample_gpus", str),
+        ("train_pod_gpus", str),
+    ],
 ):
     """Fail the run before any work when a parameter is out of range (the log names it and its range).
-    Returns the image of each step (the GPU image where the step gets a GPU) and the GPUs of the train pod
-    (none when it only launches a multi-node TrainJob)."""
+    Returns what the steps' pod specs take at run time: the image of each step (the GPU image where the step
+    gets a GPU), the GPU count of each step, and the GPUs of the train pod (none when it only launches a
+    multi-node TrainJob). Every one is a string: the KFP driver reads a pod spec's run-time value as a string
+    parameter (a number would read as empty, and the pod would get no GPU limit)."""
     from collections import namedtuple
 
     from components.params import validate_pipeline_args
@@ -71,8 +81,20 @@ def validate_params(
         checkpoint_every=checkpoint_every,
     )
     image = {0: cpu_image, 1: gpu_image}
-    plan = namedtuple("Plan", ["prepare_image", "eval_image", "sample_image", "train_pod_gpus"])
-    return plan(image[prepare_gpus], image[eval_gpus], image[sample_gpus], gpus if nodes == 1 else 0)
+    plan = namedtuple(
+        "Plan",
+        [
+            "prepare_image",
+            "eval_image",
+            "sample_image",
+            "prepare_gpus",
+            "eval_gpus",
+            "sample_gpus",
+            "train_pod_gpus",
+        ],
+    )
+    counts = [str(n) for n in (prepare_gpus, eval_gpus, sample_gpus, gpus if nodes == 1 else 0)]
+    return plan(image[prepare_gpus], image[eval_gpus], image[sample_gpus], *counts)
 
 
 def fingerprint_source(source: str) -> str:

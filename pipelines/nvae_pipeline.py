@@ -39,8 +39,8 @@ def _store_client(task) -> None:
 
 
 def _gpu_step(task, image, accelerator, gpus) -> None:
-    """A step that gets `gpus` (0 or 1, a pipeline parameter) of `accelerator`, in `image` (validate_params'
-    plan: the GPU image when it gets one), tolerating the GPU nodes' taint."""
+    """A step that gets `gpus` of `accelerator`, in `image` (both from validate_params' plan, as strings: the
+    GPU image and "1" when it gets one), tolerating the GPU nodes' taint."""
     task.set_container_image(image)
     task.set_accelerator_type(accelerator).set_accelerator_limit(gpus)
     kubernetes.add_toleration(task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
@@ -120,7 +120,7 @@ def build_pipeline(images: Images = DEFAULT_IMAGES):
             gpus=prepare_gpus,
         )
         prep.set_display_name("prepare (DALI)").set_cpu_request("2").set_memory_request("4G")
-        _gpu_step(prep, plan["prepare_image"], accelerator, prepare_gpus)
+        _gpu_step(prep, plan["prepare_image"], accelerator, plan["prepare_gpus"])
 
         fit = comp.train(
             data=prep.outputs["data"],
@@ -158,13 +158,13 @@ def build_pipeline(images: Images = DEFAULT_IMAGES):
             gpus=eval_gpus,
         )
         ev.set_display_name("evaluate (IW bits/dim)").set_cpu_request("2").set_memory_request("8G")
-        _gpu_step(ev, plan["eval_image"], accelerator, eval_gpus)
+        _gpu_step(ev, plan["eval_image"], accelerator, plan["eval_gpus"])
 
         adj = comp.readjust_bn(
             model=fit.outputs["model"], temperature=temperature, iters=readjust_iters, gpus=eval_gpus
         )
         adj.set_display_name("readjust BN").set_cpu_request("2").set_memory_request("4G")
-        _gpu_step(adj, plan["eval_image"], accelerator, eval_gpus)
+        _gpu_step(adj, plan["eval_image"], accelerator, plan["eval_gpus"])
 
         onnx = comp.export_onnx(model=adj.outputs["readjusted"])
         onnx.set_display_name("export ONNX").set_cpu_request("1").set_memory_request("4G")
@@ -177,7 +177,7 @@ def build_pipeline(images: Images = DEFAULT_IMAGES):
             gpus=sample_gpus,
         )
         smp.set_display_name("sample (onnxruntime)").set_cpu_request("1").set_memory_request("2G")
-        _gpu_step(smp, plan["sample_image"], accelerator, sample_gpus)
+        _gpu_step(smp, plan["sample_image"], accelerator, plan["sample_gpus"])
 
         with dsl.If(registry != "", name="publish"):
             reg = comp.register(

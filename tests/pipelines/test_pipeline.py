@@ -155,7 +155,9 @@ def test_steps_get_gpus_and_their_image_from_pipeline_parameters():
         source = task["inputs"]["parameters"][channel]["taskOutputParameter"]
         assert source == {"producerTask": "validate-params", "outputParameterKey": plan_key}
         accelerator = container["resources"]["accelerator"]
-        assert accelerator["resourceCount"] == f"{{{{$.inputs.parameters['pipelinechannel--{param}']}}}}"
+        count = f"pipelinechannel--validate-params-{param}"  # the plan's count: a string (the driver's rule)
+        assert accelerator["resourceCount"] == f"{{{{$.inputs.parameters['{count}']}}}}"
+        assert task["inputs"]["parameters"][count]["taskOutputParameter"]["outputParameterKey"] == param
         assert accelerator["resourceType"] == "{{$.inputs.parameters['pipelinechannel--accelerator']}}"
         assert k8s[executor]["tolerations"][0]["key"] == "nvidia.com/gpu", executor
     # export-onnx stays on the CPU image with no accelerator.
@@ -171,10 +173,10 @@ def test_steps_get_gpus_and_their_image_from_pipeline_parameters():
 @pytest.mark.parametrize(
     "settings, plan",
     [
-        ({}, ("cpu", "cpu", "cpu", 0)),
-        ({"prepare_gpus": 1, "gpus": 2}, ("gpu", "cpu", "cpu", 2)),
-        ({"eval_gpus": 1, "sample_gpus": 1, "gpus": 1}, ("cpu", "gpu", "gpu", 1)),
-        ({"nodes": 2, "gpus": 4}, ("cpu", "cpu", "cpu", 0)),  # a TrainJob's nodes hold the GPUs
+        ({}, ("cpu", "cpu", "cpu", "0", "0", "0", "0")),
+        ({"prepare_gpus": 1, "gpus": 2}, ("gpu", "cpu", "cpu", "1", "0", "0", "2")),
+        ({"eval_gpus": 1, "sample_gpus": 1, "gpus": 1}, ("cpu", "gpu", "gpu", "0", "1", "1", "1")),
+        ({"nodes": 2, "gpus": 4}, ("cpu", "cpu", "cpu", "0", "0", "0", "0")),  # a TrainJob's nodes hold the GPUs
     ],
 )
 def test_the_validate_step_plans_images_and_train_pod_gpus(settings, plan):
