@@ -17,25 +17,27 @@ from components.images import DEFAULT_IMAGES, Images
 
 
 def validate_params(
-    preset: str,
     dataset: str,
+    prepare_limit: int,
+    preset: str,
     overrides: str,
     steps: int,
-    gpus: int,
-    iw_samples: int,
-    temperature: float,
-    num_samples: int,
-    prepare_limit: int,
     batch_size: int,
-    eval_limit: int,
-    readjust_iters: int,
     grad_accum: int,
+    gpus: int,
+    nodes: int,
+    trainjob_deadline_s: int,
+    trainer_api: str,
+    checkpoint_store: str,
+    checkpoint_every: int,
     prepare_gpus: int,
     eval_gpus: int,
     sample_gpus: int,
-    nodes: int,
-    checkpoint_store: str,
-    checkpoint_every: int,
+    iw_samples: int,
+    eval_limit: int,
+    temperature: float,
+    readjust_iters: int,
+    num_samples: int,
     cpu_image: str,
     gpu_image: str,
 ) -> NamedTuple(
@@ -57,29 +59,10 @@ def validate_params(
     parameter (a number would read as empty, and the pod would get no GPU limit)."""
     from collections import namedtuple
 
-    from components.params import validate_pipeline_args
+    from components.params import VALIDATED, validate_pipeline_args
 
-    validate_pipeline_args(
-        preset=preset,
-        dataset=dataset,
-        overrides=overrides,
-        steps=steps,
-        gpus=gpus,
-        iw_samples=iw_samples,
-        temperature=temperature,
-        num_samples=num_samples,
-        prepare_limit=prepare_limit,
-        batch_size=batch_size,
-        eval_limit=eval_limit,
-        readjust_iters=readjust_iters,
-        grad_accum=grad_accum,
-        prepare_gpus=prepare_gpus,
-        eval_gpus=eval_gpus,
-        sample_gpus=sample_gpus,
-        nodes=nodes,
-        checkpoint_store=checkpoint_store,
-        checkpoint_every=checkpoint_every,
-    )
+    given = dict(locals())  # KFP calls the step with its inputs by name: these are the parameters to check
+    validate_pipeline_args(**{name: given[name] for name in VALIDATED})
     image = {0: cpu_image, 1: gpu_image}
     plan = namedtuple(
         "Plan",
@@ -136,6 +119,8 @@ def train(
     accelerator: str,
     checkpoint_store: str,
     checkpoint_every: int,
+    trainjob_deadline_s: int,
+    trainer_api: str,
     run_id: str,
     image: str,
     model: Output[Model],
@@ -175,9 +160,11 @@ def train(
             run=run,
             train_args=argv,
             store_secret="nvae-s3-pipeline",
+            deadline_s=trainjob_deadline_s,
+            trainer_api=trainer_api,
         )
         api, namespace = in_cluster_api()
-        run_trainjob(api, namespace, body)
+        run_trainjob(api, namespace, body, deadline_s=trainjob_deadline_s)
         run_cli(["store", "get", run + "/out/", "--out", model.path])
     else:
         run_train(["--data", data.path, "--out", model.path, *argv], nproc=gpus, run=run)

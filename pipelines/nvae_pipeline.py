@@ -5,16 +5,18 @@ uploaded to Kubeflow; `run_local` executes the same DAG with `kfp.local` (in thi
 task in its image with the docker runner); `submit` starts a run on a Kubeflow Pipelines endpoint.
 """
 
+import inspect
 import logging
 import tempfile
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 from kfp import compiler, dsl, kubernetes
 
 from common.errors import NVAEError
 from components.images import DEFAULT_IMAGES, Images
-from components.params import PipelineParams
+from components.params import FIELDS, VALIDATED, PipelineParams
 from components.steps import build as build_components
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,7 @@ def _gpu_step(task, image, accelerator, gpus) -> None:
 
 
 S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")  # the Secret's keys
-_D = PipelineParams()
+_TYPES = {"int": int, "float": float, "str": str}
 RUNNERS = ("subprocess", "docker")
 
 
@@ -55,86 +57,45 @@ def build_pipeline(images: Images = DEFAULT_IMAGES):
     """The pipeline function (a KFP `GraphComponent`) with every step in its image from `images`."""
     comp = build_components(images)
 
-    def nvae_pipeline(
-        dataset: str = _D.dataset,
-        source: str = _D.source,
-        prepare_limit: int = _D.prepare_limit,
-        preset: str = _D.preset,
-        overrides: str = _D.overrides,
-        steps: int = _D.steps,
-        batch_size: int = _D.batch_size,
-        grad_accum: int = _D.grad_accum,
-        gpus: int = _D.gpus,
-        nodes: int = _D.nodes,
-        accelerator: str = _D.accelerator,
-        checkpoint_store: str = _D.checkpoint_store,
-        checkpoint_every: int = _D.checkpoint_every,
-        prepare_gpus: int = _D.prepare_gpus,
-        eval_gpus: int = _D.eval_gpus,
-        sample_gpus: int = _D.sample_gpus,
-        seed: int = _D.seed,
-        iw_samples: int = _D.iw_samples,
-        eval_limit: int = _D.eval_limit,
-        temperature: float = _D.temperature,
-        readjust_iters: int = _D.readjust_iters,
-        num_samples: int = _D.num_samples,
-        registry: str = _D.registry,
-    ):
+    def nvae_pipeline(*values):
+        p = SimpleNamespace(**dict(zip(FIELDS, values, strict=True)))
         check = comp.validate_params(
-            preset=preset,
-            dataset=dataset,
-            overrides=overrides,
-            steps=steps,
-            gpus=gpus,
-            iw_samples=iw_samples,
-            temperature=temperature,
-            num_samples=num_samples,
-            prepare_limit=prepare_limit,
-            batch_size=batch_size,
-            eval_limit=eval_limit,
-            readjust_iters=readjust_iters,
-            grad_accum=grad_accum,
-            prepare_gpus=prepare_gpus,
-            eval_gpus=eval_gpus,
-            sample_gpus=sample_gpus,
-            nodes=nodes,
-            checkpoint_store=checkpoint_store,
-            checkpoint_every=checkpoint_every,
-            cpu_image=images.cpu,
-            gpu_image=images.gpu,
+            **{name: getattr(p, name) for name in VALIDATED}, cpu_image=images.cpu, gpu_image=images.gpu
         ).set_display_name("validate parameters")
         check.set_caching_options(False)
         plan = check.outputs
 
-        fingerprint = comp.fingerprint_source(source=source).after(check)
+        fingerprint = comp.fingerprint_source(source=p.source).after(check)
         fingerprint.set_display_name("fingerprint the source").set_cpu_request("1").set_memory_request("1G")
         fingerprint.set_caching_options(
             False
         )  # must look at the store every run: it is what keys prepare's cache
 
         prep = comp.prepare(
-            dataset=dataset,
-            source=source,
+            dataset=p.dataset,
+            source=p.source,
             source_fingerprint=fingerprint.output,
-            limit=prepare_limit,
-            gpus=prepare_gpus,
+            limit=p.prepare_limit,
+            gpus=p.prepare_gpus,
         )
         prep.set_display_name("prepare (DALI)").set_cpu_request("2").set_memory_request("4G")
-        _gpu_step(prep, plan["prepare_image"], accelerator, plan["prepare_gpus"])
+        _gpu_step(prep, plan["prepare_image"], p.accelerator, plan["prepare_gpus"])
 
         fit = comp.train(
             data=prep.outputs["data"],
-            preset=preset,
-            overrides=overrides,
-            steps=steps,
-            batch_size=batch_size,
-            grad_accum=grad_accum,
-            gpus=gpus,
-            seed=seed,
-            nodes=nodes,
-            accelerator=accelerator,
-            checkpoint_store=checkpoint_store,
-            checkpoint_every=checkpoint_every,
+            preset=p.preset,
+            overrides=p.overrides,
+            steps=p.steps,
+            batch_size=p.batch_size,
+            grad_accum=p.grad_accum,
+            gpus=p.gpus,
+            seed=p.seed,
+            nodes=p.nodes,
+            accelerator=p.accelerator,
+            checkpoint_store=p.checkpoint_store,
+            checkpoint_every=p.checkpoint_every,
+            trainjob_deadline_s=p.trainjob_deadline_s,
+            trainer_api=p.trainer_api,
             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             image=images.gpu,
         )
@@ -143,7 +104,7 @@ def build_pipeline(images: Images = DEFAULT_IMAGES):
         ).set_memory_limit("64G")
         # Retried on any failure (KFP cannot filter by exit status); a retry resumes from the run's
         # checkpoints, and one after a permanent failure stops at once (components.runtime).
-        fit.set_accelerator_type(accelerator).set_accelerator_limit(plan["train_pod_gpus"]).after(check)
+        fit.set_accelerator_type(p.accelerator).set_accelerator_limit(plan["train_pod_gpus"]).after(check)
         fit.set_retry(3, backoff_duration="60s")
         kubernetes.add_toleration(fit, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
         kubernetes.empty_dir_mount(
@@ -153,39 +114,39 @@ def build_pipeline(images: Images = DEFAULT_IMAGES):
         ev = comp.evaluate(
             model=fit.outputs["model"],
             data=prep.outputs["data"],
-            iw_samples=iw_samples,
-            limit=eval_limit,
-            gpus=eval_gpus,
+            iw_samples=p.iw_samples,
+            limit=p.eval_limit,
+            gpus=p.eval_gpus,
         )
         ev.set_display_name("evaluate (IW bits/dim)").set_cpu_request("2").set_memory_request("8G")
-        _gpu_step(ev, plan["eval_image"], accelerator, plan["eval_gpus"])
+        _gpu_step(ev, plan["eval_image"], p.accelerator, plan["eval_gpus"])
 
         adj = comp.readjust_bn(
-            model=fit.outputs["model"], temperature=temperature, iters=readjust_iters, gpus=eval_gpus
+            model=fit.outputs["model"], temperature=p.temperature, iters=p.readjust_iters, gpus=p.eval_gpus
         )
         adj.set_display_name("readjust BN").set_cpu_request("2").set_memory_request("4G")
-        _gpu_step(adj, plan["eval_image"], accelerator, plan["eval_gpus"])
+        _gpu_step(adj, plan["eval_image"], p.accelerator, plan["eval_gpus"])
 
         onnx = comp.export_onnx(model=adj.outputs["readjusted"])
         onnx.set_display_name("export ONNX").set_cpu_request("1").set_memory_request("4G")
 
         smp = comp.sample(
             onnx_model=onnx.outputs["onnx_model"],
-            num_samples=num_samples,
-            temperature=temperature,
-            seed=seed,
-            gpus=sample_gpus,
+            num_samples=p.num_samples,
+            temperature=p.temperature,
+            seed=p.seed,
+            gpus=p.sample_gpus,
         )
         smp.set_display_name("sample (onnxruntime)").set_cpu_request("1").set_memory_request("2G")
-        _gpu_step(smp, plan["sample_image"], accelerator, plan["sample_gpus"])
+        _gpu_step(smp, plan["sample_image"], p.accelerator, plan["sample_gpus"])
 
-        with dsl.If(registry != "", name="publish"):
+        with dsl.If(p.registry != "", name="publish"):
             reg = comp.register(
                 onnx_model=onnx.outputs["onnx_model"],
                 model=adj.outputs["readjusted"],
                 results=ev.outputs["results"],
                 data=prep.outputs["data"],
-                registry=registry,
+                registry=p.registry,
                 run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             )
             reg.set_display_name("register (model registry)").set_cpu_request("1").set_memory_request("2G")
@@ -200,6 +161,16 @@ def build_pipeline(images: Images = DEFAULT_IMAGES):
             _store_client(task)
 
     # KFP reads parameter descriptions from the docstring's Args section and shows them in the run form.
+    # The run form's parameters: PipelineParams' fields, in their order, with their defaults (KFP reads the
+    # signature).
+    nvae_pipeline.__signature__ = inspect.Signature(
+        [
+            inspect.Parameter(
+                name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=f.default, annotation=_TYPES[f.type]
+            )
+            for name, f in FIELDS.items()
+        ]
+    )
     nvae_pipeline.__doc__ = "NVAE pipeline.\n\nArgs:\n" + "".join(
         f"    {name}: {text}\n" for name, text in PipelineParams.describe().items()
     )

@@ -10,7 +10,7 @@ import yaml
 from cli.main import main
 from common.errors import ConfigError
 from components.images import DEFAULT_IMAGES
-from components.params import LOCAL_SOURCE, STORE_SOURCE, PipelineParams
+from components.params import LOCAL_SOURCE, STORE_SOURCE, VALIDATED, PipelineParams
 from pipelines.nvae_pipeline import COMPILED, compile_pipeline, find_local_outputs
 
 TASKS = {
@@ -97,11 +97,25 @@ def test_the_validate_step_names_the_parameter_and_its_range(setting, message):
         validate_params(**args, cpu_image="c", gpu_image="g")
 
 
-_VALIDATE_ARGS = (
-    "preset dataset overrides steps gpus iw_samples temperature num_samples "
-    "prepare_limit batch_size eval_limit readjust_iters grad_accum prepare_gpus eval_gpus sample_gpus nodes "
-    "checkpoint_store checkpoint_every"
-).split()
+_VALIDATE_ARGS = VALIDATED
+
+
+def test_the_validate_step_takes_exactly_the_checked_parameters():
+    """validate-params' signature (KFP needs it written out) lists the parameters PipelineParams marks as
+    checked, in their order: a parameter added to one and not the other fails here."""
+    import inspect
+
+    from components.steps import validate_params
+
+    assert list(inspect.signature(validate_params).parameters) == [*VALIDATED, "cpu_image", "gpu_image"]
+
+
+def test_the_run_form_lists_the_parameters_in_their_order_with_their_defaults():
+    from pipelines.nvae_pipeline import nvae_pipeline
+
+    inputs = nvae_pipeline.component_spec.inputs
+    assert list(inputs) == list(PipelineParams().as_arguments())
+    assert {name: spec.default for name, spec in inputs.items()} == PipelineParams().as_arguments()
 
 
 def test_train_task_resources_and_kubernetes_settings():

@@ -48,6 +48,11 @@ class FakeTrainerAPI(BaseHTTPRequestHandler):
     script: list[str] = []  # the statuses successive GETs report
     calls: list[tuple[str, str]] = []  # (verb, name or "") as RBAC sees them
     problems: list[str] = []
+    deletes: list[str] = []  # each DELETE's propagationPolicy ("" when none was given)
+    # A foreground delete keeps the object (deletionTimestamp set, finalizer foregroundDeletion) until its
+    # dependents are gone: here, for this many GETs. Meanwhile a create of the same name is refused (409).
+    delete_gets = 0
+    deleting: dict[str, int] = {}
 
     def log_message(self, *args):
         pass
@@ -76,7 +81,7 @@ class FakeTrainerAPI(BaseHTTPRequestHandler):
         if model.to_dict() != body:
             self.problems.append("fields dropped by the TrainJob model")
         name = body["metadata"]["name"]
-        if name in self.jobs:
+        if name in self.jobs or name in self.deleting:
             return self._send(409, {"kind": "Status", "code": 409, "reason": "AlreadyExists"})
         self.jobs[name] = body
         self._send(201, body)
@@ -84,6 +89,13 @@ class FakeTrainerAPI(BaseHTTPRequestHandler):
     def do_GET(self):
         name = self._name()
         self.calls.append(("get", name or ""))
+        if name in self.deleting:
+            left = self.deleting.pop(name)
+            if left > 0:
+                self.deleting[name] = left - 1
+                gone = {"metadata": {"name": name, "deletionTimestamp": "2026-12-01T00:00:00Z",
+                                     "finalizers": ["foregroundDeletion"]}}  # fmt: skip
+                return self._send(200, gone)
         if not name or name not in self.jobs:
             return self._send(404, {"kind": "Status", "code": 404})
         job = dict(self.jobs[name])
@@ -93,10 +105,19 @@ class FakeTrainerAPI(BaseHTTPRequestHandler):
         self._send(200, job)
 
     def do_DELETE(self):
+        from urllib.parse import parse_qs, urlsplit
+
         name = self._name()
         self.calls.append(("delete", name or ""))
+        length = int(self.headers.get("Content-Length") or 0)
+        options = json.loads(self.rfile.read(length) or b"{}") if length else {}
+        query = parse_qs(urlsplit(self.path).query)
+        policy = options.get("propagationPolicy") or (query.get("propagationPolicy") or [""])[0]
+        self.deletes.append(policy)
         if self.jobs.pop(name, None) is None:
             return self._send(404, {"kind": "Status", "code": 404})
+        if policy == "Foreground" and self.delete_gets:
+            self.deleting[name] = self.delete_gets
         self._send(200, {"kind": "Status", "status": "Success"})
 
 
@@ -104,6 +125,7 @@ class FakeTrainerAPI(BaseHTTPRequestHandler):
 def api():
     FakeTrainerAPI.jobs, FakeTrainerAPI.script = {}, []
     FakeTrainerAPI.calls, FakeTrainerAPI.problems = [], []
+    FakeTrainerAPI.deletes, FakeTrainerAPI.deleting, FakeTrainerAPI.delete_gets = [], {}, 0
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeTrainerAPI)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     config = client.Configuration()
@@ -114,8 +136,9 @@ def api():
         server.shutdown()
 
 
-def _body(name="nvae-train-run-1") -> dict:
+def _body(name="nvae-train-run-1", **kwargs) -> dict:
     return trainjob_body(
+        **kwargs,
         name=name,
         image="ghcr.io/nvae-pipeline/nvae-gpu:0.1.0",
         nodes=2,
@@ -209,6 +232,96 @@ def test_a_retried_step_follows_the_running_job_and_replaces_a_failed_one(api):
     assert "failed (TrainingFailed: node-1: OOMKilled): replacing it" in lines[0]
     assert ("delete", "nvae-train-run-1") in FakeTrainerAPI.calls
     assert lines[-1].endswith("Succeeded (JobsCompleted)")
+
+
+class FakeClock:
+    """Time that passes only when the step sleeps."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_a_failed_job_is_deleted_in_the_foreground_and_recreated_only_once_it_is_gone(api):
+    FakeTrainerAPI.jobs["nvae-train-run-1"] = {**_body(), "status": _status("Failed")}
+    FakeTrainerAPI.script = ["Failed", "Created", "Complete"]
+    FakeTrainerAPI.delete_gets = 3  # the JobSet and its pods take three polls to go
+    clock = FakeClock()
+    run_trainjob(api, "team", _body(), poll_s=5, log=lambda s: None, sleep=clock.sleep, clock=clock)
+    assert FakeTrainerAPI.deletes == ["Foreground"]
+    calls = FakeTrainerAPI.calls
+    deleted, created = calls.index(("delete", "nvae-train-run-1")), calls.index(("create", ""), 1)
+    assert calls[deleted + 1 : created] == [("get", "nvae-train-run-1")] * 4  # 3 while deleting, then 404
+    assert FakeTrainerAPI.deleting == {} and "nvae-train-run-1" in FakeTrainerAPI.jobs
+
+
+def test_a_delete_that_never_completes_fails_the_step_instead_of_racing_the_old_job(api):
+    FakeTrainerAPI.jobs["nvae-train-run-1"] = {**_body(), "status": _status("Failed")}
+    FakeTrainerAPI.script = ["Failed"]
+    FakeTrainerAPI.delete_gets = 10**6
+    clock = FakeClock()
+    with pytest.raises(TrainJobFailed, match="still being deleted after 60 s"):
+        run_trainjob(
+            api, "team", _body(), poll_s=5, log=lambda s: None, sleep=clock.sleep, clock=clock,
+            delete_timeout_s=60,
+        )  # fmt: skip
+    assert [c for c in FakeTrainerAPI.calls if c[0] == "create"] == [("create", "")]  # never created again
+
+
+def test_a_job_that_never_finishes_is_deleted_at_the_deadline_and_fails_the_step(api):
+    FakeTrainerAPI.script = ["Created"] + ["Running"] * 10**4
+    clock = FakeClock()
+    lines: list[str] = []
+    with pytest.raises(TrainJobFailed, match="did not finish within its deadline of 3600 s; it was deleted"):
+        run_trainjob(
+            api, "team", _body(deadline_s=3600), poll_s=60, log=lines.append, sleep=clock.sleep,
+            clock=clock, deadline_s=3600,
+        )  # fmt: skip
+    assert 3600 <= clock.now < 3600 + 2 * 60
+    assert FakeTrainerAPI.deletes == ["Foreground"] and "nvae-train-run-1" not in FakeTrainerAPI.jobs
+    assert "deadline of 3600 s: deleting it" in lines[-1]
+    assert FakeTrainerAPI.problems == []  # the body with its deadline passes Trainer's TrainJob model
+
+
+def test_the_job_carries_its_deadline_in_the_trainer_2_2_form():
+    from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
+
+    body = _body(deadline_s=7200)
+    assert body["spec"]["activeDeadlineSeconds"] == 7200
+    assert TrainerV1alpha1TrainJob.from_dict(body).to_dict() == body
+    assert "activeDeadlineSeconds" not in _body()["spec"]
+
+
+# The fields of Trainer 2.0/2.1's podTemplateOverrides (kubeflow-trainer-api 2.1.0's models
+# TrainerV1alpha1PodTemplateOverride, ...SpecOverride, ...ContainerOverride); 2.2 replaced them with
+# runtimePatches and added activeDeadlineSeconds.
+_OVERRIDE_FIELDS = {"metadata", "spec", "targetJobs"}
+_OVERRIDE_SPEC_FIELDS = {"affinity", "containers", "imagePullSecrets", "initContainers", "nodeSelector",
+                         "schedulingGates", "serviceAccountName", "tolerations", "volumes"}  # fmt: skip
+_CONTAINER_OVERRIDE_FIELDS = {"env", "name", "volumeMounts"}
+_SPEC_FIELDS_2_1 = {"annotations", "initializer", "labels", "managedBy", "podTemplateOverrides", "runtimeRef",
+                    "suspend", "trainer"}  # fmt: skip
+
+
+def test_the_trainer_2_0_form_uses_pod_template_overrides_with_only_their_fields():
+    body = _body(trainer_api="2.0", deadline_s=7200)
+    spec = body["spec"]
+    assert set(spec) <= _SPEC_FIELDS_2_1 and "runtimePatches" not in spec
+    (override,) = spec["podTemplateOverrides"]
+    assert set(override) <= _OVERRIDE_FIELDS and override["targetJobs"] == [{"name": "node"}]
+    assert set(override["spec"]) <= _OVERRIDE_SPEC_FIELDS
+    for container in override["spec"]["containers"]:
+        assert set(container) <= _CONTAINER_OVERRIDE_FIELDS
+    assert override["metadata"]["labels"] == {"nvae.io/store-client": "true"}  # the store's NetworkPolicy
+    assert {v["name"] for v in override["spec"]["volumes"]} == {"work", "dshm", "tmp"}
+    assert spec["trainer"] == _body()["spec"]["trainer"]
+    with pytest.raises(ValueError, match="trainer_api='2.1'"):
+        _body(trainer_api="2.1")
 
 
 def test_api_errors_name_the_job_and_the_status(api):
