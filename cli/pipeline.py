@@ -22,15 +22,25 @@ def _params(args, local_source: bool = False):
 
 
 def _images(args):
-    from components.images import Images
+    from components.images import DEFAULT_REGISTRY, Images
 
-    return Images(args.image_registry, args.image_tag)
+    return Images(args.image_registry or DEFAULT_REGISTRY, args.image_tag)
+
+
+DEFAULT_IMAGES_NOTE = (
+    "nvae pipeline compile: note: without --image-registry the spec names the default images ({cpu}, {gpu}); "
+    "build and push your own (scripts/images.sh --registry R, then --image-registry R) or take a release's "
+    "images and its compiled spec"
+)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from pipelines.nvae_pipeline import compile_pipeline
 
-    print(f"pipeline spec -> {compile_pipeline(args.out, _images(args))}")
+    images = _images(args)
+    if args.image_registry is None:
+        print(DEFAULT_IMAGES_NOTE.format(cpu=images.cpu, gpu=images.gpu), file=sys.stderr)
+    print(f"pipeline spec -> {compile_pipeline(args.out, images)}")
     return 0
 
 
@@ -73,7 +83,7 @@ def add_images(q: argparse.ArgumentParser) -> None:
 
     q.add_argument(
         "--image-registry",
-        default=DEFAULT_REGISTRY,
+        default=None,
         help=f"registry the nvae-cpu/nvae-gpu images are pulled from (default {DEFAULT_REGISTRY})",
     )
     q.add_argument("--image-tag", default=DEFAULT_TAG, help=f"their tag (default {DEFAULT_TAG})")

@@ -267,6 +267,15 @@ def test_image_registry_and_tag_are_chosen_at_compile_time(tmp_path):
     assert constants["gpu_image"]["runtimeValue"]["constant"] == "registry.example:5000/team/nvae-gpu:v7"
 
 
+def test_compiling_with_the_default_images_says_in_one_line_where_images_come_from(tmp_path, capsys):
+    assert main(["pipeline", "compile", "--out", str(tmp_path / "a.yaml")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and DEFAULT_IMAGES.cpu in err[0] and "--image-registry" in err[0] and "release" in err[0]
+    argv = ["pipeline", "compile", "--out", str(tmp_path / "b.yaml"), "--image-registry", "registry.example/t"]
+    assert main(argv) == 0
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize(
     "flag, value", [("--image-registry", "https://ghcr.io/x"), ("--image-tag", "bad tag")]
 )
