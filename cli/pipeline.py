@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from common.errors import ConfigError
 from model.config import parse_set_args
 
 
@@ -48,7 +49,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipelines.nvae_pipeline import run_local
 
     if not args.local:
-        raise ValueError("only --local runs here; use `nvae pipeline submit --host URL` for a cluster")
+        raise ConfigError("only --local runs here; use `nvae pipeline submit --host URL` for a cluster")
     params = _params(args, local_source=args.runner == "subprocess")
     print(f"source: {params.source}  (runner: {args.runner})", flush=True)
     if params.checkpoint_store:

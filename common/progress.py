@@ -13,6 +13,8 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from common.errors import ConfigError
+
 log = logging.getLogger("nvae.progress")
 
 EVERY_FRACTION = 0.1
@@ -33,7 +35,7 @@ def progress(
     `set_postfix(**values)`, `close()`, and use as a context manager."""
     mode = os.environ.get("NVAE_PROGRESS") or ("bar" if sys.stderr.isatty() else "lines")
     if mode not in ("bar", "lines", "off"):
-        raise ValueError(f"NVAE_PROGRESS={mode!r}; choose bar, lines or off")
+        raise ConfigError(f"NVAE_PROGRESS={mode!r}; choose bar, lines or off")
     if mode == "bar":
         from tqdm import tqdm
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from common.errors import ConfigError
+
 DEFAULT_REGISTRY = "ghcr.io/nvae-pipeline"
 DEFAULT_TAG = "0.1.0"  # the project version
 NAMES = {"cpu": "nvae-cpu", "gpu": "nvae-gpu"}
@@ -28,12 +30,12 @@ class Images:
 
     def __post_init__(self):
         if not _REGISTRY.fullmatch(self.registry):
-            raise ValueError(
+            raise ConfigError(
                 f"image registry {self.registry!r} is not a registry path such as "
                 "ghcr.io/org or localhost:5000/nvae (lower case, no scheme, no tag)"
             )
         if not _TAG.fullmatch(self.tag):
-            raise ValueError(f"image tag {self.tag!r}: letters, digits, '_', '.', '-' (at most 128)")
+            raise ConfigError(f"image tag {self.tag!r}: letters, digits, '_', '.', '-' (at most 128)")
 
     def ref(self, kind: str) -> str:
         return f"{self.registry}/{NAMES[kind]}:{self.tag}"

@@ -40,6 +40,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from common.errors import ConfigError
+
 GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 RUNTIME = "torch-distributed"
 UID = 10001  # the images' user
@@ -48,7 +50,8 @@ STORE_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 # The TrainJob API forms: "2.2" (runtimePatches, activeDeadlineSeconds: Trainer 2.2 and newer) and "2.0"
 # (podTemplateOverrides: Trainer 2.0 and 2.1).
 TRAINER_APIS = ("2.2", "2.0")
-DELETE_TIMEOUT_S = 900.0  # how long a foreground delete may take (the pods' grace periods) before the step fails
+# How long a foreground delete may take (the pods' grace periods) before the step fails.
+DELETE_TIMEOUT_S = 900.0
 
 
 class TrainJobFailed(RuntimeError):
@@ -94,7 +97,7 @@ def trainjob_body(
     """The TrainJob object (as `k8s/train/trainjob.yaml`, with the store in place of the PVC), in the API form
     of `trainer_api` (TRAINER_APIS), failing after `deadline_s` seconds where that form has a deadline."""
     if trainer_api not in TRAINER_APIS:
-        raise ValueError(f"trainer_api={trainer_api!r}; choose one of: {', '.join(TRAINER_APIS)}")
+        raise ConfigError(f"trainer_api={trainer_api!r}; choose one of: {', '.join(TRAINER_APIS)}")
     gpu = {accelerator: str(gpus_per_node)} if gpus_per_node else {}
     env = [
         {"name": "HOME", "value": "/tmp"},

@@ -11,6 +11,7 @@ import os
 import re
 from pathlib import Path
 
+from common.errors import NVAEError
 from pipelines.local_logs import fold_executor_input, lines_of
 
 _PARAMETER = re.compile(r"\{\{\$\.inputs\.parameters\['([^']+)'\]\}\}")
@@ -43,7 +44,7 @@ def run_container(client, image: str, command: list[str], volumes: dict, **run_a
     try:
         client.images.get(image)
     except docker.errors.ImageNotFound:
-        raise RuntimeError(f"image {image} is not on this machine; build it with scripts/images.sh") from None
+        raise NVAEError(f"image {image} is not on this machine; build it with scripts/images.sh") from None
     container = client.containers.run(
         image=image, command=command, volumes=volumes, detach=True, stdout=True, stderr=True, **run_args
     )

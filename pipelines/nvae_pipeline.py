@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 from kfp import compiler, dsl, kubernetes
 
-from common.errors import NVAEError
+from common.errors import ConfigError, NVAEError
 from components.images import DEFAULT_IMAGES, Images
 from components.params import FIELDS, VALIDATED, PipelineParams
 from components.steps import build as build_components
@@ -206,7 +206,7 @@ def run_local(
     from kfp import local
 
     if runner not in RUNNERS:
-        raise ValueError(f"runner={runner!r}; choose one of: {', '.join(RUNNERS)}")
+        raise ConfigError(f"runner={runner!r}; choose one of: {', '.join(RUNNERS)}")
     params.validate()
     root = Path(root).resolve()
     if runner == "docker":
