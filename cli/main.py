@@ -1,8 +1,10 @@
 """`nvae`: one entry point for the whole product; each subcommand is a few lines over a library function.
 
 Subcommands are registered by the layer that owns them (`cli.train`, `cli.data`, ...), each exposing
-`register(subparsers)`. Library errors (`NVAEError` and subclasses, `ValueError` from validation) become one
-clear line on stderr and exit code 2; anything else is a bug and keeps its traceback.
+`register(subparsers)`. The product's own errors for bad input (`NVAEError` and its subclasses, such as
+`ConfigError`) and the operating system's errors about a file (a path that is missing, not writable, a folder
+where a file should be, a full disk) become one clear line on stderr and exit code 2. Anything else, a
+`ValueError` from deep in a library included, is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -55,12 +57,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (NVAEError, ValueError, FileNotFoundError) as exc:
+    except NVAEError as exc:
         print(f"nvae {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except (
-        OSError
-    ) as exc:  # an output that cannot be written (permissions, a file where a folder is, a full disk)
+    except OSError as exc:
+        if exc.filename is None:  # not about a path the user gave: keep the traceback
+            raise
         print(f"nvae {args.command}: error: {_os_error(exc)}", file=sys.stderr)
         return 2
 

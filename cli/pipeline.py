@@ -39,9 +39,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from pipelines.nvae_pipeline import compile_pipeline
 
     images = _images(args)
+    print(f"pipeline spec -> {compile_pipeline(args.out, images)}")
     if args.image_registry is None:
         print(DEFAULT_IMAGES_NOTE.format(cpu=images.cpu, gpu=images.gpu), file=sys.stderr)
-    print(f"pipeline spec -> {compile_pipeline(args.out, images)}")
     return 0
 
 
