@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import StorageError
-from common.files import file_sha256
+from common.files import atomic_write_text, file_sha256
 from common.s3 import download_object, is_retryable, one_line, parse_s3_uri, s3_client_from_env
 
 MANIFEST = "manifest.json"
@@ -177,7 +177,6 @@ class Registry:
                 raise StorageError(
                     f"{uri}: checksum mismatch (sha256 {got[:12]}..., manifest {meta['sha256'][:12]}...)"
                 )
-        tmp = dest / f".{MANIFEST}.part"
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        tmp.replace(dest / MANIFEST)  # last, and whole: its presence says every file above was verified
+        # Last, and whole: its presence says every file above was verified.
+        atomic_write_text(dest / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
         return manifest

@@ -156,34 +156,25 @@ def download_object(uri: str, dest: str | Path, client=None) -> int:
     """Download the object at `uri` (s3://bucket/key) to the file `dest`, atomically: a temporary file in
     the same folder, renamed only when complete, so a failed download never leaves a file that looks whole.
     Returns the size in bytes; StorageError (retryable or not) names the URI."""
-    import tempfile
-
     from botocore.exceptions import BotoCoreError, ClientError
+
+    from common.files import atomic_open
 
     bucket, key = parse_s3_uri(uri)
     if not key or uri.endswith("/"):
         raise StorageError(f"{uri!r} names no object; expected s3://bucket/path/to/file")
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     client = client or s3_client_from_env()
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with atomic_open(dest, "wb", suffix=".part") as fh:
             client.download_fileobj(bucket, key, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
     except (ClientError, BotoCoreError) as exc:
-        Path(tmp).unlink(missing_ok=True)
         missing = isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in (
             "404",
             "NoSuchKey",
         )
         cause = "no such object" if missing else str(exc)
         raise StorageError(one_line(f"{uri}: cannot download it: {cause}"), is_retryable(exc)) from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return dest.stat().st_size
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import DataError
+from common.files import atomic_path, file_sha256
 from common.progress import progress as progress_bar
 from data.dali_ops import ArrayPipeline, ImagePipeline, resolve_device
 from data.recipes import Recipe, get_recipe
@@ -44,7 +45,6 @@ from data.sources import (
     read_imagenet32_source,
     relative_name,
     sha256_bytes,
-    sha256_file,
 )
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ def prepare(
                     "file": path.name,
                     "count": n,
                     "bytes": path.stat().st_size,
-                    "sha256": sha256_file(path),
+                    "sha256": file_sha256(path),
                 }
         manifest = _manifest(recipe, src, splits, side, bits, dali_device, limit, progress)
         if _remote is not None:
@@ -359,14 +359,14 @@ def _write_image_split(
 def _shrink(path: Path, count: int) -> None:
     """Rewrite an .npy file keeping only its first `count` rows (after images were skipped)."""
     old = np.load(path, mmap_mode="r")
-    tmp = path.with_suffix(".shrink")
-    new = np.lib.format.open_memmap(tmp, mode="w+", dtype=old.dtype, shape=(count, *old.shape[1:]))
-    step = 4096
-    for i in range(0, count, step):
-        new[i : i + step] = old[i : min(i + step, count)]
-    new.flush()
-    del new, old
-    tmp.replace(path)
+    with atomic_path(path, suffix=".shrink") as tmp:
+        new = np.lib.format.open_memmap(tmp, mode="w+", dtype=old.dtype, shape=(count, *old.shape[1:]))
+        step = 4096
+        for i in range(0, count, step):
+            new[i : i + step] = old[i : min(i + step, count)]
+        new.flush()
+        del new
+    del old
 
 
 # ------------------------------------------------------------------------------------------ manifest

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import DataError
+from common.files import file_sha256
 from common.progress import progress as progress_bar
 from data.dali_ops import TFRecordImages, cpu_threads
 from data.recipes import CELEBA_PARTITION_BOUNDS, TRAIN_FRACTION, Recipe
@@ -85,15 +86,6 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def source_root(source: str | Path) -> Path:
     """The resolved source path; DataError if it does not exist."""
     path = Path(source).expanduser()
@@ -118,7 +110,7 @@ def relative_name(root: Path, path: Path) -> str:
 
 
 def describe_file(root: Path, path: Path) -> SourceFile:
-    return SourceFile(relative_name(root, path), path.stat().st_size, sha256_file(path))
+    return SourceFile(relative_name(root, path), path.stat().st_size, file_sha256(path))
 
 
 # ------------------------------------------------------------------------------------------------- idx
