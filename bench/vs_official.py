@@ -3,7 +3,7 @@
 Figures (MNIST recipe, fp32, the same thread count, batch and input images for both sides):
   training img/s        median step after warm-up; authors: the loop body of their train.py (forward, recon,
                         balanced KL, spectral and BN terms, backward, their fast AdaMax) with their warm-up lr
-                        and KL coefficient; ours: the loop body of training.train (Objective, AdaMax, grad norm)
+                        and KL coefficient; ours: training.train.training_step (Objective, grad norm, AdaMax)
   peak RSS of training  VmHWM of the training process (each measurement runs in its own process)
   BN-readjust iteration one prior sample of batch 16 with train-mode BN under no_grad; authors: what
                         evaluate.py's set_bn repeats (model.train(), model.sample(16, t)); ours: a call of
@@ -15,17 +15,19 @@ Figures (MNIST recipe, fp32, the same thread count, batch and input images for b
   sampling / image      prior sampling at batch 64, t=1, Bernoulli mean; ours: model.prior_sampling.sample_images
                         (with --onnx also onnxruntime, through bench/sampling_speed.py)
 Inference figures are the median of --repeats calls after one warm-up call (bench/sampling_speed.py's timer).
-Both sides run with denormals flushed (ours does it itself; for the authors it is a CPU shim, as in the anchors'
-side_by_side.sh) and with random-init weights.
+Both sides run with denormals flushed (ours does it itself; for the authors it is a CPU shim) and with random-init
+weights.
 
-The authors' code is imported at run time from an NVlabs/NVAE checkout (--official); nothing of it is copied
-here. It runs on a CPU through these shims, applied in its process before the model is built:
+The authors' code is imported at run time from a checkout made with `git clone https://github.com/NVlabs/NVAE`
+(at commit 9fc1a28 for the figures in bench/RESULTS.md), passed as --official; nothing of it is copied here.
+It runs on a CPU through these shims, applied in its process before the model is built:
   .cuda() on tensors and modules is the identity; neural_operations.SYNC_BN = False and SyncBatchNormSwish
   takes the branch the official code takes in a one-process run (F.batch_norm then their Swish): both compute
   what one GPU computes, without a process group; a stub `tensorboardX` when it is not installed (only their
   logging Writer uses it). torch.cuda.amp's autocast and GradScaler disable themselves without CUDA, so the
   authors' step is fp32: loss.backward() then their optimizer's step.
 
+    git clone https://github.com/NVlabs/NVAE /tmp/nvae-official && git -C /tmp/nvae-official checkout 9fc1a28
     python bench/vs_official.py --official /tmp/nvae-official --rounds 2 --steps 3 --out runs/vs_official
     python bench/vs_official.py --official /tmp/nvae-official --quick          # smoke run, under a minute
 """
@@ -36,7 +38,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -46,15 +47,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common.cpu import cpu_flags, cpu_model  # noqa: E402  (after ROOT joins sys.path)
+
 HOW_TO_GET_ONE = (
-    "get one with `git clone https://github.com/NVlabs/NVAE /tmp/nvae-official` (or fetch github:NVlabs/NVAE "
-    "with the search tool and unpack it: `git --git-dir=<its git dir> archive HEAD | tar -x -C "
-    "/tmp/nvae-official`), then pass --official /tmp/nvae-official"
+    "get one with `git clone https://github.com/NVlabs/NVAE /tmp/nvae-official` (then `git -C /tmp/nvae-official "
+    "checkout 9fc1a28` for the code behind the published figures) and pass --official /tmp/nvae-official"
 )
 CHECKOUT_FILES = ("model.py", "utils.py", "neural_operations.py", "thirdparty/adamax.py")
 
-# Presets as data. `authors`: the authors' MNIST command line (their README; ../shared/anchors/official-nvae/
-# README.md) with their train.py defaults for the flags it leaves out, as the Namespace their AutoEncoder reads.
+# Presets as data. `authors`: the authors' MNIST command line (the README of their repository) with their
+# train.py defaults for the flags it leaves out, as the Namespace their AutoEncoder reads.
 PRESETS = {
     "mnist": {
         "ours": "mnist",
@@ -130,7 +132,7 @@ def peak_rss_gib() -> float:
 
 def _median_call_s(fn, repeats: int) -> float:
     """Seconds: one warm-up call of fn, then the median of `repeats` calls (bench/sampling_speed.py's timer)."""
-    return sys.modules["bench.sampling"]._time(fn, repeats)
+    return sys.modules["bench.sampling_speed"]._time(fn, repeats)
 
 
 def load_official(checkout: Path) -> dict:
@@ -301,7 +303,7 @@ def ours_child(kind: str, spec: dict) -> dict:
     if kind == "sample_onnx":
         import tempfile
 
-        from bench.sampling import bench_preset
+        from bench.sampling_speed import bench_preset
 
         preset = PRESETS[spec["preset"]]["ours"]
         with tempfile.TemporaryDirectory() as tmp:
@@ -314,33 +316,25 @@ def ours_child(kind: str, spec: dict) -> dict:
     images = _images(spec)
     res = {"params": sum(p.numel() for p in model.parameters())}
     if kind == "train":
-        from training.train import Objective, learning_rate, make_optimizer
+        from training.train import Objective, learning_rate, make_optimizer, training_step
 
         objective = Objective(model)
         opt = make_optimizer(cfg, model)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)  # fp32: the scaler is a pass-through
         per_epoch = PRESETS[spec["preset"]]["train_images"] // spec["batch"]
         total = per_epoch * cfg.epochs
         times = []
         for step in range(spec["warmup"] + spec["steps"]):
             x = images[step % len(images)]
             t = time.perf_counter()
-            # training.train's loop, one step (fp32: the scaler is a pass-through)
+            # the step `nvae train` takes (the lr schedule, then training_step)
             lr = learning_rate(cfg, step, total, per_epoch)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            opt.zero_grad(set_to_none=True)
-            x = x.contiguous(memory_format=torch.channels_last)
-            terms = objective(x, step, total)
-            finite = bool(torch.isfinite(terms.loss))
-            terms.loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-            if finite and bool(torch.isfinite(grad_norm)):
-                opt.step()
+            result = training_step(objective, opt, scaler, iter([x]), step, total, lr, channels_last=True)
             if step >= spec["warmup"]:
                 times.append(time.perf_counter() - t)
         res["step_s"], res["step_times_s"] = statistics.median(times), times
         res["train_img_per_s"] = spec["batch"] / res["step_s"]
-        res["loss"] = terms.loss.item()
+        res["loss"] = result.terms.loss.item()
     elif kind == "readjust":
         from inference.readjust import readjust_bn
 
@@ -368,7 +362,7 @@ def ours_child(kind: str, spec: dict) -> dict:
 def run_child(side: str, kind: str, spec: dict) -> dict:
     import torch
 
-    import bench.sampling  # noqa: F401  (its timer; imported before the authors' checkout joins sys.path)
+    import bench.sampling_speed  # noqa: F401  (its timer; imported before the authors' checkout joins sys.path)
 
     torch.set_num_threads(spec["threads"])
     res = authors_child(kind, spec) if side == "authors" else ours_child(kind, spec)
@@ -396,19 +390,8 @@ def check_checkout(path: str | None) -> str | None:
 
 def machine() -> dict:
     """CPU model, AVX-512 or not, cores, load: what makes figures comparable or not."""
-    info = {"cpu": platform.processor() or platform.machine(), "avx512": False, "avx512_bf16": False}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        for line in text.splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                info["avx512"] = "avx512f" in flags
-                info["avx512_bf16"] = "avx512_bf16" in flags
-                break
-    except OSError:
-        pass
+    flags = cpu_flags()
+    info = {"cpu": cpu_model(), "avx512": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags}
     info["cores"] = len(os.sched_getaffinity(0))
     info["loadavg_start"] = os.getloadavg()
     return info

@@ -6,13 +6,11 @@ import argparse
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
-from pathlib import Path
 
 from common.argtypes import int_in, positive_int
-from model.config import PRESETS, build_config, get_preset, parse_set_args
+from common.errors import NVAEError, StorageError
+from model.config import PRESETS, build_config, parse_set_args
 from model.precision import PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -65,198 +63,88 @@ def _train_error(msg: str, code: int) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one process, or one rank of a torchrun job (`--nproc N` launches torchrun itself)."""
+    from training.distributed import is_main_process
+    from training.run import launch_torchrun, run_training
+
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        return _launch_torchrun(args)
-
-    from training.distributed import RankDivergenceError, init_distributed, shutdown
-    from training.storage import StorageError
-    from training.train import NonFiniteLossError, TrainingInterrupted
-
-    ctx = init_distributed(args.device)
+        return launch_torchrun(_worker_argv(args), args.nproc)
     try:
-        summary = _train(args, ctx)
-    except TrainingInterrupted as exc:
-        if ctx.is_main:
-            print(f"nvae train: {exc}; run the same command again to resume", file=sys.stderr)
-        return 128 + exc.signum
-    except (NonFiniteLossError, RankDivergenceError) as exc:
-        return _train_error(str(exc), EXIT_FAILED)
-    except StorageError as exc:
-        return _train_error(str(exc), EXIT_STORAGE if exc.retryable else EXIT_BAD_INPUT)
-    finally:
-        shutdown(ctx)
-    if ctx.is_main:
+        summary = run_training(_request(args))
+    except NVAEError as exc:
+        return _exit_status(exc)
+    if is_main_process():
         log.info("training done: %s", json.dumps(summary))
         print(f"checkpoint: {summary['checkpoint']}")
     return EXIT_OK
 
 
-def _train(args: argparse.Namespace, ctx) -> dict:
-    from data.loaders import make_loader, read_manifest
-    from training.train import TrainOptions, default_precision, train
+def _exit_status(exc: NVAEError) -> int:
+    """The exit status of a run stopped by `exc` (see EXIT_*), after its line on stderr; any other product
+    error is raised again, for `nvae`'s own handler (exit 2)."""
+    from training.distributed import RankDivergenceError, is_main_process
+    from training.train import NonFiniteLossError, TrainingInterrupted
 
-    extra = {"batch_size": args.batch_size} if args.batch_size else {}
-    cfg = _config(args, extra)
-    manifest = read_manifest(args.data)
-    if manifest.get("dataset") != cfg.dataset:
-        raise ValueError(
-            f"--data {args.data} holds {manifest.get('dataset')!r} but preset {args.preset} is for {cfg.dataset!r}"
-        )
+    if isinstance(exc, TrainingInterrupted):
+        if is_main_process():
+            print(f"nvae train: {exc}; run the same command again to resume", file=sys.stderr)
+        return 128 + exc.signum
+    if isinstance(exc, NonFiniteLossError | RankDivergenceError):
+        return _train_error(str(exc), EXIT_FAILED)
+    if isinstance(exc, StorageError):
+        return _train_error(str(exc), EXIT_STORAGE if exc.retryable else EXIT_BAD_INPUT)
+    raise exc
 
-    def loader(epoch: int, start_batch: int = 0):
-        return make_loader(
-            args.data,
-            "train",
-            cfg.batch_size,
-            train=True,
-            seed=args.seed,
-            epoch=epoch,
-            start_batch=start_batch,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-            binarize=cfg.binarize,
-            flip=cfg.flip,
-            device=str(ctx.device),
-        )
 
-    per_epoch = len(loader(0))
-    if per_epoch == 0:
-        raise ValueError(f"--data {args.data} has fewer than one batch of {cfg.batch_size} per process")
-    if per_epoch < args.grad_accum:
-        raise ValueError(
-            f"--grad-accum {args.grad_accum} is more than the {per_epoch} batches of an epoch of --data {args.data}"
-        )
-    steps = args.steps or max(1, (args.epochs or cfg.epochs) * per_epoch // args.grad_accum)
-    warn_global_batch(get_preset(args.preset), cfg.batch_size, ctx.world_size, args.grad_accum)
-    opts = TrainOptions(
-        steps=steps,
-        batches_per_epoch=per_epoch,
-        out=Path(args.out),
-        precision=args.precision or default_precision(ctx.device),
-        device=str(ctx.device),
+def _request(args: argparse.Namespace):
+    """The run `args` ask for, as the library's `TrainRequest`."""
+    from training.run import TrainRequest
+
+    return TrainRequest(
+        data=args.data,
+        out=args.out,
+        preset=args.preset,
+        config_file=args.config,
+        overrides=parse_set_args(args.set),
+        steps=args.steps,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
         seed=args.seed,
+        precision=args.precision,
+        device=args.device,
         checkpoint_every=args.checkpoint_every,
         checkpoint_dir=args.checkpoint_dir,
         log_every=args.log_every,
+        eval_every=args.eval_every,
+        samples=args.samples,
         max_nonfinite=args.max_nonfinite,
-        eval_every=per_epoch if args.eval_every is None else args.eval_every,
-        sample_count=args.samples,
         progress=not args.no_progress,
         dvclive=not args.no_dvclive,
         channels_last=args.channels_last,
         compile=args.compile,
-        dist=ctx,
-        grad_accum=args.grad_accum,
     )
-    log.info(
-        "%d steps of %d x %d images per process (%d batches per epoch), %s",
-        steps,
-        args.grad_accum,
-        cfg.batch_size,
-        per_epoch,
-        opts.precision,
-    )
-    return train(cfg, loader, opts)
 
 
-def warn_global_batch(recipe, batch_size: int, world_size: int, grad_accum: int) -> int:
-    """Log a warning when the images per optimisation step differ from the recipe's global batch (`recipe`:
-    the preset's config; its learning rate and schedules were tuned for that batch); returns the effective
-    global batch."""
-    effective = batch_size * world_size * grad_accum
-    if effective != recipe.global_batch:
-        hint = ""
-        per_step = batch_size * world_size
-        if recipe.global_batch % per_step == 0 and recipe.global_batch > per_step:
-            hint = f"; --grad-accum {recipe.global_batch // per_step} reaches it"
-        log.warning(
-            "global batch %d (%d per process x %d processes x %d accumulated) differs from the recipe's %d "
-            "(%d per GPU x %d GPUs)%s",
-            effective,
-            batch_size,
-            world_size,
-            grad_accum,
-            recipe.global_batch,
-            recipe.batch_size,
-            recipe.recipe_processes,
-            hint,
-        )
-    return effective
-
-
-def _torchrun_argv(args: argparse.Namespace) -> list[str]:
-    """The `nvae train` arguments for each torchrun worker (the same command without --nproc)."""
-    argv = [
-        "train",
-        "--preset",
-        args.preset,
-        "--data",
-        args.data,
-        "--out",
-        args.out,
-        "--seed",
-        str(args.seed),
-    ]
-    if args.config:
-        argv += ["--config", args.config]
-    for item in args.set:
-        argv += ["--set", item]
-    for flag, value in (
-        ("--steps", args.steps),
-        ("--epochs", args.epochs),
-        ("--batch-size", args.batch_size),
-        ("--grad-accum", args.grad_accum),
-        ("--checkpoint-every", args.checkpoint_every),
-        ("--checkpoint-dir", args.checkpoint_dir),
-        ("--precision", args.precision),
-        ("--device", args.device),
-        ("--log-every", args.log_every),
-        ("--max-nonfinite", args.max_nonfinite),
-        ("--eval-every", args.eval_every),
-        ("--samples", args.samples),
-    ):
-        if value is not None:
-            argv += [flag, str(value)]
-    if args.channels_last is not None:
-        argv.append("--channels-last" if args.channels_last else "--no-channels-last")
-    for flag, on in (
-        ("--compile", args.compile),
-        ("--no-progress", args.no_progress),
-        ("--no-dvclive", args.no_dvclive),
-    ):
-        if on:
+def _worker_argv(args: argparse.Namespace) -> list[str]:
+    """The `nvae train` arguments that give each torchrun worker these `args`, less the launcher's --nproc.
+    Read off the parser's own actions (each value that differs from its default), so no flag is listed twice."""
+    parser = argparse.ArgumentParser(add_help=False)
+    _add_train_args(parser)
+    argv: list[str] = []
+    for action in parser._actions:
+        value = getattr(args, action.dest)
+        if action.dest == "nproc" or value == action.default:
+            continue
+        flag = action.option_strings[0]
+        if isinstance(action, argparse.BooleanOptionalAction):  # --channels-last / --no-channels-last
+            argv.append(flag if value else action.option_strings[1])
+        elif action.nargs == 0:  # store_true
             argv.append(flag)
+        elif isinstance(value, list):  # append: --set KEY=VALUE, repeated
+            argv += [arg for item in value for arg in (flag, str(item))]
+        else:
+            argv += [flag, str(value)]
     return argv
-
-
-def _launch_torchrun(args: argparse.Namespace) -> int:
-    """Run `torchrun --standalone --nproc_per_node N -m cli.main train ...`; forward SIGTERM/SIGINT to it."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={args.nproc}",
-        "-m",
-        "cli.main",
-        *_torchrun_argv(args),
-    ]
-    log.info("launching: %s", " ".join(cmd))
-    proc = subprocess.Popen(cmd)
-    received: list[int] = []
-
-    def forward(signum, frame):
-        received.append(signum)
-        proc.send_signal(signum)
-
-    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        code = proc.wait()
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-    # torchrun reports any failed worker as exit 1; after a forwarded signal the workers checkpointed.
-    return 128 + received[0] if received else code
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -282,6 +170,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "throttling (retry later); 130/143 SIGINT/SIGTERM after a checkpoint (retry resumes). 1 and 2 "
         "repeat on a retry; 75, 130 and 143 do not.",
     )
+    _add_train_args(p)
+    p.set_defaults(func=cmd_train)
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument("--data", required=True, help="directory written by `nvae prepare`")
     p.add_argument("--out", required=True, help="run directory (checkpoint.pt, metrics, dvclive/, samples/)")
@@ -359,4 +252,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-dvclive", action="store_true", help="metrics to train_metrics.jsonl only")
-    p.set_defaults(func=cmd_train)

@@ -1,4 +1,4 @@
-"""What the components run inside their container: the `nvae` CLI, in-process or under torchrun.
+"""What the components run inside their container: the `nvae` command, as a child process.
 
 Kept in the package (not in the component bodies) because KFP serialises each component function on its own;
 the bodies stay a few lines of argument plumbing.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,38 +23,28 @@ def split_overrides(overrides: str) -> list[str]:
 
 
 def cli_status(argv: list[str]) -> int:
-    """Run `nvae ARGV...` in this process; its exit status."""
-    from cli.main import main
+    """Run `nvae ARGV...` as a child process (`python -m cli`, this interpreter); its exit status (negative:
+    killed by that signal). Its output goes to the step's log; SIGTERM and SIGINT reaching the step are passed
+    on to it, so a preempted `nvae train` checkpoints before it exits."""
+    from training.run import run_forwarding_signals
 
     print("+ nvae " + " ".join(shlex.quote(a) for a in argv), flush=True)
-    return main(argv)
+    sys.stderr.flush()
+    code, _ = run_forwarding_signals([sys.executable, "-m", "cli", *argv])
+    return code
 
 
 def run_cli(argv: list[str]) -> None:
-    """Run `nvae ARGV...` in this process; raise StepFailed on a non-zero exit."""
+    """Run `nvae ARGV...` (cli_status); raise StepFailed on a non-zero exit."""
     code = cli_status(argv)
     if code:
         raise StepFailed(f"nvae {argv[0]} exited with status {code}")
 
 
 def train_status(argv: list[str], nproc: int) -> int:
-    """`nvae train ARGV...`, under `torchrun --nproc_per_node nproc` when nproc > 1 (one process per GPU);
-    its exit status (torchrun's is 1 whatever a worker's was)."""
-    if nproc <= 1:
-        return cli_status(["train", *argv])
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "cli",
-        "train",
-        *argv,
-    ]
-    print("+ " + " ".join(shlex.quote(a) for a in cmd), flush=True)
-    return subprocess.call(cmd)
+    """`nvae train ARGV...` (cli_status), with `--nproc nproc` when nproc > 1: the command then runs itself
+    under torchrun, one process per GPU. Its exit status (under torchrun 1 whatever a worker's was)."""
+    return cli_status(["train", *argv, *(["--nproc", str(nproc)] if nproc > 1 else [])])
 
 
 # `nvae train`'s exit statuses that a retry repeats (a flag, config, data or checkpoint problem; cli/train.py).

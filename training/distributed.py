@@ -45,6 +45,12 @@ class DistContext:
         return self.world_size > 1
 
 
+def is_main_process() -> bool:
+    """Whether this process is rank 0 of its torchrun job, or runs alone (from the environment; true before
+    `init_distributed` as after it)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def init_distributed(device: str | None = None) -> DistContext:
     """Join the process group torchrun describes in the environment (NCCL on CUDA, gloo on CPU).
 
@@ -154,6 +160,7 @@ __all__ = [
     "DistContext",
     "RankDivergenceError",
     "init_distributed",
+    "is_main_process",
     "shutdown",
     "convert_sync_batchnorm",
     "any_flags",

@@ -14,7 +14,6 @@ AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION), never from code o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import tempfile
@@ -24,6 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from common.errors import StorageError  # noqa: F401  (re-exported: callers catch it from here)
+from common.files import file_sha256
 from common.s3 import is_retryable, parse_s3_uri, s3_client_from_env
 from model.checkpoint import atomic_torch_save, read_checkpoint
 
@@ -72,14 +72,6 @@ class LocalCheckpointStore:
         return read_checkpoint(path, map_location) if path.is_file() else None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class S3CheckpointStore:
     """Checkpoint objects under `s3://bucket/prefix/`, found through a `latest.json` pointer written last."""
 
@@ -103,7 +95,7 @@ class S3CheckpointStore:
         with tempfile.TemporaryDirectory(prefix="nvae-ckpt-") as tmp:
             path = Path(tmp) / "checkpoint.pt"
             torch.save(payload, path)
-            pointer = {"key": key, "step": step, "sha256": _sha256(path), "bytes": path.stat().st_size}
+            pointer = {"key": key, "step": step, "sha256": file_sha256(path), "bytes": path.stat().st_size}
             try:
                 self.client.upload_file(str(path), self.bucket, key)  # visible only once complete
                 self.client.put_object(
@@ -176,7 +168,7 @@ class S3CheckpointStore:
             raise StorageError(
                 f"cannot download s3://{self.bucket}/{pointer['key']}: {exc}", is_retryable(exc)
             ) from None
-        if _sha256(dest) != pointer.get("sha256"):
+        if file_sha256(dest) != pointer.get("sha256"):
             dest.unlink()
             raise StorageError(
                 f"s3://{self.bucket}/{pointer['key']} does not match its SHA-256 in {self.location}{LATEST_NAME}"

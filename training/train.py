@@ -24,14 +24,15 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from common.cpu import cpu_flags
 from common.errors import DataError, NVAEError
 from common.files import atomic_write_json
 from common.progress import progress as progress_bar
@@ -50,7 +51,7 @@ from training.distributed import (
     mean_over_ranks,
 )
 from training.metrics import RunLogger, latent_stats
-from training.storage import open_store
+from training.storage import CheckpointStore, open_store
 
 log = logging.getLogger(__name__)
 
@@ -126,20 +127,7 @@ def cpu_bf16_is_faster(cpuinfo: str | None = None) -> bool:
     BF16 on Arm). Not without native bf16 (oneDNN emulates it: ~4x slower than fp32, measured on AVX2), and not
     with AVX512-BF16 alone, where fp32 was measured faster (AMD EPYC, 2 threads: `fmnist-cpu` 110.6 against
     92.4 img/s, `mnist` 21.7 against 19.1; bench/RESULTS.md)."""
-    flags = _cpu_flags(cpuinfo)
-    return bool(flags & {"amx_bf16", "bf16"})
-
-
-def _cpu_flags(cpuinfo: str | None) -> set[str]:
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return set()
-    for line in cpuinfo.splitlines():
-        if line.startswith(("flags", "Features")):
-            return set(line.split(":", 1)[1].split())
-    return set()
+    return bool(cpu_flags(cpuinfo) & {"amx_bf16", "bf16"})
 
 
 def default_precision(device: torch.device | str) -> str:
@@ -211,6 +199,9 @@ class _StopSignals:
             )
         self.signum = signum
 
+    def requested(self) -> bool:
+        return self.signum is not None
+
     def __enter__(self) -> _StopSignals:
         if self.enabled:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -222,7 +213,109 @@ class _StopSignals:
             signal.signal(sig, old)
 
 
+# ------------------------------------------------------------------------------------------ one step
+
+
+@dataclass
+class StepResult:
+    """What one optimisation step did."""
+
+    terms: LossTerms  # the loss terms of its last batch
+    grad_norm: torch.Tensor  # the gradients' total norm, unscaled, before the update
+    applied: bool  # every rank's loss and gradients were finite, so the optimizer stepped
+    stop: bool  # some rank was asked to stop (its `stop_requested()`)
+    images: int  # images this process took: the batches' sizes summed
+
+
+def training_step(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    batches: Iterator[torch.Tensor],
+    step: int,
+    total_steps: int,
+    lr: float,
+    *,
+    precision: str = "fp32",
+    grad_accum: int = 1,
+    channels_last: bool = False,
+    dist: DistContext | None = None,
+    stop_requested: Callable[[], bool] | None = None,
+) -> StepResult:
+    """One optimisation step: `grad_accum` batches (B, C, D, D) from `batches` through `net` (an `Objective`,
+    or DDP around one) under autocast, backward through `scaler`, the gradient norm, then the optimizer at `lr`.
+
+    Each loss is divided by `grad_accum`, so the summed gradient is the batches' mean. When any rank's loss or
+    gradient is non-finite, no rank updates (the gradients are dropped). The flags every rank must agree on,
+    non-finite and `stop_requested()` (asked after the backward: a signal that came during the step counts), are
+    reduced over `dist`'s ranks together, in one all-reduce.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    device = params[0].device
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    ddp = isinstance(net, nn.parallel.DistributedDataParallel)
+    images, loss_finite = 0, True
+    for micro in range(grad_accum):
+        x = next(batches).to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        images += x.size(0)
+        # DDP all-reduces the gradients once, on the last batch of the step
+        sync = net.no_sync() if ddp and micro < grad_accum - 1 else contextlib.nullcontext()
+        with sync:
+            with autocast(device, precision):
+                terms = net(x, step, total_steps)
+            loss_finite = loss_finite and bool(torch.isfinite(terms.loss))
+            loss = terms.loss / grad_accum if grad_accum > 1 else terms.loss
+            scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+    finite = loss_finite and bool(torch.isfinite(grad_norm))
+    flags = [not finite, bool(stop_requested and stop_requested())]
+    bad, stop = any_flags(dist, *flags) if dist is not None else flags
+    if bad:
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        scaler.step(optimizer)
+    scaler.update()
+    return StepResult(terms, grad_norm, not bad, stop, images)
+
+
 # ------------------------------------------------------------------------------------------ the loop
+
+
+@dataclass
+class _Run:
+    """One training run's live objects and counters, shared by its phases."""
+
+    cfg: NVAEConfig
+    opts: TrainOptions
+    ctx: DistContext
+    model: NVAE
+    objective: Objective
+    net: nn.Module  # the objective, or DDP around it
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    store: CheckpointStore
+    logger: RunLogger
+    channels_last: bool
+    step: int = 0  # optimisation steps done
+    skipped: int = 0  # steps skipped for a non-finite loss or gradient
+    nonfinite_in_row: int = 0
+    saved_step: int = -1  # the step of the newest checkpoint in the store (-1: none)
+
+
+@dataclass
+class _Meter:
+    """What the loop sums between log lines (images, for img/s) and between evaluations (KL per latent)."""
+
+    t_log: float
+    images: int = 0  # over all ranks
+    kl_sum: torch.Tensor | None = None
+    kl_steps: int = 0
+    last: dict[str, Any] = field(default_factory=dict)  # the metrics of the last log line
 
 
 def train(cfg: NVAEConfig, batches: BatchSource, opts: TrainOptions) -> dict[str, Any]:
@@ -231,6 +324,15 @@ def train(cfg: NVAEConfig, batches: BatchSource, opts: TrainOptions) -> dict[str
     Raises NonFiniteLossError after `max_nonfinite` non-finite steps in a row (the last good checkpoint is
     kept), TrainingInterrupted after checkpointing on SIGTERM/SIGINT.
     """
+    run = _set_up(cfg, opts)
+    last = _loop(run, batches)
+    return _finish(run, last)
+
+
+def _set_up(cfg: NVAEConfig, opts: TrainOptions) -> _Run:
+    """The network (the same initial weights on every rank), optimizer, scaler and checkpoint store, resumed
+    from the store's newest checkpoint when it holds one; then the objective (under DDP across ranks) and the
+    metrics logger."""
     ctx = opts.dist or DistContext(device=torch.device(opts.device))
     device = ctx.device
     if device.type == "cpu":
@@ -269,175 +371,183 @@ def train(cfg: NVAEConfig, batches: BatchSource, opts: TrainOptions) -> dict[str
             objective, device_ids=[device] if device.type == "cuda" else None
         )
     logger = RunLogger(opts.out, enabled=ctx.is_main, resume=payload is not None, dvclive=opts.dvclive)
+    return _Run(
+        cfg, opts, ctx, model, objective, net, optimizer, scaler, store, logger, channels_last,
+        step=step, skipped=skipped, nonfinite_in_row=nonfinite_in_row,
+        saved_step=step if payload is not None else -1,
+    )  # fmt: skip
 
-    saved_step = step if payload is not None else -1
 
-    def checkpoint() -> str:
-        nonlocal saved_step
-        saved_step = step
-        rng = gather_objects(ctx, _rng_state(device))
-        location = store.location
-        if ctx.is_main:
-            epoch, batch = divmod(step * opts.grad_accum, opts.batches_per_epoch)
-            location = store.save(
-                {
-                    "format": FORMAT,
-                    "version": VERSION,
-                    "config": cfg.to_json(),
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "step": step,
-                    "epoch": epoch,
-                    "batch_in_epoch": batch,
-                    "batches_per_epoch": opts.batches_per_epoch,
-                    "grad_accum": opts.grad_accum,
-                    "total_steps": opts.steps,
-                    "seed": opts.seed,
-                    "world_size": ctx.world_size,
-                    "precision": opts.precision,
-                    "skipped": skipped,
-                    "nonfinite_in_row": nonfinite_in_row,
-                    "rng": rng,
-                    "rng_cpu": rng[0]["cpu"],
-                },
-                step,
-            )
-            log.debug("checkpoint of step %d -> %s", step, location)
-        barrier(ctx)
-        return location
-
-    model.train()
-    world_batch_images = 0
-    last: dict[str, Any] = {}
-    kl_sum: torch.Tensor | None = None
-    kl_steps = 0
+def _loop(run: _Run, batches: BatchSource) -> dict[str, Any]:
+    """Optimisation steps from `run.step` to the last: each `training_step`, then its metrics, evaluation and
+    checkpoint when due; stops with a checkpoint on SIGTERM/SIGINT. Returns the last logged metrics."""
+    opts, ctx = run.opts, run.ctx
+    run.model.train()
     bar = progress_bar(
         total=opts.steps,
-        initial=step,
+        initial=run.step,
         disable=not (opts.progress and ctx.is_main),
         desc="train",
         unit="step",
         dynamic_ncols=True,
     )
-    t_log = time.perf_counter()
-
-    def batch_stream(first_step: int):
-        """The training batches from the position of `first_step`, across epochs (each epoch its own
-        shuffle, as a fresh run would see it)."""
-        position = first_step * opts.grad_accum
-        while True:
-            epoch, start_batch = divmod(position, opts.batches_per_epoch)
-            produced = False
-            for x in batches(epoch, start_batch):
-                produced = True
-                position += 1
-                yield x
-            if not produced:
-                raise DataError(
-                    f"the data source yielded no batch for epoch {epoch} from batch {start_batch}"
-                )
-
-    with _rng_guard(device):
-        stream = batch_stream(step)
+    meter = _Meter(t_log=time.perf_counter())
+    stream = _without_rng(_batch_stream(batches, run.step, opts), ctx.device)
     with _StopSignals(opts.handle_signals) as stop:
-        while step < opts.steps:
-            lr = learning_rate(cfg, step, opts.steps, opts.steps_per_epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            step_images = 0
-            loss_finite = True
-            for micro in range(opts.grad_accum):
-                with _rng_guard(device):
-                    x = next(stream)
-                x = x.to(device, non_blocking=True)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                step_images += x.size(0)
-                last_micro = micro == opts.grad_accum - 1
-                # DDP all-reduces the gradients once, on the last batch of the step
-                sync = net.no_sync() if ctx.distributed and not last_micro else contextlib.nullcontext()
-                with sync:
-                    with autocast(device, opts.precision):
-                        terms = net(x, step, opts.steps)
-                    loss_finite = loss_finite and bool(torch.isfinite(terms.loss))
-                    loss = terms.loss / opts.grad_accum if opts.grad_accum > 1 else terms.loss
-                    scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-            finite = loss_finite and bool(torch.isfinite(grad_norm))
-            bad, stopping = any_flags(ctx, not finite, stop.signum is not None)
-            if bad:
-                skipped += 1
-                nonfinite_in_row += 1
-                log.warning(
-                    "step %d: non-finite loss or gradient, step skipped (%d in a row)",
-                    step,
-                    nonfinite_in_row,
-                )
-                optimizer.zero_grad(set_to_none=True)
-                scaler.update()
-                if nonfinite_in_row >= opts.max_nonfinite:
-                    bar.close()
-                    logger.close()
-                    raise NonFiniteLossError(
-                        f"{nonfinite_in_row} consecutive non-finite steps at step {step}; the last good "
-                        f"checkpoint is kept in {store.location}"
-                    )
-                step += 1
+        while run.step < opts.steps:
+            lr = learning_rate(run.cfg, run.step, opts.steps, opts.steps_per_epoch)
+            result = training_step(
+                run.net,
+                run.optimizer,
+                run.scaler,
+                stream,
+                run.step,
+                opts.steps,
+                lr,
+                precision=opts.precision,
+                grad_accum=opts.grad_accum,
+                channels_last=run.channels_last,
+                dist=ctx,
+                stop_requested=stop.requested,
+            )
+            if result.applied:
+                run.nonfinite_in_row = 0
+                run.step += 1
                 bar.update(1)
+                _record(run, meter, result, lr, bar)
             else:
-                nonfinite_in_row = 0
-                scaler.step(optimizer)
-                scaler.update()
-                step += 1
-                bar.update(1)
-                world_batch_images += step_images * ctx.world_size
-                diag = objective.kl_diag
-                kl_sum = diag if kl_sum is None else kl_sum + diag
-                kl_steps += 1
-                if step % opts.log_every == 0 or step == opts.steps:
-                    now = time.perf_counter()
-                    last = _step_metrics(cfg, ctx, terms, lr, grad_norm, scaler, skipped)
-                    last["img_per_s"] = world_batch_images / max(now - t_log, 1e-9)
-                    world_batch_images, t_log = 0, now
-                    logger.log_step(step, last)
-                    bar.set_postfix(
-                        loss=f"{last['loss']:.1f}",
-                        bpd=f"{last['nelbo_bpd']:.3f}",
-                        img_s=f"{last['img_per_s']:.1f}",
-                    )
-                if kl_sum is not None and (
-                    (opts.eval_every and step % opts.eval_every == 0) or step == opts.steps
-                ):
-                    _evaluate_interval(model, ctx, logger, opts, step, kl_sum / kl_steps)
-                    kl_sum, kl_steps = None, 0
-            if opts.checkpoint_every and step % opts.checkpoint_every == 0:
-                checkpoint()
-            if stopping:
+                _count_skipped(run, bar)
+            if opts.checkpoint_every and run.step % opts.checkpoint_every == 0:
+                _checkpoint(run)
+            if result.stop:
                 bar.close()
-                location = checkpoint()
-                logger.close()
-                signum = stop.signum or signal.SIGTERM
-                raise TrainingInterrupted(signum, step, location)
+                location = _checkpoint(run)
+                run.logger.close()
+                raise TrainingInterrupted(stop.signum or signal.SIGTERM, run.step, location)
     bar.close()
-    digest = check_in_sync(ctx, model)
-    location = store.location
-    if saved_step != step:
-        location = checkpoint()
-    logger.close()
+    return meter.last
+
+
+def _batch_stream(batches: BatchSource, first_step: int, opts: TrainOptions) -> Iterator[torch.Tensor]:
+    """The training batches from the position of `first_step`, across epochs (each epoch its own shuffle, as
+    a fresh run would see it)."""
+    position = first_step * opts.grad_accum
+    while True:
+        epoch, start_batch = divmod(position, opts.batches_per_epoch)
+        produced = False
+        for x in batches(epoch, start_batch):
+            produced = True
+            position += 1
+            yield x
+        if not produced:
+            raise DataError(f"the data source yielded no batch for epoch {epoch} from batch {start_batch}")
+
+
+def _without_rng(stream: Iterator[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
+    """`stream`'s items, each fetched without consuming the global RNG (see `_rng_guard`)."""
+    while True:
+        with _rng_guard(device):
+            x = next(stream)
+        yield x
+
+
+def _count_skipped(run: _Run, bar) -> None:
+    """Count a skipped step; raise NonFiniteLossError after `max_nonfinite` of them in a row."""
+    run.skipped += 1
+    run.nonfinite_in_row += 1
+    log.warning(
+        "step %d: non-finite loss or gradient, step skipped (%d in a row)", run.step, run.nonfinite_in_row
+    )
+    if run.nonfinite_in_row >= run.opts.max_nonfinite:
+        bar.close()
+        run.logger.close()
+        raise NonFiniteLossError(
+            f"{run.nonfinite_in_row} consecutive non-finite steps at step {run.step}; the last good "
+            f"checkpoint is kept in {run.store.location}"
+        )
+    run.step += 1
+    bar.update(1)
+
+
+def _record(run: _Run, meter: _Meter, result: StepResult, lr: float, bar) -> None:
+    """After an applied step: the step's metrics every `log_every` steps, the latent statistics and a sample
+    grid every `eval_every` steps, both at the last step."""
+    opts, ctx, step = run.opts, run.ctx, run.step
+    meter.images += result.images * ctx.world_size
+    diag = run.objective.kl_diag
+    meter.kl_sum = diag if meter.kl_sum is None else meter.kl_sum + diag
+    meter.kl_steps += 1
+    if step % opts.log_every == 0 or step == opts.steps:
+        now = time.perf_counter()
+        last = _step_metrics(run.cfg, ctx, result.terms, lr, result.grad_norm, run.scaler, run.skipped)
+        last["img_per_s"] = meter.images / max(now - meter.t_log, 1e-9)
+        meter.images, meter.t_log, meter.last = 0, now, last
+        run.logger.log_step(step, last)
+        bar.set_postfix(
+            loss=f"{last['loss']:.1f}", bpd=f"{last['nelbo_bpd']:.3f}", img_s=f"{last['img_per_s']:.1f}"
+        )
+    if meter.kl_sum is not None and ((opts.eval_every and step % opts.eval_every == 0) or step == opts.steps):
+        _evaluate_interval(run.model, ctx, run.logger, opts, step, meter.kl_sum / meter.kl_steps)
+        meter.kl_sum, meter.kl_steps = None, 0
+
+
+def _checkpoint(run: _Run) -> str:
+    """Save the run at its current step (every rank's RNG state gathered, the main rank writes); where it went."""
+    opts, ctx, step = run.opts, run.ctx, run.step
+    run.saved_step = step
+    rng = gather_objects(ctx, _rng_state(ctx.device))
+    location = run.store.location
+    if ctx.is_main:
+        epoch, batch = divmod(step * opts.grad_accum, opts.batches_per_epoch)
+        location = run.store.save(
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "config": run.cfg.to_json(),
+                "model": run.model.state_dict(),
+                "optimizer": run.optimizer.state_dict(),
+                "scaler": run.scaler.state_dict(),
+                "step": step,
+                "epoch": epoch,
+                "batch_in_epoch": batch,
+                "batches_per_epoch": opts.batches_per_epoch,
+                "grad_accum": opts.grad_accum,
+                "total_steps": opts.steps,
+                "seed": opts.seed,
+                "world_size": ctx.world_size,
+                "precision": opts.precision,
+                "skipped": run.skipped,
+                "nonfinite_in_row": run.nonfinite_in_row,
+                "rng": rng,
+                "rng_cpu": rng[0]["cpu"],
+            },
+            step,
+        )
+        log.debug("checkpoint of step %d -> %s", step, location)
+    barrier(ctx)
+    return location
+
+
+def _finish(run: _Run, last: dict[str, Any]) -> dict[str, Any]:
+    """Check that the ranks agree, write the final checkpoint (unless the last step's is stored) and the
+    summary (`train_summary.json`, main rank); returns the summary."""
+    ctx = run.ctx
+    digest = check_in_sync(ctx, run.model)
+    location = run.store.location
+    if run.saved_step != run.step:
+        location = _checkpoint(run)
+    run.logger.close()
     summary = {
-        "steps": step,
-        "skipped_steps": skipped,
+        "steps": run.step,
+        "skipped_steps": run.skipped,
         "world_size": ctx.world_size,
-        "precision": opts.precision,
+        "precision": run.opts.precision,
         "checkpoint": location,
         "param_digest": digest,
         **{f"last_{k}": v for k, v in last.items()},
     }
     if ctx.is_main:
-        atomic_write_json(opts.out / "train_summary.json", summary)
+        atomic_write_json(run.opts.out / "train_summary.json", summary)
     return summary
 
 
@@ -528,6 +638,7 @@ def _evaluate_interval(
 __all__ = [
     "NonFiniteLossError",
     "Objective",
+    "StepResult",
     "TrainOptions",
     "TrainingInterrupted",
     "cpu_bf16_is_faster",
@@ -535,4 +646,5 @@ __all__ = [
     "learning_rate",
     "make_optimizer",
     "train",
+    "training_step",
 ]

@@ -11,8 +11,8 @@ from inference.readjust import readjust_bn
 from inference.sample import fixed_scale_rows, nearest_neighbours
 from model.checkpoint import load_model, save_checkpoint
 from model.network import NVAE
-from model.regularizers import bn_layers
 from model.prior_sampling import sample_images
+from model.regularizers import bn_layers
 
 
 def _trained_bn(model, x, steps=3):

@@ -5,8 +5,8 @@ from model.config import PRESETS, apply_overrides, get_preset
 from model.info import build_on_meta, model_info
 from model.network import NVAE
 from model.objective import kl_balance_alphas, nvae_loss
-from model.regularizers import bn_layers, conv_layers
 from model.precision import autocast
+from model.regularizers import bn_layers, conv_layers
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import stat
 import docker
 import pytest
 
+from common.errors import NVAEError
 from pipelines.container_runner import docker_runner, run_container
 
 
@@ -56,7 +57,7 @@ def test_exit_status_comes_from_wait_and_the_container_is_removed_after(capsys, 
 
 def test_a_missing_image_is_named_and_never_pulled():
     client = FakeClient(images=())
-    with pytest.raises(RuntimeError, match=r"img:1 is not on this machine.*scripts/images.sh"):
+    with pytest.raises(NVAEError, match=r"img:1 is not on this machine.*scripts/images.sh"):
         run_container(client, "img:1", ["true"], {})
     assert client.runs == []
 

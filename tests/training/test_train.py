@@ -439,15 +439,15 @@ def test_grad_accum_sums_the_mean_of_the_batches_gradients(tmp_path, tiny_cfg, m
 def test_train_warns_when_the_global_batch_is_not_the_recipes(caplog):
     import logging
 
-    from cli.train import warn_global_batch
     from model.config import get_preset
+    from training.run import warn_global_batch
 
     cifar = get_preset("cifar10")
-    with caplog.at_level(logging.WARNING, logger="cli.train"):
+    with caplog.at_level(logging.WARNING, logger="training.run"):
         assert warn_global_batch(cifar, 32, 1, 1) == 32
     assert "differs from the recipe's 256 (32 per GPU x 8 GPUs); --grad-accum 8 reaches it" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="cli.train"):
+    with caplog.at_level(logging.WARNING, logger="training.run"):
         assert warn_global_batch(cifar, 32, 2, 4) == 256  # 2 processes x 4 accumulated = the authors' 8 GPUs
     assert not caplog.text
 
