@@ -1,2 +1,3 @@
 """The `nvae` command: `main` dispatches to one module per command group (`data`, `train`, `inference`,
-`serve`, `pipeline`), each a few lines of argument parsing over the library packages."""
+`serve`, `pipeline`, `store`, `model`). Each `cmd_*` parses its arguments, calls one library function and
+prints its result; `main` turns the product's errors into one line and exit status 2."""

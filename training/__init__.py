@@ -1,2 +1,4 @@
-"""Training: the loop (AdaMax + cosine, KL warm-up, AMP), torchrun/DDP helpers, checkpoint stores (local,
-S3) and metrics logging. Imports `model`, `data` and `common`."""
+"""Training: one run as `nvae train` asks for it and the torchrun launcher (`run`), the loop in named phases
+with the step it repeats (`train`: AdaMax with warm-up and cosine decay, KL warm-up, mixed precision,
+checkpoints and resume), torchrun/DDP helpers (`distributed`), checkpoint stores, local and S3 (`storage`),
+and metrics logging (`metrics`). Imports `model`, `data` and `common`."""

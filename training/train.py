@@ -88,7 +88,7 @@ class TrainOptions:
     sample_count: int = 16
     sample_temperature: float = 1.0
     dvclive: bool = True
-    channels_last: bool | None = None  # None: on for CPU (1.4x faster steps there), off on CUDA
+    channels_last: bool | None = None  # None: on for CPU (oneDNN's NHWC kernels are faster there), off on CUDA
     compile: bool = False
     handle_signals: bool = True  # checkpoint and stop on SIGTERM/SIGINT (main thread only)
     dist: DistContext | None = None
@@ -124,9 +124,8 @@ def make_optimizer(cfg: NVAEConfig, model: torch.nn.Module) -> torch.optim.Optim
 
 def cpu_bf16_is_faster(cpuinfo: str | None = None) -> bool:
     """Whether bf16 autocast beats fp32 for training on this CPU, from /proc/cpuinfo: with AMX tiles on x86 (or
-    BF16 on Arm). Not without native bf16 (oneDNN emulates it: ~4x slower than fp32, measured on AVX2), and not
-    with AVX512-BF16 alone, where fp32 was measured faster (AMD EPYC, 2 threads: `fmnist-cpu` 110.6 against
-    92.4 img/s, `mnist` 21.7 against 19.1; bench/RESULTS.md)."""
+    BF16 on Arm). Not without native bf16, where oneDNN emulates it and fp32 is faster, and not with
+    AVX512-BF16 alone, where fp32 is faster too (the figures are in bench/RESULTS.md)."""
     return bool(cpu_flags(cpuinfo) & {"amx_bf16", "bf16"})
 
 

@@ -454,7 +454,7 @@ TINY = "channels=8 z_channels=4 groups=2 cells_enc=1 cells_dec=1 pre_cells=1 pos
 
 def test_local_pipeline_end_to_end(tmp_path, capsys):
     """The README's main job, tiny: every step runs with kfp.local and leaves its artifact."""
-    pytest.importorskip("inference.export", reason="ONNX export (issue 6) not in this tree yet")
+    pytest.importorskip("inference.export", reason="needs inference.export")
     args = [
         "pipeline",
         "run",

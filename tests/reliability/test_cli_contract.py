@@ -1,5 +1,5 @@
 """The error contract of every command: bad input is one line naming the file or option, exit status 2,
-and nothing half-written is left behind. Cases from the reliability review (issue 15)."""
+and nothing half-written is left behind. Cases a hostile user would try."""
 
 import socket
 from pathlib import Path
