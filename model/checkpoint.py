@@ -7,14 +7,13 @@ atomically (temporary file, fsync, rename), so a crash never leaves a half file 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from common.errors import CheckpointError, ConfigError
+from common.files import atomic_open
 from model.config import NVAEConfig
 
 FORMAT = "nvae-pipeline-checkpoint"
@@ -40,31 +39,17 @@ class _WriteErrors:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same directory, fsync, then rename over `path`. A failed write
-    (a full disk) raises its OSError naming `path`, and leaves neither `path` changed nor the temporary file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            writer = _WriteErrors(fh)
-            try:
-                torch.save(obj, writer)
-            except RuntimeError:
-                if writer.error is None:
-                    raise
-                raise OSError(writer.error.errno, writer.error.strerror, str(path)) from None
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if exc.errno is not None and exc.filename in (None, tmp):  # name the user's file, not our temporary
-            raise OSError(exc.errno, exc.strerror, str(path)) from None
-        raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save to `path` atomically (`common.files.atomic_open`: temporary file, fsync, rename). A failed
+    write (a full disk) raises its OSError naming `path`, and leaves neither `path` changed nor the temporary
+    file."""
+    with atomic_open(path, "wb") as fh:
+        writer = _WriteErrors(fh)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is None:
+                raise
+            raise OSError(writer.error.errno, writer.error.strerror, str(path)) from None
 
 
 def save_checkpoint(path: str | Path, model, extra: dict[str, Any] | None = None) -> None:

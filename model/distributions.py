@@ -10,6 +10,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from common.errors import ConfigError
+
 LOG_2PI = math.log(2 * math.pi)
 
 
@@ -89,7 +91,7 @@ class DiscretizedLogisticMixture:
         self, params: torch.Tensor, channels: int, num_mix: int, num_bits: int = 8, edge: str = "correct"
     ):
         if edge not in ("correct", "released"):
-            raise ValueError(f"edge must be 'correct' or 'released', got {edge!r}")
+            raise ConfigError(f"edge must be 'correct' or 'released', got {edge!r}")
         params = params.float()
         b, _, h, w = params.shape
         m, c = num_mix, channels

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.layers import WNConv2d, elu
+from model.fused import elu
+from model.layers import WNConv2d
 
 
 def channel_mask(c_in: int, c_out: int, zero_diag: bool) -> torch.Tensor:

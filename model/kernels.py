@@ -2,12 +2,11 @@
 
 One kernel so far: the weight gradient of a depthwise convolution, the k*k per-channel correlations of the
 padded input with the output gradient. oneDNN computes it at a fraction of its forward speed on the decoder
-cells' shapes (8x8 maps, 768 channels: 3.4-4.1 ms against 0.4 ms for the forward, AVX-512, 2 threads); the
-same sums as one generated loop take 0.7 ms. Each input signature is compiled once, with static shapes (a
-dynamic-shape kernel was as slow as oneDNN): about 3 s the first time, then loaded from inductor's on-disk
-cache. Small tensors are not compiled (they would cost more to compile than they save), and without a C++
-compiler (the slim images) or with `NVAE_COMPILED_KERNELS=0` every call returns None: callers then use
-their ATen path, which gives the same values up to float rounding.
+cells' shapes; the same sums as one generated loop are much faster (bench/RESULTS.md). Each input signature
+is compiled once, with static shapes (a dynamic-shape kernel is no faster than oneDNN): seconds the first
+time, then loaded from inductor's on-disk cache. Small tensors are not compiled (they would cost more to
+compile than they save), and without a C++ compiler (the slim images) or with `NVAE_COMPILED_KERNELS=0`
+every call returns None: callers then use their ATen path, which gives the same values up to float rounding.
 """
 
 from __future__ import annotations
@@ -22,10 +21,10 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-# Below this many input elements the ATen path is used: compiling costs seconds, and saves < 0.1 ms a call.
+# Below this many input elements the ATen path is used: compiling costs seconds, more than such calls save.
 MIN_NUMEL = 1 << 19
 # Maps of at most this many pixels take the k*k full reductions; larger ones per-image sums first, which
-# keep each image's rows in cache (32x32 maps, 192 channels: 5.9 ms against 18.6 ms, and oneDNN's 15.9 ms).
+# keep each image's rows in cache (on larger maps, faster than both the full reductions and oneDNN).
 BY_SHIFT_MAX_PIXELS = 64
 
 _compiled: dict[tuple, Callable] = {}

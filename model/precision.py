@@ -7,11 +7,14 @@ import ctypes
 
 import torch
 
+from common.errors import ConfigError
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def configure_cpu(keep_freed_memory: bool = True) -> None:
-    """Flush denormal floats on CPU: they stall NVAE's steps up to 25x during the early KL blow-up.
+    """Flush denormal floats on CPU: arithmetic on them is many times slower, and the early KL blow-up
+    produces many, which would stall NVAE's steps.
 
     With `keep_freed_memory`, also stop glibc's malloc from returning freed activation memory to the kernel
     (see `keep_malloc_arena`): a training step then stops re-faulting its pages every step.
@@ -29,9 +32,9 @@ def keep_malloc_arena() -> bool:
     """Serve tensors up to 32 MiB from the malloc heap and never trim it (glibc only; True when applied).
 
     By default glibc maps large blocks with mmap and unmaps them on free, so every step's activations are
-    page-faulted in afresh. Measured on `mnist` batch 32 (bench/RESULTS.md): 1.16x faster steps in paired runs,
-    no difference in a 3-round run, same peak RSS. 32 MiB is the largest threshold glibc accepts on 64-bit;
-    larger blocks are still mmap'd (hence `evaluate`'s small passes on CPU).
+    page-faulted in afresh; kept in the heap, their pages are reused from one step to the next. 32 MiB is the
+    largest threshold glibc accepts on 64-bit; larger blocks are still mmap'd (hence `evaluate`'s small
+    passes on CPU).
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -50,11 +53,11 @@ def keep_malloc_arena() -> bool:
 def autocast(device: torch.device | str, precision: str):
     """Autocast context for `precision` on `device` (fp32: none). fp16 autocast needs CUDA."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        raise ConfigError(f"precision={precision!r}; choose one of: {', '.join(PRECISIONS)}")
     device_type = torch.device(device).type
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision == "fp16" and device_type != "cuda":
-        raise ValueError("precision=fp16 needs a CUDA device (use bf16 on CPU)")
+        raise ConfigError("precision=fp16 needs a CUDA device (use bf16 on CPU)")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device_type, dtype=dtype)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from common.errors import ConfigError
 from model.distributions import Bernoulli, quantize
 from model.layers import shared_effective_weights
 from model.network import NVAE
@@ -49,7 +50,7 @@ def decode_images(
     signature and ignored.
     """
     if mode not in DECODE_MODES:
-        raise ValueError(f"decode mode {mode!r}; choose one of: {', '.join(DECODE_MODES)}")
+        raise ConfigError(f"decode mode {mode!r}; choose one of: {', '.join(DECODE_MODES)}")
     dist = model.output_distribution(logits)
     if mode == "mean":
         x = dist.mean()
@@ -71,7 +72,7 @@ def sample_images(
 ) -> torch.Tensor:
     """n images (n, C, D, D) in [0, 1] from the prior at `temperature`, the same for the same seed."""
     if temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be > 0")
+        raise ConfigError(f"temperature={temperature} must be > 0")
     device = model.h.device
     eps = draw_noise(model, n, seed)
     out = []

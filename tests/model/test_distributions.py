@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from common.errors import ConfigError
 from model.distributions import Bernoulli, DiscretizedLogisticMixture, Normal, soft_clamp
 
 
@@ -89,6 +90,11 @@ def test_dmol_sample_in_range_and_mean_shape():
 def test_dmol_rejects_wrong_channel_count():
     with pytest.raises(ValueError, match="needs 100 channels"):
         DiscretizedLogisticMixture(torch.randn(1, 30, 2, 2), 3, 10, 8)
+
+
+def test_dmol_rejects_an_unknown_edge_as_a_config_error():
+    with pytest.raises(ConfigError, match="edge must be 'correct' or 'released', got 'upper'"):
+        DiscretizedLogisticMixture(torch.randn(1, 100, 2, 2), 3, 10, 8, edge="upper")
 
 
 def test_bernoulli_sums_to_one():

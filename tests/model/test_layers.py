@@ -1,7 +1,8 @@
 import torch
 from torch import nn
 
-from model.layers import BatchNormSwish, DownSkip, SqueezeExcite, UpSkip, WNConv2d, _DepthwiseConv
+from model.fused import _DepthwiseConv
+from model.layers import BatchNormSwish, DownSkip, SqueezeExcite, UpSkip, WNConv2d
 
 
 def _saved_bytes(fn):
@@ -252,7 +253,7 @@ def test_bn_swish_conv_block_under_bf16_autocast_matches_autocast_chain():
 def test_the_cpu_elu_equals_pytorchs_in_value_and_gradient():
     import torch.nn.functional as F
 
-    from model.layers import elu
+    from model.fused import elu
 
     torch.manual_seed(0)
     x = (torch.randn(8, 16, 9, 9) * 3).contiguous(memory_format=torch.channels_last).requires_grad_()
