@@ -121,7 +121,8 @@ def read_token(args: argparse.Namespace) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from serving.server import ServeConfig, serve
+    from serving.config import ServeConfig
+    from serving.server import serve
 
     cfg = ServeConfig(
         model_name=args.model_name,
@@ -138,10 +139,7 @@ def run(args: argparse.Namespace) -> int:
         shutdown_timeout_s=args.shutdown_timeout,
         ort_cache_dir=args.ort_cache,
     )
-    try:
-        cfg.validate()
-    except ValueError as exc:
-        raise NVAEError(str(exc)) from None
+    cfg.validate()  # before the model loads: a ConfigError names the field
     if args.server == "kserve":
         from serving.kserve_model import serve_kserve
 

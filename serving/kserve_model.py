@@ -1,10 +1,11 @@
 """The sampler as a KServe custom predictor: a `kserve.Model` served by `kserve.ModelServer` (Open Inference
 Protocol v2 over REST and gRPC, KServe's health, readiness and metrics), for clusters that run KServe.
 
-What is the sampler's own is shared with the built-in server (`serving.server`): request validation and its
-limits (`parse_infer`), the noise and the onnxruntime runs (`OnnxSampler`), request batching (`Batcher`) and
-the output encodings (`encode_output`). A bad input is `kserve.errors.InvalidInput`, which KServe answers with
-400 over REST and INVALID_ARGUMENT over gRPC.
+What is the sampler's own is shared with the built-in server (`serving.app`): the limits (`ServeConfig`),
+request validation (`serving.protocol.parse_infer`), the noise and the onnxruntime runs (`OnnxSampler`),
+request batching (`serving.batching.Batcher`) and the output encodings (`serving.protocol.encode_output`).
+A bad input is `kserve.errors.InvalidInput`, which KServe answers with 400 over REST and INVALID_ARGUMENT
+over gRPC.
 
 What KServe's server does not offer, and where it is handled instead (see docs/deploy.md):
 - bearer-token authentication of metadata: `predict` checks the token (KServe hands it the request headers
@@ -29,17 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from serving.batching import Batcher, ServerMetrics
+from serving.config import ServeConfig
 from serving.onnx_sampler import OnnxSampler
-from serving.server import (
-    BadRequest,
-    Batcher,
-    InferRequest,
-    ServeConfig,
-    ServerMetrics,
-    bearer_ok,
-    encode_output,
-    parse_infer,
-)
+from serving.protocol import BadRequest, InferRequest, bearer_ok, encode_output, parse_infer
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ seeded with `seed`, float32 standard normals per group coarse first; for decode=
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -18,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common.errors import NVAEError
+from common.cpu import cpu_flags_line
+from common.errors import CheckpointError, ConfigError
+from common.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ MAX_AUTO_BATCH = 256
 MAX_SEED = 2**63 - 1
 
 
-class OnnxModelError(NVAEError):
+class OnnxModelError(CheckpointError):
     """The file is not an exported NVAE decoder, or onnxruntime cannot load it."""
 
 
@@ -48,7 +49,7 @@ def resolve_providers(providers: str | Sequence | None) -> list:
     if providers == "cuda":
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if isinstance(providers, str):
-        raise ValueError(f"providers={providers!r}; choose auto, cpu, cuda or a list of provider names")
+        raise ConfigError(f"providers={providers!r}; choose auto, cpu, cuda or a list of provider names")
     return list(providers)
 
 
@@ -118,7 +119,7 @@ class OnnxSampler:
         self.session, self.cached = _open_session(self.path, wanted, threads, cache_dir)
         self.providers: list[str] = self.session.get_providers()
         # IO binding (None: on CUDA only): on CUDA the output stays on the device until one copy; on CPU it
-        # saves one output copy, which measured within noise of a plain run (bench/ort_session.py).
+        # saves one output copy (bench/ort_session.py compares it with a plain run).
         self.io_binding = self.device == "cuda" if io_binding is None else io_binding
         if "CUDAExecutionProvider" in wanted and "CUDAExecutionProvider" not in self.providers:
             if providers == "cuda" and not allow_cpu_fallback:
@@ -203,7 +204,7 @@ class OnnxSampler:
 
     def _run(self, feeds, n, temperature, batch_size, run_options, output) -> np.ndarray:
         if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) < 1):
-            raise ValueError(f"batch_size={batch_size} must be >= 1")
+            raise ConfigError(f"batch_size={batch_size} must be >= 1")
         batch = int(batch_size or self.auto_batch_size)
         temp = np.array([temperature], dtype=np.float32)
         out = np.empty((n, *self.image_shape), dtype=np.float32)
@@ -267,7 +268,7 @@ def _from_cache(path: Path, providers: list, cache_dir: str | Path, create):
     import onnxruntime as ort
 
     key = hashlib.sha256(path.read_bytes())
-    key.update(json.dumps([providers, ort.__version__, platform.machine(), _cpu_flags()]).encode())
+    key.update(json.dumps([providers, ort.__version__, platform.machine(), cpu_flags_line()]).encode())
     cached = Path(cache_dir) / f"{path.stem}-{key.hexdigest()[:16]}.optimized.onnx"
     if cached.is_file():
         try:
@@ -275,29 +276,16 @@ def _from_cache(path: Path, providers: list, cache_dir: str | Path, create):
         except Exception as exc:  # a damaged entry: rebuild it
             log.warning("optimised-graph cache %s unusable (%s); rebuilding it", cached, exc)
             cached.unlink(missing_ok=True)
-    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
     try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        session = create(path, True, save_to=tmp)
-        os.replace(tmp, cached)
+        with atomic_path(cached) as tmp:  # onnxruntime writes the optimised graph to `tmp` as it starts
+            session = create(path, True, save_to=tmp)
+            if tmp.stat().st_size == 0:
+                raise OSError(f"onnxruntime wrote no optimised graph to {tmp}")
     except Exception as exc:
         log.warning("cannot cache the optimised graph in %s (%s); starting without the cache", cache_dir, exc)
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         return None
     log.info("optimised graph cached in %s", cached)
     return session, False
-
-
-def _cpu_flags() -> str:
-    """The CPU's feature flags (the optimised graph's kernels depend on them), as /proc/cpuinfo lists them."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def registry_version(onnx_path: Path) -> str | None:
@@ -312,13 +300,13 @@ def registry_version(onnx_path: Path) -> str | None:
 
 
 def validate_request(n, temperature, seed) -> tuple[int, float, int]:
-    """Check n >= 1, a finite temperature > 0 and 0 <= seed < 2**63; ValueError naming the field."""
+    """Check n >= 1, a finite temperature > 0 and 0 <= seed < 2**63; ConfigError naming the field."""
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
-        raise ValueError(f"n={n!r} must be an integer >= 1")
+        raise ConfigError(f"n={n!r} must be an integer >= 1")
     if isinstance(temperature, bool) or not isinstance(temperature, int | float | np.number):
-        raise ValueError(f"temperature={temperature!r} must be a number")
+        raise ConfigError(f"temperature={temperature!r} must be a number")
     if not math.isfinite(float(temperature)) or float(temperature) <= 0:
-        raise ValueError(f"temperature={temperature!r} must be finite and > 0")
+        raise ConfigError(f"temperature={temperature!r} must be finite and > 0")
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed={seed!r} must be an integer in [0, 2**63 - 1]")
+        raise ConfigError(f"seed={seed!r} must be an integer in [0, 2**63 - 1]")
     return int(n), float(temperature), int(seed)

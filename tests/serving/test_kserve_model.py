@@ -20,7 +20,7 @@ from inference.export import export_model, randomize_bn
 from model.config import apply_overrides, get_preset
 from model.network import NVAE
 from serving.onnx_sampler import OnnxSampler
-from serving.server import to_uint8_nhwc
+from serving.protocol import to_uint8_nhwc
 
 TOKEN = "kserve-test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

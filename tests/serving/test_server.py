@@ -17,8 +17,11 @@ from cli.main import main
 from inference.export import export_model, randomize_bn
 from model.config import apply_overrides, get_preset
 from model.network import NVAE
+from serving.app import create_app
+from serving.config import ServeConfig
 from serving.onnx_sampler import OnnxSampler
-from serving.server import BackgroundServer, ServeConfig, create_app, to_uint8_nhwc
+from serving.protocol import to_uint8_nhwc
+from serving.transport import BackgroundServer
 
 LIMITS = ServeConfig(max_images_per_request=32, max_batch=8, timeout_s=20, max_concurrency=1, max_queue=8)
 INFER = "/v2/models/nvae-decoder/infer"

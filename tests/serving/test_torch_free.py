@@ -17,7 +17,8 @@ class Refuse:
             raise ImportError(f"{name} is not in the serving image")
 sys.meta_path.insert(0, Refuse())
 import numpy as np
-import serving.server, serving.onnx_sampler, serving.kserve_model, kserve
+import serving.server, serving.app, serving.protocol, serving.batching, serving.transport, serving.config
+import serving.onnx_sampler, serving.kserve_model, kserve
 from serving.onnx_sampler import OnnxSampler
 s = OnnxSampler.__new__(OnnxSampler)
 s.latent_shapes, s.uniforms = [(2, 4, 4), (2, 8, 8)], [("u_pix", (1, 16, 16))]
