@@ -10,7 +10,7 @@ from data.sources import DEFAULT_MAX_FILE_MB, DEFAULT_MAX_PIXELS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the `prepare` subcommand to the `nvae` parser."""
+    """Add the `prepare` and `data upload` subcommands to the `nvae` parser."""
     datasets = "\n".join(f"  {name:<13} {r.description}" for name, r in RECIPES.items())
     p = subparsers.add_parser(
         "prepare",
@@ -87,7 +87,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=DEFAULT_MAX_FILE_MB,
         help=f"refuse a file larger than this, after decompression (default {DEFAULT_MAX_FILE_MB} MiB)",
     )
-    p.set_defaults(func=run)
+    p.set_defaults(func=cmd_prepare)
 
     d = subparsers.add_parser("data", help="raw datasets in the object store (upload for cluster runs)")
     dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
@@ -104,7 +104,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     u.add_argument("--source", required=True, metavar="DIR", help="directory with the raw files")
     u.add_argument("--to", required=True, metavar="S3_URI", help="e.g. s3://nvae/raw/fashion-mnist")
     _format_argument(u)
-    u.set_defaults(func=upload)
+    u.set_defaults(func=cmd_upload)
 
 
 def _format_argument(p: argparse.ArgumentParser) -> None:
@@ -118,28 +118,29 @@ def _format_argument(p: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
+# `nvae prepare`'s options passed to `data.prepare.prepare` under their own names.
+_PREPARE_OPTIONS = (
+    "bits",
+    "device",
+    "skip_corrupt",
+    "size",
+    "limit",
+    "overwrite",
+    "max_pixels",
+    "max_file_mb",
+)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
     """Run `prepare` from parsed arguments; returns the exit code (errors are raised as DataError)."""
     from data.prepare import prepare
 
-    prepare(
-        args.dataset,
-        args.source,
-        args.out,
-        bits=args.bits,
-        device=args.device,
-        skip_corrupt=args.skip_corrupt,
-        size=args.size,
-        limit=args.limit,
-        overwrite=args.overwrite,
-        max_pixels=args.max_pixels,
-        max_file_mb=args.max_file_mb,
-        source_format=args.format,
-    )
+    options = {name: getattr(args, name) for name in _PREPARE_OPTIONS}
+    prepare(args.dataset, args.source, args.out, source_format=args.format, **options)
     return 0
 
 
-def upload(args: argparse.Namespace) -> int:
+def cmd_upload(args: argparse.Namespace) -> int:
     from data.prepare import check_source
     from data.remote import upload_source
 

@@ -41,13 +41,17 @@ def model_card(checkpoint: str, metrics: str | None, data_manifest: str | None, 
     return card
 
 
+def _publish_nothing(manifest_out: str | None) -> int:
+    """dvc.yaml's publish stage with publish.registry "" (no store): its out still says what happened."""
+    if manifest_out:
+        atomic_write_json(manifest_out, {"published": False, "reason": "no registry given"})
+    print("no registry given: nothing published")
+    return 0
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
     if not args.registry and args.allow_empty_registry:
-        # dvc.yaml's publish stage with publish.registry "" (no store): its out still says what happened.
-        if args.manifest_out:
-            atomic_write_json(args.manifest_out, {"published": False, "reason": "no registry given"})
-        print("no registry given: nothing published")
-        return 0
+        return _publish_nothing(args.manifest_out)
     files = {"decoder.onnx": args.onnx, "checkpoint.pt": args.checkpoint}
     if args.metrics:
         files["metrics.json"] = args.metrics

@@ -25,7 +25,8 @@ def _params(args, local_source: bool = False):
 def _images(args):
     from components.images import DEFAULT_REGISTRY, Images
 
-    return Images(args.image_registry or DEFAULT_REGISTRY, args.image_tag)
+    digests = tuple(tuple(d.partition("=")[::2]) for d in args.image_digest)
+    return Images(args.image_registry or DEFAULT_REGISTRY, args.image_tag, digests)
 
 
 DEFAULT_IMAGES_NOTE = (
@@ -88,6 +89,13 @@ def add_images(q: argparse.ArgumentParser) -> None:
         help=f"registry the nvae-cpu/nvae-gpu images are pulled from (default {DEFAULT_REGISTRY})",
     )
     q.add_argument("--image-tag", default=DEFAULT_TAG, help=f"their tag (default {DEFAULT_TAG})")
+    q.add_argument(
+        "--image-digest",
+        action="append",
+        default=[],
+        metavar="KIND=sha256:HEX",
+        help="pin an image (cpu, gpu) to the digest it was pushed with: REGISTRY/nvae-KIND:TAG@sha256:HEX",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:

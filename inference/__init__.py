@@ -1,2 +1,3 @@
-"""Using a trained checkpoint: IW evaluation, BN readjustment, sampling (fixed scales, reconstructions,
-nearest neighbours) and ONNX export. Imports `model`, `data` and `common`."""
+"""Using a trained checkpoint: loading it for inference (`checkpoints`), IW evaluation (`evaluate`), BN
+readjustment (`readjust`), sampling to files, fixed scales, reconstructions and nearest neighbours (`sample`)
+and ONNX export (`export`). Imports `model`, `data` and `common`."""

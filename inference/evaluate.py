@@ -9,6 +9,7 @@ the same order whatever the chunk size, so every chunking gives the same numbers
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -17,7 +18,10 @@ from typing import Any
 
 import torch
 
+from common.errors import CheckpointError, ConfigError, DataError
+from common.files import atomic_path, atomic_write_text, file_sha256
 from common.progress import progress as progress_bar
+from inference.checkpoints import default_device, load_for_inference
 from model.layers import shared_effective_weights
 from model.network import NVAE
 
@@ -44,7 +48,7 @@ def _noise(model: NVAE, batch: int, generator: torch.Generator, device) -> list[
 def iw_batch(model: NVAE, x: torch.Tensor, k: int, chunk: int, generator: torch.Generator) -> BatchResult:
     """IW bound and ELBO for a batch x (B, C, D, D) with k samples per image, `chunk` samples per pass."""
     if k < 1 or chunk < 1:
-        raise ValueError(f"iw samples k={k} and chunk={chunk} must be >= 1")
+        raise ConfigError(f"iw samples k={k} and chunk={chunk} must be >= 1")
     b = x.size(0)
     log_w, elbo, recon, kl, kl_groups = [], [], [], [], []
     kl_channels = [torch.zeros(s[0], device=x.device) for s in model.latent_shapes()]
@@ -97,7 +101,7 @@ def evaluate(
     many images.
     """
     if k < 1:
-        raise ValueError(f"iw_samples={k} must be >= 1")
+        raise ConfigError(f"iw_samples={k} must be >= 1")
     cfg = model.cfg
     model.eval()
     device = model.h.device
@@ -127,7 +131,7 @@ def evaluate(
             bar.set_postfix(bpd=f"{-sums['log_px'] / n_images / (math.log(2) * cfg.dims):.4f}")
     bar.close()
     if n_images == 0:
-        raise ValueError("no images to evaluate")
+        raise DataError("no images to evaluate")
     per_dim = math.log(2) * cfg.dims
     mean = {key: v / n_images for key, v in sums.items()}
     kl_channel_means = [c / n_images for c in kl_channels]
@@ -162,14 +166,118 @@ def plot_kl_per_group(metrics: dict[str, Any], path: str | Path) -> None:
 
     kl = metrics["kl_per_group"]
     fig, ax = plt.subplots(figsize=(max(4.0, 0.3 * len(kl) + 2), 3.0), dpi=120)
-    ax.bar(range(len(kl)), kl, color="#4472c4")
-    ax.set_xlabel("latent group (coarse \u2192 fine)")
-    ax.set_ylabel("KL (nats / image)")
-    ax.set_title(f"KL per group: {metrics.get('active_channels', '?')} active channels")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        ax.bar(range(len(kl)), kl, color="#4472c4")
+        ax.set_xlabel("latent group (coarse \u2192 fine)")
+        ax.set_ylabel("KL (nats / image)")
+        ax.set_title(f"KL per group: {metrics.get('active_channels', '?')} active channels")
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
+
+
+def plot_kl_file(metrics_path: str | Path, out: str | Path) -> Path:
+    """`plot_kl_per_group` of a metrics file written by `evaluate_checkpoint`; returns the PNG's path. Raises
+    DataError when the file cannot be read or has no `kl_per_group`."""
+    try:
+        metrics = json.loads(Path(metrics_path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:  # missing, binary, not JSON
+        raise DataError(f"{metrics_path}: not a readable metrics file ({exc})") from None
+    if "kl_per_group" not in metrics:
+        raise DataError(f"{metrics_path}: no kl_per_group field (is it from `nvae evaluate`?)")
+    plot_kl_per_group(metrics, out)
+    return Path(out)
+
+
+# --------------------------------------------------------------------------- a checkpoint on prepared data
+def check_data_matches(model: NVAE, data_dir: str | Path) -> dict[str, Any]:
+    """The manifest of prepared `data_dir`; DataError unless it holds the dataset `model` was built for."""
+    from data.loaders import read_manifest
+
+    manifest = read_manifest(data_dir)
+    if manifest["dataset"] != model.cfg.dataset:
+        raise DataError(
+            f"--data {data_dir} holds {manifest['dataset']!r} but the checkpoint's model is for {model.cfg.dataset!r}"
+        )
+    return manifest
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    split: str | None = None,
+    iw_samples: int = 1000,
+    chunk: int | None = None,
+    batch_size: int = 16,
+    limit: int | None = None,
+    binarization: str = "fixed",
+    seed: int = 0,
+    kl_plot: str | Path | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate `checkpoint` on a split of prepared `data` (default: the one the authors report on) with
+    `iw_samples` importance samples per image; write the metrics JSON to `out` atomically (and, with
+    `kl_plot`, the KL-per-group PNG there). Returns the metrics dict: `evaluate`'s, plus dataset, split,
+    binarization, checkpoint, checkpoint_sha256 and train_step.
+
+    binarization (binarized datasets): "fixed" (a fixed-seed test set) or "dynamic" (the released protocol,
+    drawn with `seed`). Raises DataError when `data` holds another dataset (before any long work), and
+    CheckpointError, writing nothing, when the bound is not finite.
+    """
+    from data.loaders import make_loader
+    from data.recipes import default_eval_split
+
+    device = default_device(device)
+    model, payload = load_for_inference(checkpoint, device)
+    check_data_matches(model, data)  # before any long work
+    cfg = model.cfg
+    if split is None:
+        split = default_eval_split(cfg.dataset)
+    dynamic = cfg.binarize and binarization == "dynamic"
+    loader = make_loader(
+        data,
+        split,
+        batch_size,
+        train=dynamic,
+        seed=seed,
+        flip=False,
+        drop_last=False,
+        binarize=cfg.binarize,
+        device=device,
+    )
+    n_total = len(loader.dataset) if hasattr(loader, "dataset") else None
+    metrics = evaluate(model, loader, iw_samples, chunk, seed, total=n_total, limit=limit)
+    metrics.update(
+        {
+            "dataset": cfg.dataset,
+            "split": split,
+            "binarization": _binarization_label(cfg.binarize, dynamic, seed),
+            "checkpoint": str(checkpoint),
+            "checkpoint_sha256": file_sha256(checkpoint),
+            "train_step": payload.get("step"),
+        }
+    )
+    bad = [k for k in ("nll_bpd", "nelbo_bpd", "kl_nats") if not math.isfinite(metrics[k])]
+    if bad:  # NaN is not JSON, and a metrics file holding it would look like a result
+        raise CheckpointError(
+            f"{checkpoint}: non-finite {', '.join(bad)} (NaN or inf weights?); nothing written"
+        )
+    atomic_write_text(out, json.dumps(metrics, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    if kl_plot:
+        plot_kl_per_group(metrics, kl_plot)
+    return metrics
+
+
+def _binarization_label(binarize: bool, dynamic: bool, seed: int) -> str:
+    """How the evaluated images were binarized, as the metrics file records it."""
+    from data.loaders import EVAL_BINARIZE_SEED
+
+    if not binarize:
+        return "n/a (not a binarized dataset)"
+    if dynamic:
+        return f"dynamic (released protocol), seed {seed}"
+    return f"fixed-seed ({EVAL_BINARIZE_SEED})"

@@ -27,8 +27,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.errors import NVAEError
-from common.files import file_sha256
+from common.errors import ConfigError, NVAEError
+from common.files import atomic_path, file_sha256
 from model.config import PRESETS, NVAEConfig, get_preset
 from model.network import NVAE
 
@@ -92,7 +90,7 @@ class GenerativePath(nn.Module):
     def __init__(self, model: NVAE, decode: str = "mean"):
         super().__init__()
         if decode not in DECODE_MODES:
-            raise ValueError(f"decode={decode!r}; choose one of: {', '.join(DECODE_MODES)}")
+            raise ConfigError(f"decode={decode!r}; choose one of: {', '.join(DECODE_MODES)}")
         self.model = model
         self.decode = decode
         self.groups = model.num_groups
@@ -197,11 +195,11 @@ def export_model(
 ) -> ExportResult:
     """Export an in-memory model (eval mode is set here; the model is not modified) and check the graph."""
     if exporter not in EXPORTERS:
-        raise ValueError(f"exporter={exporter!r}; choose one of: {', '.join(EXPORTERS)}")
+        raise ConfigError(f"exporter={exporter!r}; choose one of: {', '.join(EXPORTERS)}")
     if decode not in DECODE_MODES:
-        raise ValueError(f"decode={decode!r}; choose one of: {', '.join(DECODE_MODES)}")
+        raise ConfigError(f"decode={decode!r}; choose one of: {', '.join(DECODE_MODES)}")
     if not 13 <= opset <= 23:
-        raise ValueError(f"opset={opset} is out of range; allowed 13 <= opset <= 23")
+        raise ConfigError(f"opset={opset} is out of range; allowed 13 <= opset <= 23")
     import onnx
 
     start = time.perf_counter()
@@ -335,15 +333,8 @@ def _io_shapes(values) -> dict[str, list[int | str]]:
 def _atomic_onnx_save(proto, path: Path) -> None:
     import onnx
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        onnx.save_model(proto, tmp)  # one file: every preset's weights are far below protobuf's 2 GB
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        onnx.save_model(proto, str(tmp))  # one file: every preset's weights are far below protobuf's 2 GB
 
 
 def verify_export(model: NVAE, path: str | Path, decode: str = "mean", batch: int = 2) -> float:

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import torch
 
+from common.errors import ConfigError
+from common.files import file_sha256
 from common.progress import progress as progress_bar
+from inference.checkpoints import default_device, load_for_inference
+from model.checkpoint import save_checkpoint
 from model.layers import shared_effective_weights
 from model.network import NVAE
 from model.regularizers import bn_layers
@@ -33,9 +38,9 @@ def readjust_bn(
     """Run `iters` prior-sampling passes of `batch` at `temperature` with the sampling path's BN layers in
     train mode (momentum as built, 0.05), then leave the whole model in eval mode. Returns the settings."""
     if temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be > 0")
+        raise ConfigError(f"temperature={temperature} must be > 0")
     if iters < 1 or batch < 1:
-        raise ValueError(f"iters={iters} and batch={batch} must be >= 1")
+        raise ConfigError(f"iters={iters} and batch={batch} must be >= 1")
     model.eval()
     for module in sampling_path_modules(model):
         module.train()
@@ -64,3 +69,22 @@ def readjust_bn(
         "bn_layers": n_bn,
         "seconds": seconds,
     }
+
+
+def readjust_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path,
+    temperature: float,
+    *,
+    iters: int = 500,
+    batch: int = 16,
+    seed: int = 0,
+    device: str | None = None,
+) -> dict:
+    """`readjust_bn` on a checkpoint, saved to `out` (atomically) with the source's training step and the
+    settings under `bn_readjust`. Returns the settings: `readjust_bn`'s plus `source_checkpoint_sha256`."""
+    model, payload = load_for_inference(checkpoint, default_device(device))
+    settings = readjust_bn(model, temperature, iters, batch, seed)
+    settings["source_checkpoint_sha256"] = file_sha256(checkpoint)
+    save_checkpoint(out, model, extra={"bn_readjust": settings, "step": payload.get("step", 0)})
+    return settings
