@@ -82,8 +82,10 @@ def main() -> None:
     from inference.export import export_model, randomize_bn
     from model.config import get_preset
     from model.network import NVAE
+    from serving.app import create_app
+    from serving.config import ServeConfig
     from serving.onnx_sampler import OnnxSampler
-    from serving.server import BackgroundServer, ServeConfig, create_app
+    from tests.background_server import BackgroundServer
 
     for preset in args.presets:
         torch.manual_seed(0)

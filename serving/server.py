@@ -3,8 +3,7 @@
 `python -m serving` (and `nvae serve`, which delegates to it) calls `serve`. The parts, each in a module of
 its own job: `serving.config` (the limits), `serving.protocol` (request parsing, response encoding),
 `serving.batching` (request batching, metrics), `serving.app` (the FastAPI app) and `serving.transport`
-(uvicorn with deadlines). `ServeConfig`, `create_app` and `BackgroundServer` are importable from here
-too, for callers of the whole server.
+(uvicorn with deadlines).
 """
 
 from __future__ import annotations
@@ -14,9 +13,9 @@ import logging
 from serving.app import create_app
 from serving.config import ServeConfig
 from serving.onnx_sampler import OnnxSampler
-from serving.transport import BackgroundServer, uvicorn_config
+from serving.transport import uvicorn_config
 
-__all__ = ["BackgroundServer", "ServeConfig", "create_app", "serve"]
+__all__ = ["serve"]
 
 log = logging.getLogger(__name__)
 

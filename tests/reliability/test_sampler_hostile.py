@@ -13,10 +13,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from background_server import BackgroundServer
 
 from serving.app import create_app
 from serving.config import ServeConfig
-from serving.transport import BackgroundServer
 
 INFER = "/v2/models/nvae-decoder/infer"
 BODY = {

@@ -10,6 +10,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from background_server import BackgroundServer
 from oip_cases import BAD, body
 from tiny import TINY
 
@@ -21,7 +22,6 @@ from serving.app import create_app
 from serving.config import ServeConfig
 from serving.onnx_sampler import OnnxSampler
 from serving.protocol import to_uint8_nhwc
-from serving.transport import BackgroundServer
 
 LIMITS = ServeConfig(max_images_per_request=32, max_batch=8, timeout_s=20, max_concurrency=1, max_queue=8)
 INFER = "/v2/models/nvae-decoder/infer"
