@@ -51,11 +51,19 @@ def run(
     return proc
 
 
+# The packages dvc.yaml's stages depend on (their code is hashed, never run, by the stand-in-CLI tests).
+CODE = ["cli", "common", "data", "inference", "model", "serving", "training"]
+
+
 def git_repo(root: Path, files: list[str]) -> Path:
-    """A fresh git repository at `root` holding copies of `files` from this checkout, committed."""
+    """A fresh git repository at `root` holding copies of `files` (files or folders) from this checkout,
+    committed."""
     for name in files:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, root / name)
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(REPO / name, root / name)
     run(["git", "init", "-q"], cwd=root)
     run(["git", "add", "-A"], cwd=root)
     run(["git", "commit", "-qm", "init"], cwd=root)

@@ -41,7 +41,14 @@ def main(argv: list[str]) -> int:
     elif command == "train":
         out, d = opt(argv, "--out"), digest(argv, [opt(argv, "--data")])
         write(f"{out}/checkpoint.pt", d)
-        write(f"{out}/dvclive/plots/metrics/train/loss.tsv", b"step\tloss\n0\t2.0\n1\t1.5\n")
+        for name in ("train_summary.json", "train_metrics.jsonl", "eval_metrics.jsonl", "samples/step-00000001.png"):
+            write(f"{out}/{name}", d)
+        # DVCLive's layout: a summary of the last values, one TSV per metric, the sample grids
+        loss = 1.5 + int(d[:4], 16) / 65536  # differs whenever the command line or the data do
+        summary = {"train": {"loss": loss, "nelbo_bpd": 3.9, "kl": 40.0}, "step": 1, "eval": {"active_fraction": 0.5}}
+        write(f"{out}/dvclive/metrics.json", json.dumps(summary).encode())
+        write(f"{out}/dvclive/plots/metrics/train/loss.tsv", f"step\tloss\n0\t2.0\n1\t{loss}\n".encode())
+        write(f"{out}/dvclive/plots/images/samples/step-00000001.png", d)
     elif command == "evaluate":
         d = digest(argv, [opt(argv, "--checkpoint"), opt(argv, "--data")])
         write(opt(argv, "--out"), json.dumps({"nll_bpd": 3.5, "digest": d.decode()}).encode())

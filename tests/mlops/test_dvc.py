@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import REPO, git_repo, run, tool, tool_env
+from .conftest import CODE, REPO, git_repo, run, tool, tool_env
 
 STAGES = ["prepare", "train", "evaluate", "readjust_bn", "export_onnx", "sample", "publish"]
 EDGES = {
@@ -30,7 +30,7 @@ EDGES = {
     ("readjust_bn", "publish"),
     ("export_onnx", "publish"),
 }
-DVC_FILES = ["dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore"]
+DVC_FILES = ["dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", *CODE]
 
 
 def _dvc_yaml() -> dict:

@@ -23,9 +23,9 @@ from common.s3 import s3_client_from_env
 from model.checkpoint import save_checkpoint
 from model.network import NVAE
 
-from .conftest import git_repo, run, tool, tool_env
+from .conftest import CODE, git_repo, run, tool, tool_env
 
-DVC_FILES = ["dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore"]
+DVC_FILES = ["dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", *CODE]
 BUCKET = "nvae-dvc-publish"
 PUBLISHED = "outputs/model/published.json"
 

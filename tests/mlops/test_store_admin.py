@@ -59,10 +59,10 @@ def _point_at(monkeypatch, store: FakeMinio, access=ROOT_KEY, secret=ROOT_SECRET
 
 
 @pytest.fixture
-def minio(s3_server, clean_env, monkeypatch):
+def minio(moto_s3_server, clean_env, monkeypatch):
     """A FakeMinio over HTTP in front of moto; the environment holds its root keys and the users' keys, as the
     bucket job's does."""
-    with FakeMinio(ROOT_KEY, ROOT_SECRET, s3_upstream=s3_server["endpoint_url"]) as store:
+    with FakeMinio(ROOT_KEY, ROOT_SECRET, s3_upstream=moto_s3_server["endpoint_url"]) as store:
         _point_at(monkeypatch, store)
         for var, value in KEYS.items():
             monkeypatch.setenv(var, value)
@@ -257,11 +257,11 @@ def test_rerunning_is_idempotent_and_resets_a_changed_secret(minio, capsys, monk
     ],
 )
 def test_a_bad_admin_key_is_one_line_and_exit_2(
-    s3_server, clean_env, monkeypatch, capsys, access, secret, code
+    moto_s3_server, clean_env, monkeypatch, capsys, access, secret, code
 ):
     # S3 requests pass unchecked here (as with moto), so the failure comes from the admin API.
     with FakeMinio(
-        ROOT_KEY, ROOT_SECRET, s3_upstream=s3_server["endpoint_url"], check_s3_auth=False
+        ROOT_KEY, ROOT_SECRET, s3_upstream=moto_s3_server["endpoint_url"], check_s3_auth=False
     ) as store:
         _point_at(monkeypatch, store, access, secret)
         for var, value in KEYS.items():
@@ -309,9 +309,9 @@ def test_unusable_user_keys_are_refused_with_the_variable_named(var, value, says
     assert not err.value.retryable
 
 
-def test_a_store_without_the_admin_api_says_so(s3_server, clean_env, monkeypatch, capsys):
+def test_a_store_without_the_admin_api_says_so(moto_s3_server, clean_env, monkeypatch, capsys):
     """A plain S3 store answers the admin path as an S3 request (moto: no bucket 'minio')."""
-    with FakeMinio(ROOT_KEY, ROOT_SECRET, s3_upstream=s3_server["endpoint_url"], admin_api=False) as store:
+    with FakeMinio(ROOT_KEY, ROOT_SECRET, s3_upstream=moto_s3_server["endpoint_url"], admin_api=False) as store:
         _point_at(monkeypatch, store)
         for var, value in KEYS.items():
             monkeypatch.setenv(var, value)
@@ -356,9 +356,9 @@ def tls(tmp_path_factory):
 
 
 @pytest.fixture
-def tls_minio(s3_server, clean_env, monkeypatch, tls):
+def tls_minio(moto_s3_server, clean_env, monkeypatch, tls):
     ca, context = tls
-    with FakeMinio(ROOT_KEY, ROOT_SECRET, s3_upstream=s3_server["endpoint_url"], tls=context) as store:
+    with FakeMinio(ROOT_KEY, ROOT_SECRET, s3_upstream=moto_s3_server["endpoint_url"], tls=context) as store:
         assert store.endpoint_url.startswith("https://")
         _point_at(monkeypatch, store)
         for var, value in KEYS.items():

@@ -66,11 +66,15 @@ def test_failed_s3_upload_keeps_the_last_good_checkpoint(s3_env, monkeypatch):
 
 
 def test_s3_upload_refused_by_the_store_is_a_storage_error(s3_env, monkeypatch):
-    """boto3's upload_file wraps the store's refusal (here: no such bucket) in S3UploadFailedError: it becomes a
-    StorageError that says whether a retry can pass (a 503 can, a missing bucket cannot)."""
+    """boto3's upload_file wraps the store's refusal (here: the pipeline's key writing outside its bucket) in
+    S3UploadFailedError: it becomes a StorageError that says whether a retry can pass (a 503 can, a refusal
+    cannot)."""
     from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import ClientError
 
+    access, secret = s3_env["keys"]["pipeline"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", access)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     store = open_store("s3://no-such-bucket-here/run")
     with pytest.raises(StorageError, match="cannot write checkpoint") as info:
         store.save(_payload(2), 2)
