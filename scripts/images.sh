@@ -2,7 +2,7 @@
 # Build the project's container images with podman or docker (whichever exists; podman first).
 #
 # Usage: bash scripts/images.sh [--gpu | --all | --serve | --serve-gpu] [--registry R] [--tag T] [--debian-base]
-#                               [--torch-index URL|pypi] [--torch-version V] [--keep-build-cache] [--lock]
+#                               [--torch-version V] [--torch-index URL|pypi] [--keep-build-cache]
 #   (default)        the cpu image, REGISTRY/nvae-cpu:TAG
 #   --gpu / --all    the gpu image instead / both
 #   --serve          the slim serving image (nvae-serve-cpu: onnxruntime + the sampler, no torch);
@@ -11,14 +11,17 @@
 #                    --image-tag T`); defaults from components/images.py
 #   --debian-base    make the base image from Debian's own packages (mmdebstrap + import), for machines that
 #                    reach no container registry; it is passed to the Dockerfiles as BASE_IMAGE
-#   --torch-index    PyTorch's wheel index for the cpu image (default: its CPU build index); `pypi`: take
-#                    torch from PyPI (the CUDA build: larger, same API), for machines that reach only PyPI
-#   --torch-version  the cpu image's torch instead of the constraints' pin, e.g. 2.13.0+cpu from a local
-#                    find-links folder (a CPU build: a 2 GB image instead of 7 GB)
+#   --torch-version  the cpu image's torch instead of its lock's (PyPI's build, with CUDA's libraries), e.g.
+#                    2.14.1+cpu, PyTorch's CPU build: a 2 GB image instead of 7 GB. The wheel is taken from a
+#                    local find-links folder where one has it, else downloaded from --torch-index; it is
+#                    installed with its sha256, and the CUDA packages only the lock's torch needs are left out
+#   --torch-index    where --torch-version's wheel is downloaded from (default: PyTorch's CPU index; `pypi`:
+#                    PyPI); without --torch-version the lock's torch is installed and this is ignored
 #   --keep-build-cache  keep the build stage's untagged image (faster rebuilds; several GB)
-#   --lock           regenerate k8s/images/constraints.txt from .venv, then stop
-# Local package mirrors named in this machine's pip configuration (file:// indexes, find-links folders) are
-# mounted read-only into the build and passed on, so pip takes what is on disk before it downloads.
+# Every image installs its hash-locked requirements, k8s/images/locks/KIND.txt: scripts/lock.sh regenerates
+# them after a dependency change.
+# With podman, local package mirrors named in this machine's pip configuration (file:// indexes, find-links
+# folders) are mounted read-only into the build and passed on, so pip takes what is on disk before it downloads.
 # Prints each image's size at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,13 +41,6 @@ while [ $# -gt 0 ]; do
     --keep-build-cache) keep_cache=1 ;;
     --torch-index) torch_index=$2; shift ;;
     --torch-version) torch_version=$2; shift ;;
-    --lock)
-      { sed -n '1,2p' k8s/images/constraints.txt
-        .venv/bin/python -m pip freeze --exclude-editable | grep -v -e '^-e ' -e '^nvae-pipeline' | sort -f
-      } > k8s/images/constraints.txt.new
-      mv k8s/images/constraints.txt.new k8s/images/constraints.txt
-      echo "images: wrote k8s/images/constraints.txt ($(grep -vc '^#' k8s/images/constraints.txt) packages)"
-      exit 0 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "images.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -63,21 +59,45 @@ if [ "$engine" = podman ]; then storage=$(podman info --format '{{.Store.GraphRo
 else storage=$(docker info --format '{{.DockerRootDir}}' 2>/dev/null || echo /); fi
 
 args=(--network=host)
-# The host's CA bundle, for TLS to the package indexes from inside RUN steps.
-[ -d /etc/ssl/certs ] && args+=(-v /etc/ssl/certs:/etc/ssl/certs:ro)
-
-# Local mirrors from the host's pip configuration: mount each folder read-only and pass the same URLs.
 extra_index="" find_links=""
-pip_conf=$(python3 -m pip config list 2>/dev/null || true)
-for url in $(sed -n "s/^global\.extra-index-url='\(.*\)'/\1/p" <<<"$pip_conf"); do
-  dir=${url#file://}
-  if [ "$dir" != "$url" ] && [ -d "$dir" ]; then
-    mount=$(dirname "$dir"); args+=(-v "$mount:$mount:ro"); extra_index="$extra_index $url"
+# podman mounts host folders into RUN steps (docker build cannot): the host's CA bundle, for TLS to the
+# package indexes, and the local mirrors of the host's pip configuration (each folder read-only, the same URLs).
+if [ "$engine" = podman ]; then
+  [ -d /etc/ssl/certs ] && args+=(-v /etc/ssl/certs:/etc/ssl/certs:ro)
+  pip_conf=$(python3 -m pip config list 2>/dev/null || true)
+  for url in $(sed -n "s/^global\.extra-index-url='\(.*\)'/\1/p" <<<"$pip_conf"); do
+    dir=${url#file://}
+    if [ "$dir" != "$url" ] && [ -d "$dir" ]; then
+      mount=$(dirname "$dir"); args+=(-v "$mount:$mount:ro"); extra_index="$extra_index $url"
+    fi
+  done
+  for dir in $(sed -n "s/^global\.find-links='\(.*\)'/\1/p" <<<"$pip_conf"); do
+    if [ -d "$dir" ]; then args+=(-v "$dir:$dir:ro"); find_links="$find_links $dir"; fi
+  done
+fi
+
+# The cpu image's torch: the lock's, or --torch-version's wheel installed with its sha256.
+torch_requirement=""
+if [ -n "$torch_version" ] && [[ " ${kinds[*]} " == *" cpu "* ]]; then
+  [ "$engine" = podman ] || { echo "images.sh: --torch-version needs podman (a local wheel)" >&2; exit 2; }
+  pyver=$(python3 k8s/images/lockfiles.py python cpu) abi=cp$(python3 k8s/images/lockfiles.py python cpu | tr -d .)
+  wheel=""
+  for dir in $find_links; do
+    wheel=$(ls "$dir/torch-$torch_version-$abi-$abi-"*x86_64.whl 2>/dev/null | head -1 || true)
+    [ -n "$wheel" ] && break
+  done
+  if [ -z "$wheel" ]; then
+    wheels=$(mktemp -d)
+    trap 'rm -rf "$wheels"' EXIT
+    echo "images: downloading torch==$torch_version (${torch_index:-PyPI})" >&2
+    python3 -m pip download -q --no-deps --only-binary=:all: --implementation cp --python-version "$pyver" \
+      --platform manylinux_2_28_x86_64 ${torch_index:+--index-url "$torch_index"} -d "$wheels" "torch==$torch_version"
+    wheel=$(ls "$wheels"/torch-*.whl)
+    args+=(-v "$wheels:$wheels:ro"); find_links="$find_links $wheels"
   fi
-done
-for dir in $(sed -n "s/^global\.find-links='\(.*\)'/\1/p" <<<"$pip_conf"); do
-  if [ -d "$dir" ]; then args+=(-v "$dir:$dir:ro"); find_links="$find_links $dir"; fi
-done
+  torch_requirement="torch==$torch_version --hash=sha256:$(sha256sum "$wheel" | cut -d' ' -f1)"
+  echo "images: the cpu image's torch: $(basename "$wheel")" >&2
+fi
 args+=(--build-arg "PIP_EXTRA_INDEX_URL=${extra_index# }" --build-arg "PIP_FIND_LINKS=${find_links# }")
 
 if [ "$debian_base" = 1 ]; then
@@ -96,7 +116,7 @@ fi
 for kind in "${kinds[@]}"; do
   image="$registry/nvae-$kind:$tag"
   build=("${args[@]}")
-  [ "$kind" = cpu ] && build+=(--build-arg "TORCH_INDEX_URL=$torch_index" --build-arg "TORCH_VERSION=$torch_version")
+  [ "$kind" = cpu ] && build+=(--build-arg "TORCH_REQUIREMENT=$torch_requirement")
   if [ "$engine" = podman ]; then ignore=(--ignorefile "k8s/images/$kind.Dockerfile.dockerignore"); else ignore=(); fi
   echo "images: building $image with $engine" >&2
   before=$(dangling)

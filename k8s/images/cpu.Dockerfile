@@ -1,26 +1,34 @@
 # syntax=docker/dockerfile:1.7
-# ghcr.io/nvae-pipeline/nvae-cpu:0.1.0 (the name in k8s/images.yaml): the `nvae` CLI with PyTorch's CPU build,
-# DALI (CPU mode), onnxruntime, the sampler server and kfp (the pipeline's executor runs from the image; no
-# pod installs anything). Build from the repository root with scripts/images.sh, or:
+# ghcr.io/nvae-pipeline/nvae-cpu:0.1.0 (the name in k8s/images.yaml): the `nvae` CLI with PyTorch, DALI (CPU
+# mode), onnxruntime, the sampler server and kfp (the pipeline's executor runs from the image; no pod installs
+# anything). Build from the repository root with scripts/images.sh, or:
 #   docker build -f k8s/images/cpu.Dockerfile -t ghcr.io/nvae-pipeline/nvae-cpu:0.1.0 .
-# Build arguments: BASE_IMAGE (a Debian 12 image with python3 3.11; scripts/images.sh --debian-base makes one
-# from Debian packages where no registry is reachable), TORCH_INDEX_URL (PyTorch's CPU wheel index; empty:
-# PyPI's torch, the CUDA build: larger, same API), TORCH_VERSION (empty: the constraints' pin; e.g. 2.13.0+cpu,
-# a CPU build in a local find-links folder), PIP_EXTRA_INDEX_URL / PIP_FIND_LINKS (local mirrors).
-# Versions come from k8s/images/constraints.txt, so a rebuild resolves the same set.
+# Every package comes from the hash-locked k8s/images/locks/cpu.txt (scripts/lock.sh), so a rebuild installs
+# the same files. Its torch is PyPI's build, which carries CUDA's libraries (unused on CPU).
+# Build arguments: BASE_IMAGE (a Debian 12 image with python3 3.11, the lock's target; scripts/images.sh
+# --debian-base makes one from Debian packages where no registry is reachable), TORCH_REQUIREMENT (empty: the
+# lock's torch; else a requirement line with its hash, e.g. `torch==2.13.0+cpu --hash=sha256:...` for a
+# CPU-only wheel found through PIP_FIND_LINKS: a 2 GB image instead of 7 GB; the CUDA packages only the
+# lock's torch needs are then left out), PIP_EXTRA_INDEX_URL / PIP_FIND_LINKS (local mirrors).
 ARG BASE_IMAGE=python:3.11.13-slim-bookworm
 
 # --- build: a virtual environment with the project and its runtime extras ------------------------------------
 FROM ${BASE_IMAGE} AS build
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-ARG TORCH_VERSION=
+ARG TORCH_REQUIREMENT=
 ARG PIP_EXTRA_INDEX_URL=
 ARG PIP_FIND_LINKS=
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY k8s/images/constraints.txt ./constraints.txt
+# The dependencies first (a layer that outlives source changes): the build backend, then the whole lock, with
+# sdists built against the locked backend (PEP 517, no isolation: nothing unlocked is fetched).
+COPY k8s/images/lockfiles.py k8s/images/locks/cpu.txt ./lock/
+RUN python3 lock/lockfiles.py prepare lock/cpu.txt lock --torch "${TORCH_REQUIREMENT}" \
+ && export PIP_EXTRA_INDEX_URL="${PIP_EXTRA_INDEX_URL}" PIP_FIND_LINKS="${PIP_FIND_LINKS}" \
+ && pip install --require-hashes --no-deps -r lock/build.txt \
+ && pip install --require-hashes --no-deps --no-build-isolation --use-pep517 -r lock/runtime.txt \
+ && pip check
 COPY pyproject.toml README.md ./
 COPY common ./common
 COPY model ./model
@@ -31,10 +39,8 @@ COPY serving ./serving
 COPY cli ./cli
 COPY components ./components
 COPY pipelines ./pipelines
-RUN if [ -n "${TORCH_VERSION}" ]; then sed -i "s/^torch==.*/torch==${TORCH_VERSION}/" constraints.txt; fi \
- && PIP_EXTRA_INDEX_URL="${TORCH_INDEX_URL} ${PIP_EXTRA_INDEX_URL}" PIP_FIND_LINKS="${PIP_FIND_LINKS}" \
-    pip install -c constraints.txt ".[data,train,onnx,serve,pipeline]" \
- && python -c "import kfp, torch, nvidia.dali, onnxruntime, cli.main"
+RUN pip install --no-deps --no-build-isolation . \
+ && cd /tmp && python -c "import kfp, torch, nvidia.dali, onnxruntime, cli.main"
 
 # --- runtime: the environment only, as a non-root user -------------------------------------------------------
 FROM ${BASE_IMAGE}

@@ -3,11 +3,12 @@
 # DALI for CUDA 13 (GPU decoding), onnxruntime-gpu and kfp. Build from the repository root with
 # scripts/images.sh --gpu, or:
 #   docker build -f k8s/images/gpu.Dockerfile -t ghcr.io/nvae-pipeline/nvae-gpu:0.1.0 .
-# torch 2.14.1 (cu130), nvidia-dali-cuda130 and onnxruntime-gpu bring their CUDA libraries as wheels; the
-# CUDA base image supplies the container setup the NVIDIA runtime expects (driver capabilities, compat).
-# The host driver must support CUDA 13. Build arguments: BASE_IMAGE (any image with python3 and python3-venv
-# installed, or the CUDA base, where they are installed here), PIP_EXTRA_INDEX_URL / PIP_FIND_LINKS (local
-# mirrors). Versions come from k8s/images/constraints.txt.
+# Every package comes from the hash-locked k8s/images/locks/gpu.txt (scripts/lock.sh): torch 2.14.1,
+# nvidia-dali-cuda130 and onnxruntime-gpu (in place of onnxruntime: never both) bring CUDA 13's libraries as
+# wheels, one set for all three (the lock's header names the major). The CUDA base image supplies the container
+# setup the NVIDIA runtime expects (driver capabilities, compat); the host driver must support CUDA 13.
+# Build arguments: BASE_IMAGE (an image whose python3 is 3.12, the lock's target, with python3-venv, or the
+# CUDA base, where they are installed here), PIP_EXTRA_INDEX_URL / PIP_FIND_LINKS (local mirrors).
 ARG BASE_IMAGE=nvidia/cuda:13.0.1-base-ubuntu24.04
 
 # --- build ---------------------------------------------------------------------------------------------------
@@ -21,7 +22,14 @@ RUN command -v python3 >/dev/null && python3 -c "import venv, ensurepip" 2>/dev/
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY k8s/images/constraints.txt ./constraints.txt
+# The dependencies first (a layer that outlives source changes): the build backend, then the whole lock, with
+# sdists built against the locked backend (PEP 517, no isolation: nothing unlocked is fetched).
+COPY k8s/images/lockfiles.py k8s/images/locks/gpu.txt ./lock/
+RUN python3 lock/lockfiles.py prepare lock/gpu.txt lock \
+ && export PIP_EXTRA_INDEX_URL="${PIP_EXTRA_INDEX_URL}" PIP_FIND_LINKS="${PIP_FIND_LINKS}" \
+ && pip install --require-hashes --no-deps -r lock/build.txt \
+ && pip install --require-hashes --no-deps --no-build-isolation --use-pep517 -r lock/runtime.txt \
+ && pip check
 COPY pyproject.toml README.md ./
 COPY common ./common
 COPY model ./model
@@ -32,12 +40,8 @@ COPY serving ./serving
 COPY cli ./cli
 COPY components ./components
 COPY pipelines ./pipelines
-# The `onnx` extra is left out on purpose: it pulls the CPU `onnxruntime`, which must not be installed beside
-# onnxruntime-gpu (which also provides the CPU provider). Its other packages are installed here, pinned.
-RUN PIP_EXTRA_INDEX_URL="${PIP_EXTRA_INDEX_URL}" PIP_FIND_LINKS="${PIP_FIND_LINKS}" \
-    pip install -c constraints.txt ".[data,train,serve,pipeline]" \
-      onnx==1.23.2 onnxscript==0.7.2 "onnxruntime-gpu[cuda,cudnn]==1.31.1" \
- && python -c "import kfp, torch, nvidia.dali, onnxruntime, cli.main"
+RUN pip install --no-deps --no-build-isolation . \
+ && cd /tmp && python -c "import kfp, torch, nvidia.dali, onnxruntime, cli.main"
 
 # --- runtime -------------------------------------------------------------------------------------------------
 FROM ${BASE_IMAGE}

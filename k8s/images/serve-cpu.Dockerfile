@@ -11,9 +11,13 @@ ARG PIP_FIND_LINKS=
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-COPY k8s/images/constraints.txt k8s/images/serve-requirements.txt /tmp/
-RUN PIP_EXTRA_INDEX_URL="${PIP_EXTRA_INDEX_URL}" PIP_FIND_LINKS="${PIP_FIND_LINKS}" \
-    pip install -c /tmp/constraints.txt -r /tmp/serve-requirements.txt
+# Every package from the hash-locked k8s/images/locks/serve-cpu.txt (scripts/lock.sh).
+COPY k8s/images/lockfiles.py k8s/images/locks/serve-cpu.txt /tmp/lock/
+RUN python3 /tmp/lock/lockfiles.py prepare /tmp/lock/serve-cpu.txt /tmp/lock \
+ && export PIP_EXTRA_INDEX_URL="${PIP_EXTRA_INDEX_URL}" PIP_FIND_LINKS="${PIP_FIND_LINKS}" \
+ && pip install --require-hashes --no-deps -r /tmp/lock/build.txt \
+ && pip install --require-hashes --no-deps --no-build-isolation --use-pep517 -r /tmp/lock/runtime.txt \
+ && pip check
 COPY common /opt/app/common
 COPY serving /opt/app/serving
 RUN cd /opt/app && python -c "import serving.server, serving.onnx_sampler; import sys; assert 'torch' not in sys.modules"

@@ -14,11 +14,13 @@ RUN command -v python3 >/dev/null && python3 -c "import venv, ensurepip" 2>/dev/
      && rm -rf /var/lib/apt/lists/*)
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-COPY k8s/images/constraints.txt k8s/images/serve-requirements.txt /tmp/
-# The CPU onnxruntime of the requirements is swapped for onnxruntime-gpu (never both: same module name).
-RUN grep -vx onnxruntime /tmp/serve-requirements.txt > /tmp/serve-gpu-requirements.txt \
- && PIP_EXTRA_INDEX_URL="${PIP_EXTRA_INDEX_URL}" PIP_FIND_LINKS="${PIP_FIND_LINKS}" \
-    pip install -c /tmp/constraints.txt -r /tmp/serve-gpu-requirements.txt "onnxruntime-gpu[cuda,cudnn]==1.31.1"
+# Every package from the hash-locked k8s/images/locks/serve-gpu.txt (scripts/lock.sh).
+COPY k8s/images/lockfiles.py k8s/images/locks/serve-gpu.txt /tmp/lock/
+RUN python3 /tmp/lock/lockfiles.py prepare /tmp/lock/serve-gpu.txt /tmp/lock \
+ && export PIP_EXTRA_INDEX_URL="${PIP_EXTRA_INDEX_URL}" PIP_FIND_LINKS="${PIP_FIND_LINKS}" \
+ && pip install --require-hashes --no-deps -r /tmp/lock/build.txt \
+ && pip install --require-hashes --no-deps --no-build-isolation --use-pep517 -r /tmp/lock/runtime.txt \
+ && pip check
 COPY common /opt/app/common
 COPY serving /opt/app/serving
 RUN cd /opt/app && python -c "import serving.server, serving.onnx_sampler; import sys; assert 'torch' not in sys.modules"

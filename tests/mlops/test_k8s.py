@@ -665,44 +665,22 @@ def _pip_requirements(dockerfile_text: str) -> list[str]:
 def test_gpu_dockerfile_has_cuda_dali_and_only_the_gpu_onnxruntime():
     text = (K8S / "images" / "gpu.Dockerfile").read_text()
     assert any(base.startswith("nvidia/cuda:") for base in _stages(K8S / "images" / "gpu.Dockerfile"))
-    assert re.search(r"nvidia-dali-cuda\d+==", text) or ".[data" in text
-    # DALI's wheel for CUDA 13, the CUDA of torch 2.14.1's build, from the pinned set.
-    assert "nvidia-dali-cuda130==" in (REPO / "k8s/images/constraints.txt").read_text()
-    assert "pipeline]" in text and "-c constraints.txt" in text
-    assert re.search(r"onnxruntime-gpu(\[[\w,]+\])?==[\d.]+", text)
-    # onnxruntime and onnxruntime-gpu must not be installed together: the `onnx` extra (which pulls the CPU
-    # onnxruntime) is not installed in the GPU image.
-    assert "onnx," not in text and ",onnx]" not in text and "[onnx]" not in text
+    # DALI's wheel for CUDA 13 and onnxruntime-gpu, never beside the CPU onnxruntime (they are one module),
+    # from the image's hash-locked requirements (tests/mlops/test_image_locks.py checks their CUDA agrees).
+    lock = (K8S / "images" / "locks" / "gpu.txt").read_text()
+    assert re.search(r"^nvidia-dali-cuda130==", lock, flags=re.M)
+    assert re.search(r"^onnxruntime-gpu==", lock, flags=re.M)
+    assert not re.search(r"^onnxruntime==", lock, flags=re.M)
+    assert "COPY k8s/images/lockfiles.py k8s/images/locks/gpu.txt" in text
+    assert "--require-hashes --no-deps --no-build-isolation --use-pep517 -r lock/runtime.txt" in text
 
 
 def test_cpu_dockerfile_installs_the_project_with_its_runtime_extras():
     text = (K8S / "images" / "cpu.Dockerfile").read_text()
-    assert ".[data,train,onnx,serve,pipeline]" in text  # kfp too: the executor runs from the image
-    assert "-c constraints.txt" in text and "ARG TORCH_INDEX_URL=" in text and "ARG BASE_IMAGE=" in text
-
-
-def test_image_constraints_pin_every_runtime_dependency_exactly():
-    """The images resolve from k8s/images/constraints.txt: each dependency of the installed extras has one
-    exact version there, so a rebuild cannot drift to a new release."""
-    import tomllib
-
-    from packaging.requirements import Requirement
-
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    extras = project["optional-dependencies"]
-    wanted = project["dependencies"] + [
-        r for e in ("data", "train", "onnx", "serve", "pipeline") for r in extras[e]
-    ]
-    pins = {}
-    for line in (K8S / "images" / "constraints.txt").read_text().splitlines():
-        if line and not line.startswith("#"):
-            name, _, version = line.partition("==")
-            assert version, f"constraints.txt: {line!r} is not an exact pin"
-            pins[name.lower().replace("_", "-")] = version
-    for req in map(Requirement, wanted):
-        name = req.name.lower().replace("_", "-")
-        assert name in pins, f"{name} is not pinned in k8s/images/constraints.txt"
-        assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} violates {req}"
+    # The runtime extras (kfp too: the executor runs from the image) come from the hash-locked cpu.txt.
+    assert "COPY k8s/images/lockfiles.py k8s/images/locks/cpu.txt" in text
+    assert "pip install --no-deps --no-build-isolation ." in text
+    assert "ARG TORCH_REQUIREMENT=" in text and "ARG BASE_IMAGE=" in text
 
 
 @pytest.mark.parametrize("kind", ["serve-cpu", "serve-gpu"])
@@ -710,19 +688,20 @@ def test_serving_image_holds_the_sampler_alone(kind):
     text = (K8S / "images" / f"{kind}.Dockerfile").read_text()
     copies = re.findall(r"^COPY (?!--from)(\S+)", text, flags=re.M)
     assert {c for c in copies if not c.startswith("k8s/")} == {"common", "serving"}
-    assert re.search(r"-c /tmp/constraints.txt -r /tmp/serve(-gpu)?-requirements.txt", text)
+    assert f"COPY k8s/images/lockfiles.py k8s/images/locks/{kind}.txt" in text
     reqs = [
         line.strip()
         for line in (K8S / "images" / "serve-requirements.txt").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
     assert "onnxruntime" in reqs and not {"torch", "torchvision", "nvidia-dali-cuda130", "dvc"} & set(reqs)
-    constraints = (K8S / "images" / "constraints.txt").read_text()
-    for r in reqs:  # pip freeze spells prometheus-client as prometheus_client
-        assert re.search(rf"^{r.replace('-', '[-_]')}==", constraints, flags=re.M | re.I), r
+    lock = (K8S / "images" / "locks" / f"{kind}.txt").read_text()
+    for r in reqs:  # the CUDA image locks onnxruntime-gpu in place of onnxruntime
+        name = "onnxruntime-gpu" if kind == "serve-gpu" and r == "onnxruntime" else r
+        assert re.search(rf"^{re.escape(name)}==", lock, flags=re.M), name
     users = re.findall(r"^USER\s+(\S+)", text, flags=re.M)
     assert users[-1] == "10001:10001" and 'ENTRYPOINT ["python", "-m", "serving"]' in text
     (ref,) = re.findall(r'org\.opencontainers\.image\.ref\.name="([^"]+)"', text)
     assert ref == f"{PROJECT_REPO}nvae-{kind}:{images_mod.DEFAULT_TAG}" == IMAGES[kind]
     if kind == "serve-gpu":  # onnxruntime-gpu instead of, never beside, the CPU onnxruntime
-        assert "grep -vx onnxruntime" in text and re.search(r"onnxruntime-gpu(\[[\w,]+\])?==[\d.]+", text)
+        assert not re.search(r"^onnxruntime==", lock, flags=re.M)
