@@ -34,6 +34,7 @@ _SAMPLE_OPTIONS = (
     "nrow",
     "device",
 )
+_EXPORT_OPTIONS = ("fp16", "opset", "decode", "exporter", "layout", "model_name", "max_batch_size")
 # The metadata `nvae export-onnx` prints.
 _SHOWN_METADATA = (
     "nvae.preset",
@@ -118,13 +119,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     from inference.export import export_onnx
 
     result = export_onnx(
-        args.checkpoint,
-        args.out,
-        fp16=args.fp16,
-        opset=args.opset,
-        decode=args.decode,
-        exporter=args.exporter,
-        verify=not args.no_verify,
+        args.checkpoint, args.out, verify=not args.no_verify, **_options(args, _EXPORT_OPTIONS)
     )
     print("\n".join(_export_report(result)))
     return 0
@@ -135,6 +130,8 @@ def _export_report(result) -> list[str]:
     lines = [f"onnx: {result.path} ({result.seconds:.1f} s, {result.metadata['nvae.exporter']})"]
     for kind, ports in (("input", result.inputs), ("output", result.outputs)):
         lines += [f"  {kind:6s} {name:18s} {shape}" for name, shape in ports.items()]
+    if result.config is not None:
+        lines.append(f"  triton config: {result.config}")
     lines.append("  metadata " + json.dumps({k: result.metadata[k] for k in _SHOWN_METADATA}))
     if result.max_abs_diff is not None:
         lines.append(
@@ -145,6 +142,7 @@ def _export_report(result) -> list[str]:
 
 def register(sub: argparse._SubParsersAction) -> None:
     from inference.export import DECODE_MODES, DEFAULT_OPSET, EXPORTERS
+    from inference.triton import LAYOUTS
 
     p = sub.add_parser(
         "evaluate",
@@ -256,7 +254,26 @@ def register(sub: argparse._SubParsersAction) -> None:
         "images and images_continuous (B, C, D, D) in [0, 1].",
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint (ideally BN-readjusted)")
-    p.add_argument("--out", required=True, help="ONNX file to write")
+    p.add_argument(
+        "--out", required=True, help="ONNX file to write (--layout triton: the model repository folder)"
+    )
+    p.add_argument(
+        "--layout",
+        default="file",
+        choices=LAYOUTS,
+        help="file: one ONNX file (default); triton: a Triton model repository, OUT/NAME/1/model.onnx with "
+        "a per-image temperature (batch, 1) and OUT/NAME/config.pbtxt, for Triton, KServe's ONNX runtime "
+        "or OpenVINO Model Server",
+    )
+    p.add_argument(
+        "--model-name", default="nvae-decoder", help="--layout triton: the model's folder and name"
+    )
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=64,
+        help="--layout triton: images Triton batches into one run (default 64; 0: no batching by Triton)",
+    )
     p.add_argument("--fp16", action="store_true", help="run the network in half precision (I/O stays fp32)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument(

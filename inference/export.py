@@ -8,7 +8,8 @@ random ops, and ONNX random ops cannot be seeded to match PyTorch.
 Graph interface (batch dimension `batch` is dynamic; S = network side, D = data side, C = image channels):
 
     inputs   eps_0 .. eps_{G-1}  float32 (batch, Z, H_j, W_j)  standard-normal noise per group, coarse first
-             temperature         float32 (1,)                   prior temperature (> 0)
+             temperature         float32 (1,)                   prior temperature (> 0); (batch, 1), one per
+                                                                image, in the Triton layout (inference/triton.py)
              u_mix               float32 (batch, M, S, S)       uniform noise, decode=sample with DMoL only
              u_pix               float32 (batch, C, S, S)       uniform noise, decode=sample only
     outputs  images              float32 (batch, C, D, D)       in [0, 1], quantised like `sample_images`
@@ -72,6 +73,7 @@ METADATA_KEYS = (
     "nvae.activation_bytes_per_image",  # upper bound of activation memory per image, for batching
     "nvae.exporter",  # e.g. "torch.onnx.export(dynamo=True) torch 2.14.1"
     "nvae.opset",
+    "nvae.temperature_shape",  # JSON [1], or ["batch", 1] for a per-image temperature (the Triton layout)
 )
 
 
@@ -83,22 +85,26 @@ class ExportError(NVAEError):
 class GenerativePath(nn.Module):
     """The sampler as one module: `forward(temperature, eps_0, .., eps_{G-1}[, u_mix][, u_pix])`.
 
-    temperature (1,); eps_j (B, Z, H_j, W_j); u_* (B, ., S, S) uniform in [0, 1). Returns
+    temperature (1,), or (B, 1) with `batched_temperature` (one per image, so that a server may concatenate
+    requests along the batch dimension); eps_j (B, Z, H_j, W_j); u_* (B, ., S, S) uniform in [0, 1). Returns
     (images, images_continuous), each (B, C, D, D) float32 in [0, 1].
     """
 
-    def __init__(self, model: NVAE, decode: str = "mean"):
+    def __init__(self, model: NVAE, decode: str = "mean", batched_temperature: bool = False):
         super().__init__()
         if decode not in DECODE_MODES:
             raise ConfigError(f"decode={decode!r}; choose one of: {', '.join(DECODE_MODES)}")
         self.model = model
         self.decode = decode
+        self.batched_temperature = batched_temperature
         self.groups = model.num_groups
         cfg = model.cfg
         self.bits = 1 if cfg.likelihood == "bernoulli" else cfg.num_bits
 
     def forward(self, temperature: torch.Tensor, *noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         eps, uniforms = list(noise[: self.groups]), noise[self.groups :]
+        if self.batched_temperature:  # (B, 1) -> (B, 1, 1, 1): scales each image's prior sigma
+            temperature = temperature.reshape(-1, 1, 1, 1)
         logits = self.model.sample_logits(eps[0].shape[0], temperature, eps=eps)
         dist = self.model.output_distribution(logits)
         if self.decode == "mean":
@@ -144,6 +150,7 @@ class ExportResult:
     metadata: dict[str, str]
     seconds: float
     max_abs_diff: float | None = None  # of images_continuous vs PyTorch, when verified
+    config: Path | None = None  # the Triton model configuration (config.pbtxt), in the Triton layout
 
 
 def export_onnx(
@@ -155,15 +162,27 @@ def export_onnx(
     decode: str = "mean",
     exporter: str = "dynamo",
     verify: bool = True,
+    layout: str = "file",
+    model_name: str = "nvae-decoder",
+    max_batch_size: int = 64,
 ) -> ExportResult:
     """Export a checkpoint's generative path to `out` (see the module docstring for the graph interface).
+
+    layout "file" writes the ONNX file `out`; "triton" writes a Triton model repository at `out`:
+    `out/<model_name>/1/model.onnx` (temperature per image) and `out/<model_name>/config.pbtxt` derived from
+    it (see inference/triton.py), with Triton's dynamic batching up to `max_batch_size` images.
 
     The metadata records the preset, the BN-readjustment temperature (`payload["bn_readjust"]`) and the
     checkpoint's sha256. `verify` runs onnxruntime (CPU) on a small batch and checks parity with PyTorch
     (fp32 only; onnxruntime's CPU provider has no fp16 convolutions).
     """
+    from inference import triton
     from model.checkpoint import load_model
 
+    if layout not in triton.LAYOUTS:
+        raise ConfigError(f"layout={layout!r}; choose one of: {', '.join(triton.LAYOUTS)}")
+    if layout == "triton":
+        triton.check_settings(model_name, max_batch_size)
     checkpoint = Path(checkpoint)
     model, payload = load_model(checkpoint)
     readjust = payload.get("bn_readjust")
@@ -177,9 +196,21 @@ def export_onnx(
         else repr(float(readjust["temperature"])),
         "nvae.bn_readjust": json.dumps(readjust, sort_keys=True, default=str),
     }
-    return export_model(
-        model, out, metadata=metadata, fp16=fp16, opset=opset, decode=decode, exporter=exporter, verify=verify
+    target = triton.model_file(out, model_name) if layout == "triton" else out
+    result = export_model(
+        model,
+        target,
+        metadata=metadata,
+        fp16=fp16,
+        opset=opset,
+        decode=decode,
+        exporter=exporter,
+        verify=verify,
+        batched_temperature=layout == "triton",
     )
+    if layout == "triton":  # after the model, so that a polling server never sees a config without it
+        result.config = triton.write_config(result.path, max_batch_size=max_batch_size)
+    return result
 
 
 def export_model(
@@ -192,8 +223,11 @@ def export_model(
     decode: str = "mean",
     exporter: str = "dynamo",
     verify: bool = True,
+    batched_temperature: bool = False,
 ) -> ExportResult:
-    """Export an in-memory model (eval mode is set here; the model is not modified) and check the graph."""
+    """Export an in-memory model (eval mode is set here; the model is not modified) and check the graph.
+
+    `batched_temperature`: the temperature input is (batch, 1), one per image, instead of (1,)."""
     if exporter not in EXPORTERS:
         raise ConfigError(f"exporter={exporter!r}; choose one of: {', '.join(EXPORTERS)}")
     if decode not in DECODE_MODES:
@@ -204,9 +238,9 @@ def export_model(
 
     start = time.perf_counter()
     model = _export_copy(model, fp16)
-    wrapper = GenerativePath(model, decode).eval()
+    wrapper = GenerativePath(model, decode, batched_temperature).eval()
     names = input_names(model, decode)
-    example = _example_inputs(model, decode, batch=2)
+    example = _example_inputs(model, decode, batch=2, batched_temperature=batched_temperature)
     with torch.no_grad():
         proto = _run_exporter(wrapper, example, names, opset, exporter)
     check_graph(proto)
@@ -229,6 +263,7 @@ def export_model(
         "nvae.activation_bytes_per_image": str(activation_bytes_per_image(model)),
         "nvae.exporter": f"torch.onnx.export(dynamo={exporter == 'dynamo'}) torch {torch.__version__}",
         "nvae.opset": str(opset),
+        "nvae.temperature_shape": json.dumps(["batch", 1] if batched_temperature else [1]),
     }
     meta.update(metadata or {})
     del proto.metadata_props[:]
@@ -248,7 +283,7 @@ def export_model(
         seconds=time.perf_counter() - start,
     )
     if verify and not fp16:
-        result.max_abs_diff = verify_export(model, out, decode)
+        result.max_abs_diff = verify_export(model, out, decode, batched_temperature=batched_temperature)
     log.info("exported %s in %.1f s (%s)", out, result.seconds, meta["nvae.exporter"])
     return result
 
@@ -261,11 +296,14 @@ def _export_copy(model: NVAE, fp16: bool) -> NVAE:
     return model.half() if fp16 else model.float()
 
 
-def _example_inputs(model: NVAE, decode: str, batch: int) -> tuple[torch.Tensor, ...]:
+def _example_inputs(
+    model: NVAE, decode: str, batch: int, temperature: float = 1.0, batched_temperature: bool = False
+) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(0)
     eps = [torch.randn((batch, *s), generator=g) for s in model.latent_shapes()]
     uni = [torch.rand((batch, *s), generator=g) for _, s in uniform_shapes(model.cfg, decode)]
-    return (torch.tensor([1.0]), *eps, *uni)
+    t = torch.full((batch, 1) if batched_temperature else (1,), temperature)
+    return (t, *eps, *uni)
 
 
 def _run_exporter(wrapper: GenerativePath, example: tuple, names: list[str], opset: int, exporter: str):
@@ -274,7 +312,8 @@ def _run_exporter(wrapper: GenerativePath, example: tuple, names: list[str], ops
     try:
         if exporter == "dynamo":
             batch = torch.export.Dim("batch", min=1, max=1 << 20)
-            dynamic = {"temperature": None, "noise": tuple({0: batch} for _ in example[1:])}
+            temperature = {0: batch} if example[0].dim() == 2 else None  # (B, 1) or (1,)
+            dynamic = {"temperature": temperature, "noise": tuple({0: batch} for _ in example[1:])}
             program = torch.onnx.export(
                 wrapper,
                 example,
@@ -289,7 +328,8 @@ def _run_exporter(wrapper: GenerativePath, example: tuple, names: list[str], ops
             )
             return program.model_proto
         buffer = io.BytesIO()
-        axes = {n: {0: "batch"} for n in names[1:]} | {n: {0: "batch"} for n in OUTPUT_NAMES}
+        batched = names if example[0].dim() == 2 else names[1:]  # temperature (B, 1) or (1,)
+        axes = {n: {0: "batch"} for n in batched} | {n: {0: "batch"} for n in OUTPUT_NAMES}
         torch.onnx.export(
             wrapper,
             example,
@@ -337,14 +377,15 @@ def _atomic_onnx_save(proto, path: Path) -> None:
         onnx.save_model(proto, str(tmp))  # one file: every preset's weights are far below protobuf's 2 GB
 
 
-def verify_export(model: NVAE, path: str | Path, decode: str = "mean", batch: int = 2) -> float:
+def verify_export(
+    model: NVAE, path: str | Path, decode: str = "mean", batch: int = 2, batched_temperature: bool = False
+) -> float:
     """Max |onnxruntime - PyTorch| of `images_continuous` on a seeded batch at temperature 0.7 (CPU)."""
     import onnxruntime as ort
 
     model = _export_copy(model, fp16=False)
-    wrapper = GenerativePath(model, decode)
-    example = _example_inputs(model, decode, batch)
-    example = (torch.tensor([0.7]), *example[1:])
+    wrapper = GenerativePath(model, decode, batched_temperature)
+    example = _example_inputs(model, decode, batch, 0.7, batched_temperature)
     with torch.no_grad():
         ref = wrapper(*example)[1].numpy()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

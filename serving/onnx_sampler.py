@@ -136,6 +136,8 @@ class OnnxSampler:
         self.image_shape = tuple(json.loads(self.metadata["nvae.image_shape"]))
         self.decode = self.metadata["nvae.decode"]
         self.uniforms = [(n, tuple(s)) for n, s in json.loads(self.metadata.get("nvae.uniform_inputs", "[]"))]
+        # [1]: one temperature per call; ["batch", 1]: one per image (the Triton layout's model.onnx)
+        self.temperature_per_image = json.loads(self.metadata.get("nvae.temperature_shape", "[1]")) != [1]
         on_cuda = self.providers[0] == "CUDAExecutionProvider"
         budget = memory_budget or (CUDA_MEMORY_BUDGET if on_cuda else DEFAULT_MEMORY_BUDGET)
         per_image = max(1, int(self.metadata.get("nvae.activation_bytes_per_image", "0")) or 1 << 20)
@@ -212,7 +214,10 @@ class OnnxSampler:
             if run_options is not None and run_options.terminate:
                 raise TimeoutError("sampling was stopped")
             chunk = {k: v[i : i + batch] for k, v in feeds.items()}
-            chunk["temperature"] = temp
+            rows = len(next(iter(chunk.values())))
+            chunk["temperature"] = (
+                np.full((rows, 1), temperature, np.float32) if self.temperature_per_image else temp
+            )
             if self.io_binding:
                 self._run_bound(chunk, output, out[i : i + batch], run_options)
             else:
