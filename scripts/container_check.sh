@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Check the images before you push them: build the cpu image, then run the whole compiled pipeline with
 # kfp.local's docker runner -- every step in its image, as UID 10001, with the compiled executor command and
-# no package index -- reading Fashion-MNIST from an S3-API store (moto's server on loopback, standing in for
-# MinIO), and read the metrics and the sample grid back from the pipeline root.
+# no package index -- reading Fashion-MNIST from an S3-API store (the real SeaweedFS server on loopback, with
+# the SeaweedFS overlay's own identities: the bucket job's root key, the pipeline's key for the run, the
+# sampler's read-only key for the model pull), and read the metrics and the sample grid back from the pipeline
+# root.
 # Installs what it needs (podman, runc, mmdebstrap from Debian; the project venv). About 10 minutes here.
 # Usage: bash scripts/container_check.sh [WORKDIR]        (default: runs/container-check)
 set -euo pipefail
@@ -69,6 +71,12 @@ pids=()
 # and a machine that runs the check again and again must not fill its disk.
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  # SeaweedFS may not stop on TERM: KILL its process group after a grace period
+  if [ -n "${weed_pid:-}" ]; then
+    kill -TERM -- "-$weed_pid" 2>/dev/null || true
+    for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$weed_pid" 2>/dev/null || break; sleep 0.5; done
+    kill -KILL -- "-$weed_pid" 2>/dev/null || true
+  fi
   if [ "${KEEP_IMAGES:-0}" != 1 ]; then
     podman rmi -f "$registry/nvae-cpu:$tag" "$registry/nvae-gpu:$tag" >/dev/null 2>&1 || true
     podman image prune -f >/dev/null 2>&1 || true
@@ -80,20 +88,61 @@ rm -f "$sock"
 podman system service --time=0 "unix://$sock" &
 pids+=($!)
 export DOCKER_HOST=unix://$sock
-port=$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"$repo/.venv/bin/moto_server" -H 127.0.0.1 -p "$port" >"$work/s3.log" 2>&1 &
-pids+=($!)
-export AWS_ENDPOINT_URL=http://127.0.0.1:$port AWS_ACCESS_KEY_ID=check-key AWS_SECRET_ACCESS_KEY=check-secret \
-  AWS_DEFAULT_REGION=us-east-1
-"$py" - "$sock" "$port" <<'EOF'
-import os, socket, sys, time
-deadline = time.time() + 30
-while not (os.path.exists(sys.argv[1]) and socket.socket().connect_ex(("127.0.0.1", int(sys.argv[2]))) == 0):
+# Ports with port + 10000 free too (SeaweedFS serves gRPC there).
+read -r master volume filer port < <("$py" - <<'EOF'
+import random, socket
+found = []
+while len(found) < 4:
+    p = random.randint(20000, 39999)
+    try:
+        with socket.socket() as a, socket.socket() as b:
+            a.bind(("127.0.0.1", p)); b.bind(("127.0.0.1", p + 10000))
+        if p not in found:
+            found.append(p)
+    except OSError:
+        pass
+print(*found)
+EOF
+)
+# The overlay's identities (k8s/overlays/seaweedfs/s3-identities.json) with keys made for this check.
+declare -A key
+for user in ROOT PIPELINE SAMPLER; do
+  key[${user}_ACCESS_KEY]=check-${user,,}-$RANDOM$RANDOM
+  key[${user}_SECRET_KEY]=$("$py" -c 'import secrets; print(secrets.token_hex(16))')
+done
+identities=$(cat k8s/overlays/seaweedfs/s3-identities.json)
+for name in "${!key[@]}"; do identities=${identities//"\${NVAE_$name}"/${key[$name]}}; done
+case "$identities" in *'${'*) echo "container-check: an identity of the overlay has no key" >&2; exit 1 ;; esac
+printf '%s\n' "$identities" >"$work/s3-identities.json"
+rm -rf "$work/seaweedfs" && mkdir -p "$work/seaweedfs"
+setsid "$repo/.venv/bin/weed" server -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$work/seaweedfs" \
+  -master.port="$master" -volume.port="$volume" -filer.port="$filer" -master.volumeSizeLimitMB=32 -volume.max=0 \
+  -metricsPort=0 -s3 -s3.port="$port" -s3.config="$work/s3-identities.json" -s3.port.iceberg=0 -s3.port.lance=0 \
+  >"$work/s3.log" 2>&1 &
+weed_pid=$!
+export AWS_ENDPOINT_URL=http://127.0.0.1:$port AWS_DEFAULT_REGION=us-east-1
+as_user() {  # as_user ROOT|PIPELINE|SAMPLER: that identity's keys in the environment
+  export AWS_ACCESS_KEY_ID=${key[${1}_ACCESS_KEY]} AWS_SECRET_ACCESS_KEY=${key[${1}_SECRET_KEY]}
+}
+"$py" - "$sock" "$AWS_ENDPOINT_URL" <<'EOF'
+import os, sys, time, urllib.error, urllib.request
+deadline = time.time() + 60
+while True:
+    try:
+        urllib.request.urlopen(sys.argv[2], timeout=1)
+    except urllib.error.HTTPError:  # S3 answers (403 without credentials)
+        if os.path.exists(sys.argv[1]):
+            break
+    except OSError:
+        pass
     if time.time() > deadline:
-        sys.exit("container-check: podman service or S3 server did not start")
+        sys.exit("container-check: podman service or SeaweedFS did not start")
     time.sleep(0.2)
 EOF
-"$repo/.venv/bin/nvae" store init --bucket nvae   # what the cluster's bucket job runs
+stamp "SeaweedFS up on $AWS_ENDPOINT_URL"
+as_user ROOT
+"$repo/.venv/bin/nvae" store init --bucket nvae   # what the cluster's bucket job runs, with the root key
+as_user PIPELINE                                   # the pipeline's pods: read and write in bucket nvae only
 
 # --- the data, uploaded as for a cluster run ---------------------------------------------------------------
 "$repo/.venv/bin/nvae" data upload --dataset fashion-mnist --source /usr/share/datasets/fashion-mnist \
@@ -122,9 +171,22 @@ EOF
 "$repo/.venv/bin/nvae" model list --registry s3://nvae/models/nvae-fmnist
 # The sampler Deployment's init container, as it runs there: the cpu image, UID 10001, a read-only root.
 rm -rf "$work/pulled" && mkdir -p "$work/pulled" && chmod 777 "$work/pulled"
+as_user SAMPLER                                    # the sampler's init container: read models/ only
 podman run --rm --network host --read-only --tmpfs /tmp -v "$work/pulled:/models" -e AWS_ENDPOINT_URL \
   -e AWS_ACCESS_KEY_ID -e AWS_SECRET_ACCESS_KEY -e AWS_DEFAULT_REGION "$registry/nvae-cpu:$tag" \
   nvae model pull --registry s3://nvae/models/nvae-fmnist --version latest --out /models
+"$py" - <<'EOF'
+import boto3, botocore.exceptions
+s3 = boto3.client("s3")
+for bucket, key in (("nvae", "models/nvae-fmnist/intruder"), ("nvae", "raw/intruder")):
+    try:
+        s3.put_object(Bucket=bucket, Key=key, Body=b"x")
+    except botocore.exceptions.ClientError as exc:
+        assert exc.response["Error"]["Code"] == "AccessDenied", exc.response["Error"]
+    else:
+        raise SystemExit(f"container-check: the sampler's key wrote s3://{bucket}/{key}")
+print("container-check: the sampler's key reads models/ and writes nowhere")
+EOF
 "$py" - "$work/pulled" <<'EOF'
 import json, socket, subprocess, sys, time
 from pathlib import Path
