@@ -21,6 +21,7 @@ KUSTOMIZATIONS = [
     "overlays/gpu",
     "overlays/kserve",
     "overlays/kserve-grpc",
+    "overlays/kserve-triton",
     "train",
 ]
 K8S_VERSION = "1.33.0"  # schema version the manifests target (kubernetes-validate bundles it)
