@@ -2,8 +2,9 @@
 # Every CUDA path of the project in one run (< 8 minutes on one H200): the CUDA libraries torch, DALI and
 # onnxruntime each load, fp32/bf16/fp16 training steps, the gpu-marked tests, DALI GPU preparation vs CPU,
 # onnxruntime-gpu parity and ms/image.
-# Usage (device tool): bash bench/gpu_check.sh "$OUT"      -> $OUT/gpu_check.json, $OUT/cuda_libs.json, $OUT/*.log
-# Wheels missing on the GPU image (nvidia-dali-cuda130, onnxruntime-gpu, ...) can travel in .whl/ (carry it).
+# Usage, on a machine with a CUDA GPU: bash bench/gpu_check.sh OUTDIR
+#   -> OUTDIR/gpu_check.json, OUTDIR/cuda_libs.json, OUTDIR/*.log
+# Wheels the machine lacks (nvidia-dali-cuda130, onnxruntime-gpu, ...) are installed from .whl/ when it holds them.
 set -uo pipefail
 OUT=${1:?usage: bash bench/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import tomllib
+from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
@@ -191,19 +192,23 @@ def test_dockerfiles_install_their_lock_with_hashes_and_nothing_unlocked(kind):
     assert {"!k8s/images/lockfiles.py", f"!k8s/images/locks/{kind}.txt"} <= set(ignore)
 
 
+def _retargeted(tmp_path: Path, kind: str, python: str) -> Path:
+    """A copy of KIND's lock whose `# target:` line names Python `python`."""
+    text = re.sub(
+        r"^# target: python \S+,",
+        f"# target: python {python},",
+        (LOCKS / f"{kind}.txt").read_text(),
+        flags=re.M,
+    )
+    lock = tmp_path / f"{kind}.txt"
+    lock.write_text(text)
+    return lock
+
+
 def test_a_local_torch_wheel_replaces_the_locks_torch_and_its_cuda_packages(tmp_path):
     """`prepare --torch` (the cpu image built with a CPU-only wheel): the torch entry is the given line, and
     the CUDA packages only the locked torch needed are left out; DALI's stay."""
-    here = f"{sys.version_info.major}.{sys.version_info.minor}"
-    lock = tmp_path / "cpu.txt"
-    lock.write_text(
-        re.sub(
-            r"^# target: python \S+,",
-            f"# target: python {here},",
-            (LOCKS / "cpu.txt").read_text(),
-            flags=re.M,
-        )
-    )
+    lock = _retargeted(tmp_path, "cpu", f"{sys.version_info.major}.{sys.version_info.minor}")
     wheel = "torch==2.13.0+cpu --hash=sha256:" + "0" * 64
     build, runtime = lockfiles.prepare(lock, tmp_path / "out", torch=wheel)
     found, locked = lockfiles.parse(runtime.read_text()), _lock("cpu")
@@ -225,16 +230,7 @@ def test_a_local_torch_wheel_replaces_the_locks_torch_and_its_cuda_packages(tmp_
 
 
 def test_a_base_image_of_another_python_is_refused(tmp_path):
-    other = "3.99"
-    lock = tmp_path / "gpu.txt"
-    lock.write_text(
-        re.sub(
-            r"^# target: python \S+,",
-            f"# target: python {other},",
-            (LOCKS / "gpu.txt").read_text(),
-            flags=re.M,
-        )
-    )
+    lock = _retargeted(tmp_path, "gpu", "3.99")
     with pytest.raises(SystemExit, match=r"resolved for Python 3\.99.*BASE_IMAGE"):
         lockfiles.prepare(lock, tmp_path / "out")
 
