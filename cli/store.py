@@ -4,6 +4,7 @@ over `common.s3` and `common.store_admin`."""
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ def exit_75_when_retryable(func):
     """A command whose retryable StorageError (the store unreachable, starting, throttling) exits 75 with one
     line; permanent ones go on to cli.main (one line, exit 2)."""
 
+    @functools.wraps(func)  # the command's own name and module, as the parser's reader sees them
     def run(args: argparse.Namespace) -> int:
         from common.errors import StorageError
 

@@ -60,7 +60,8 @@ def _closure(modules: set[str]) -> set[str]:
 
 
 def _handler(words: list[str]):
-    """The function `nvae WORDS...` runs (through wrappers such as cli.store's retry exit), from the parser."""
+    """The function `nvae WORDS...` runs, from the parser (behind a functools.wraps wrapper such as
+    cli.store's retry exit)."""
     from cli.main import build_parser
 
     parser = build_parser()
@@ -68,11 +69,7 @@ def _handler(words: list[str]):
         (sub,) = [a for a in parser._actions if isinstance(getattr(a, "choices", None), dict)]
         parser = sub.choices[word]
     func = parser.get_default("func")
-    while func.__module__ != "cli" and not func.__name__.startswith("cmd"):
-        inner = [c.cell_contents for c in func.__closure__ or () if callable(c.cell_contents)]
-        if not inner:
-            break
-        func = inner[0]
+    func = getattr(func, "__wrapped__", func)  # functools.wraps
     return func
 
 
