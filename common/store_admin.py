@@ -166,6 +166,7 @@ def ensure_users(users: list[ScopedUser], admin=None) -> list[str]:
     """Create or update each user's policy, the user (its secret reset) and the user's policy mapping.
     Idempotent; returns what it did, one line each, without secrets."""
     admin = admin or admin_client_from_env()
+    _require_admin_api(admin)
     done = []
     for user in users:
         _admin_call(
@@ -180,6 +181,23 @@ def ensure_users(users: list[ScopedUser], admin=None) -> list[str]:
         )
         done.append(f"user {user.access_key} ({user.role}): policy {user.policy_name}")
     return done
+
+
+def _require_admin_api(admin) -> None:
+    """Ask the server who it is before writing anything. A plain S3 store takes the admin API's paths as
+    object keys: SeaweedFS, for one, answers a PUT of /minio/admin/v3/add-user by creating a bucket `minio`
+    and storing the request body in it, with 200, so without this check `--users` would report users that
+    do not exist. MinIO answers GET /minio/admin/v3/info with its server info as a JSON object."""
+    text = _admin_call("cannot read the server info", admin.info)
+    try:
+        info = json.loads(text)
+    except ValueError:
+        info = None
+    if not isinstance(info, dict) or not ({"mode", "deploymentID"} & set(info)):
+        raise StorageError(
+            f"{endpoint_from_env()} has no MinIO admin API (its /minio/admin/v3/info is not MinIO's server "
+            "info); run `nvae store init` without --users and make the scoped keys with the store's own tools"
+        )
 
 
 def _admin_call(what: str, fn, *args, **kwargs):

@@ -61,8 +61,8 @@ def docker_runner(root: Path, env_names: tuple[str, ...] = ()):
 
     - The root is made world-writable (mode 1777, like /tmp): the image user must write its outputs and
       executor metadata there.
-    - The tasks share the host's network, so an S3-API server on this machine's loopback (the tests' moto
-      server, a port-forwarded MinIO) is reachable at the same URL; the variables named in `env_names`
+    - The tasks share the host's network, so an S3-API server on this machine's loopback (the tests'
+      SeaweedFS, a port-forwarded MinIO) is reachable at the same URL; the variables named in `env_names`
       (endpoint and keys, as the cluster's Secret provides them) are passed through when set.
     """
     from kfp import local

@@ -163,25 +163,6 @@ def s3_server(tmp_path_factory):
         yield info
 
 
-@pytest.fixture(scope="session")
-def moto_s3_server():
-    """moto's S3 server on loopback: only for tests that put their own fake in front of the S3 API (MinIO's
-    admin API, which has no real server here, forwards S3 requests to it unchecked)."""
-    import socket
-
-    pytest.importorskip("boto3")
-    server_mod = pytest.importorskip("moto.server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield _s3_info(f"http://127.0.0.1:{port}")
-    finally:
-        server.stop()
-
-
 @pytest.fixture
 def s3_env(s3_server, monkeypatch):
     """Endpoint and credentials through the environment only, as in a pod."""

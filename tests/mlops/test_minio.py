@@ -1,12 +1,12 @@
-"""The DVC remote against a real S3-API server (moto's server mode over HTTP on 127.0.0.1, the `s3_server`
-fixture), and the `minio` SDK against the same server: push/pull restores bytes exactly, and a failed or
-corrupted transfer never turns into a good-looking file.
+"""The DVC remote against a real S3-API server (SeaweedFS on 127.0.0.1, the `s3_server` fixture), and the
+`minio` SDK against the same server: push/pull restores bytes exactly, and a failed or corrupted transfer
+never turns into a good-looking file.
 
-What is and is not covered: moto does not check the payload hash a client signs (x-amz-content-sha256) or
-Content-MD5 the way MinIO and AWS do, so "the server rejects a body damaged in flight" is the real servers'
-guarantee, not tested here. What is tested: an interrupted upload leaves no object (S3 writes are atomic per
-object; the SDK aborts an unfinished multipart upload), and DVC re-hashes what it pulls (`verify = true` in
-.dvc/config) so an object corrupted or truncated in the store fails the pull instead of landing as good data."""
+What is tested: an interrupted upload leaves no object (S3 writes are atomic per object; the SDK aborts an
+unfinished multipart upload); DVC re-hashes what it pulls (`verify = true` in .dvc/config), so an object
+corrupted or truncated in the store fails the pull instead of landing as good data; and a body damaged in
+flight, by a proxy that flips a byte, is refused by the store for the clients the product uploads with
+(boto3 and DVC send a CRC32 of the body, which SeaweedFS checks)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import configparser
 import hashlib
 import io
 import os
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -259,3 +260,101 @@ def test_minio_sdk_overwrite_is_all_or_nothing(s3_server):
     with pytest.raises(OSError):
         client.put_object(bucket, "ckpt.pt", _FailingReader(1_000_000, 200_000), length=1_000_000)
     assert client.get_object(bucket, "ckpt.pt").read() == old
+
+
+# --- a body damaged in flight --------------------------------------------------------------------------------
+
+
+class _DamagingProxy:
+    """A loopback proxy in front of the S3 server that flips one byte in the body of every PUT it forwards,
+    as a bad NIC or middlebox would; headers (Host and signature included) pass unchanged."""
+
+    def __init__(self, upstream: str):
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        up = urlsplit(upstream)
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def _serve(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = bytearray(self.rfile.read(length) if length else b"")
+                if self.command == "PUT" and len(body) > 100:
+                    body[len(body) // 2] ^= 0x01
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "expect")}
+                conn = http.client.HTTPConnection(up.hostname, up.port, timeout=60)
+                try:
+                    conn.request(self.command, self.path, body=bytes(body) or None, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                    self.send_response(resp.status)
+                    for k, v in resp.getheaders():
+                        if k.lower() not in ("connection", "transfer-encoding", "content-length"):
+                            self.send_header(k, v)
+                    length = resp.getheader("Content-Length", "0") if self.command == "HEAD" else len(data)
+                    self.send_header("Content-Length", str(length))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(data)
+                finally:
+                    conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _serve
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def damaging(s3_server):
+    proxy = _DamagingProxy(s3_server["endpoint_url"])
+    yield {**s3_server, "endpoint_url": proxy.url}
+    proxy.close()
+
+
+def test_a_body_damaged_in_flight_is_refused_by_the_store(s3_server, damaging, tmp_path):
+    """boto3 (the checkpoint store, the registry) and DVC's s3fs send a CRC32 of the body
+    (x-amz-checksum-crc32), which the store checks: the damaged upload fails and no object appears. The
+    `minio` SDK over plain HTTP signs a SHA-256 of the body, which SeaweedFS does not check, so there the
+    damage lands; over HTTPS the SDK sends a Content-MD5, which it does check."""
+    from botocore.exceptions import ClientError
+
+    bucket = _bucket(s3_server)
+    data = os.urandom(4096)
+    with pytest.raises(ClientError, match="BadDigest"):
+        _boto(damaging).put_object(Bucket=bucket, Key="boto.bin", Body=data)
+    assert _absent(_minio(s3_server), bucket, "boto.bin")
+
+    minio_client = _minio(damaging)
+    minio_client.put_object(bucket, "minio.bin", io.BytesIO(data), len(data))
+    landed = _boto(s3_server).get_object(Bucket=bucket, Key="minio.bin")["Body"].read()
+    assert landed != data and len(landed) == len(data), "SeaweedFS took the damaged body: see the docstring"
+
+    repo = tmp_path / "repo"
+    (repo / ".dvc").mkdir(parents=True)
+    for name in (".dvc/config", ".dvc/.gitignore"):
+        (repo / name).write_text((REPO / name).read_text())
+    (repo / "model.bin").write_bytes(data)
+    run(["git", "init", "-q"], cwd=repo)
+    _configure_local(repo, damaging, bucket, with_keys=True)
+    dvc = tool("dvc")
+    run([dvc, "add", "model.bin"], cwd=repo)
+    env = tool_env(AWS_MAX_ATTEMPTS="1")  # a BadDigest is retried by default; once shows the same
+    pushed = subprocess.run([dvc, "push"], cwd=repo, env=env, capture_output=True, text=True)
+    assert pushed.returncode != 0 and "BadDigest" in pushed.stdout + pushed.stderr, (
+        pushed.stdout + pushed.stderr
+    )
+    assert not _boto(s3_server).list_objects_v2(Bucket=bucket, Prefix="dvc/").get("Contents")
