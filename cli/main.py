@@ -24,6 +24,7 @@ _COMMAND_MODULES = (
     "cli.pipeline",
     "cli.store",
     "cli.model",
+    "cli.nvlabs",
 )
 
 
