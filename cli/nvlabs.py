@@ -1,14 +1,18 @@
-"""`nvae import-nvlabs` and `nvae export-nvlabs`: the authors' checkpoint format, over `model.nvlabs`."""
+"""`nvae import-nvlabs` and `nvae export-nvlabs`: the authors' checkpoint format, over `inference.nvlabs`."""
 
 from __future__ import annotations
 
 import argparse
 
+from common.files import atomic_write_json
+
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from model.nvlabs import import_nvlabs_file
+    from inference.nvlabs import import_nvlabs_file
 
-    done = import_nvlabs_file(args.checkpoint, args.out)
+    done = import_nvlabs_file(args.checkpoint, args.out, args.data)
+    if args.summary:
+        atomic_write_json(args.summary, done)
     print(
         f"imported {done['dataset']}: {done['parameters']:,} parameters, {done['tensors']} tensors, epoch "
         f"{done['epoch']}, step {done['global_step']} (BN names: {done['bn_form']}) -> {done['out']}"
@@ -17,7 +21,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from model.nvlabs import export_nvlabs_file
+    from inference.nvlabs import export_nvlabs_file
 
     done = export_nvlabs_file(args.checkpoint, args.out)
     print(f"exported as the authors' {done['dataset']} model: {done['tensors']} tensors -> {done['out']}")
@@ -34,8 +38,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "running any code from the file. The result works with every command: evaluate, readjust-bn, sample, "
         "export-onnx, model publish.",
     )
-    p.add_argument("checkpoint", help="the authors' checkpoint.pt")
+    p.add_argument(
+        "checkpoint",
+        help="the authors' checkpoint.pt: a path, or s3://bucket/key (endpoint and keys from AWS_* variables)",
+    )
     p.add_argument("--out", required=True, help="our checkpoint to write")
+    p.add_argument("--data", help="a folder from `nvae prepare`: the model must be for its dataset")
+    p.add_argument("--summary", help="also write what was imported here (JSON)")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser(

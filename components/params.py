@@ -115,6 +115,12 @@ class PipelineParams:
     )
     readjust_iters: int = _param(500, "Batches of prior samples for BN readjustment (>= 1).", low=1)
     num_samples: int = _param(64, "Images in the sample grid (>= 1).", low=1)
+    import_checkpoint: str = _param(
+        "",
+        "An authors' NVAE checkpoint (NVlabs/NVAE train.py, such as their released models): s3://bucket/key, "
+        "or a path on a mounted volume. Set, the train step imports it instead of training (the training "
+        "parameters are unused) and the later steps run on it; its dataset must be `dataset`. Empty: train.",
+    )
     registry: str = _param(
         "",
         "Publish the decoder, checkpoint and metrics as a content-addressed version under this "
@@ -224,6 +230,21 @@ def validate_pipeline_args(**values: Any) -> None:
         raise ConfigError(
             f"nodes={nodes} needs a checkpoint_store: the TrainJob's nodes share data and checkpoints through it"
         )
+    source = v["import_checkpoint"]
+    if source and not source.startswith(("s3://", "/")):
+        raise ConfigError(
+            f"import_checkpoint={source!r}: expected s3://bucket/key, an absolute path, or empty"
+        )
+    if source.startswith("s3://"):
+        from common.errors import StorageError
+        from common.s3 import parse_s3_uri
+
+        try:
+            key = parse_s3_uri(source)[1]
+        except StorageError as exc:
+            raise ConfigError(f"import_checkpoint: {exc}") from None
+        if not key or source.endswith("/"):
+            raise ConfigError(f"import_checkpoint={source!r} names no object; expected s3://bucket/key")
     cfg = build_config(v["preset"], None, parse_set_args(split_overrides(v["overrides"])[1::2]))
     if v["dataset"] != "image-folder" and cfg.dataset != v["dataset"]:
         raise ConfigError(f"preset {v['preset']!r} is for dataset {cfg.dataset!r}, not {v['dataset']!r}")

@@ -6,6 +6,7 @@ the bodies stay a few lines of argument plumbing.
 
 from __future__ import annotations
 
+import html
 import json
 import shlex
 import sys
@@ -146,3 +147,22 @@ def curves_html(metrics_jsonl: str | Path) -> str:
         png = Path(tmp) / "curves.png"
         plot_training_curves(metrics_jsonl, png)
         return png_html(png, "Training curves")
+
+
+def import_instead_of_training(source: str, data_dir: str, model_dir: str, curves_path: str) -> dict:
+    """The train step's work when the run starts from an authors' checkpoint: `nvae import-nvlabs` into
+    `model_dir`/checkpoint.pt (checked against the prepared dataset), a page saying so where the training
+    curves go; returns the import's summary (dataset, parameters, epoch, global step, sha256)."""
+    summary_path = Path(model_dir) / "import_summary.json"
+    Path(model_dir).mkdir(parents=True, exist_ok=True)
+    run_cli(["import-nvlabs", source, "--out", f"{model_dir}/checkpoint.pt", "--data", data_dir,
+             "--summary", str(summary_path)])  # fmt: skip
+    summary = read_json(summary_path)
+    write_text(
+        curves_path,
+        "<html><body><h3>Not trained in this run</h3><p>Imported from "
+        f"{html.escape(source)}: the authors' {html.escape(str(summary['dataset']))} model, "
+        f"{summary['parameters']:,} parameters, epoch {summary['epoch']}, step {summary['global_step']} "
+        f"(sha256 {summary['sha256'][:16]}...).</p></body></html>",
+    )
+    return summary

@@ -38,6 +38,7 @@ def validate_params(
     temperature: float,
     readjust_iters: int,
     num_samples: int,
+    import_checkpoint: str,
     cpu_image: str,
     gpu_image: str,
 ) -> NamedTuple(
@@ -76,7 +77,8 @@ def validate_params(
             "train_pod_gpus",
         ],
     )
-    counts = [str(n) for n in (prepare_gpus, eval_gpus, sample_gpus, gpus if nodes == 1 else 0)]
+    train_pod_gpus = 0 if nodes > 1 or import_checkpoint else gpus  # a TrainJob's nodes, or an import: none
+    counts = [str(n) for n in (prepare_gpus, eval_gpus, sample_gpus, train_pod_gpus)]
     return plan(image[prepare_gpus], image[eval_gpus], image[sample_gpus], *counts)
 
 
@@ -121,6 +123,7 @@ def train(
     checkpoint_every: int,
     trainjob_deadline_s: int,
     trainer_api: str,
+    import_checkpoint: str,
     run_id: str,
     image: str,
     model: Output[Model],
@@ -130,7 +133,8 @@ def train(
     """NVAE training: one process per GPU under torchrun, or with `nodes` > 1 a Kubeflow TrainJob of that
     many nodes. With a checkpoint store, checkpoints go to <store>/<run id>/checkpoints and a retried pod
     resumes from them. Outputs the checkpoint (with the DVCLive run), throughput and step counts as metrics,
-    and the training curves as a page."""
+    and the training curves as a page. With `import_checkpoint` set, nothing is trained: the authors'
+    checkpoint it names is imported (`nvae import-nvlabs`) and checked against the prepared dataset."""
     from components.runtime import (
         curves_html,
         fetch_checkpoint,
@@ -142,6 +146,14 @@ def train(
         write_text,
     )
 
+    if import_checkpoint:
+        from components.runtime import import_instead_of_training
+
+        summary = import_instead_of_training(import_checkpoint, data.path, model.path, curves.path)
+        for key, value in numeric_items(summary, ["parameters", "global_step", "epoch"]):
+            train_metrics.log_metric(key, value)
+        model.metadata["imported_from"] = import_checkpoint
+        return
     run = run_dir(checkpoint_store, run_id)
     argv = ["--preset", preset, "--steps", str(steps), "--seed", str(seed), *split_overrides(overrides)]
     argv += ["--grad-accum", str(grad_accum), "--checkpoint-every", str(checkpoint_every)]

@@ -265,7 +265,9 @@ def run_trainjob(
         if deadline_s is not None and clock() - start >= deadline_s:
             log(f"{job}: not finished after the deadline of {deadline_s:g} s: deleting it")
             delete()
-            raise TrainJobFailed(f"{job} did not finish within its deadline of {deadline_s:g} s; it was deleted")
+            raise TrainJobFailed(
+                f"{job} did not finish within its deadline of {deadline_s:g} s; it was deleted"
+            )
         sleep(poll_s)
 
 

@@ -22,7 +22,9 @@ MINIMUMS = (
         "`nvae-s3-pipeline`) are honoured from 2.15; 2.4 resolves run-time images and accelerator counts "
         "from placeholders, 2.3 mounts the `/dev/shm` emptyDir. On 2.4-2.14 both Secrets must exist.",
     ),
-    Minimum("kfp SDK", "2.17.3", "the spec is compiled with kfp and kfp-kubernetes 2.17.3 (pyproject pins them)."),
+    Minimum(
+        "kfp SDK", "2.17.3", "the spec is compiled with kfp and kfp-kubernetes 2.17.3 (pyproject pins them)."
+    ),
     Minimum(
         "Kubeflow Trainer",
         "2.2",

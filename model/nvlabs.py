@@ -429,7 +429,7 @@ def dmol_head_order(m: int) -> list[int]:
     return order
 
 
-def _ours_only(key: str) -> bool:
+def ours_only(key: str) -> bool:
     """Our tensors that the authors' file has no counterpart for: rebuilt (AR masks) or started afresh
     (the spectral regularizer's vectors)."""
     return key.endswith(".mask") or key.startswith("spectral.")
@@ -465,7 +465,7 @@ def import_nvlabs(payload: dict[str, Any], source: str = "checkpoint") -> Import
     model = NVAE(cfg)
     own = model.state_dict()
     mapped = {o for _, o in pairs}
-    unmapped = [k for k in own if k not in mapped and not _ours_only(k)]
+    unmapped = [k for k in own if k not in mapped and not ours_only(k)]
     if unmapped:  # a network this module does not know how to name: a bug here, never a partial model
         raise CheckpointError(f"internal: no authors' name for our tensor {unmapped[0]}")
     state = dict(own)
@@ -498,7 +498,7 @@ def import_nvlabs(payload: dict[str, Any], source: str = "checkpoint") -> Import
         )
     if extra is not None:
         for key, tensor in extra.get("tensors", {}).items():
-            if key not in own or not _ours_only(key) or tensor.shape != own[key].shape:
+            if key not in own or not ours_only(key) or tensor.shape != own[key].shape:
                 raise CheckpointError(f"{source}: {EXTRA_KEY} entry {key} does not fit the network")
             state[key] = tensor.clone()
     model.load_state_dict(state)  # strict: every key of ours is set
@@ -561,54 +561,3 @@ def export_nvlabs(cfg: NVAEConfig, state: dict[str, torch.Tensor], step: int = 0
             "tensors": {k: v.detach().clone() for k, v in state.items() if k.startswith("spectral.")},
         },
     }
-
-
-# ------------------------------------------------------------------------------------------ files
-
-
-def import_nvlabs_file(source: str | Path, out: str | Path) -> dict[str, Any]:
-    """Read an authors' checkpoint and write it as ours (atomically; nothing is written on any error).
-    Returns what was imported: dataset, parameters, tensors, epoch, global step, the BN naming found."""
-    from common.files import file_sha256
-    from model.checkpoint import FORMAT, VERSION, atomic_torch_save
-
-    source, out = Path(source), Path(out)
-    imported = import_nvlabs(load_nvlabs_file(source), str(source))
-    sha = file_sha256(source)
-    payload = {
-        "format": FORMAT,
-        "version": VERSION,
-        "config": imported.config.to_json(),
-        "model": imported.state,
-        "step": imported.global_step or 0,
-        "imported_from": {"format": "nvlabs", "file": source.name, "sha256": sha,
-                          "epoch": imported.epoch, "global_step": imported.global_step},
-    }  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(payload, out)
-    params = sum(v.numel() for k, v in imported.state.items() if not _ours_only(k) and "running_" not in k
-                 and not k.endswith("num_batches_tracked"))  # fmt: skip
-    return {"dataset": imported.config.dataset, "parameters": params, "tensors": len(imported.state),
-            "epoch": imported.epoch, "global_step": imported.global_step, "bn_form": imported.bn_form,
-            "sha256": sha, "out": str(out)}  # fmt: skip
-
-
-def export_nvlabs_file(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
-    """Write our checkpoint in the authors' format (atomically). Returns dataset, args dataset, tensors."""
-    from model.checkpoint import (
-        atomic_torch_save,
-        check_model_entries,
-        config_from_checkpoint,
-        read_checkpoint,
-    )
-
-    payload = read_checkpoint(checkpoint)
-    check_model_entries(payload, checkpoint)
-    cfg = config_from_checkpoint(payload)
-    step = int(payload.get("step", 0))
-    theirs = export_nvlabs(cfg, payload["model"], step=step, epoch=int(payload.get("epoch", 0)))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(theirs, out)
-    return {"dataset": theirs["args"].dataset, "tensors": len(theirs["state_dict"]), "global_step": step,
-            "out": str(out)}  # fmt: skip

@@ -96,6 +96,7 @@ def build_pipeline(images: Images = DEFAULT_IMAGES):
             checkpoint_every=p.checkpoint_every,
             trainjob_deadline_s=p.trainjob_deadline_s,
             trainer_api=p.trainer_api,
+            import_checkpoint=p.import_checkpoint,
             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             image=images.gpu,
         )

@@ -15,16 +15,9 @@ import torch
 
 from cli.main import main
 from common.errors import CheckpointError
+from inference.nvlabs import export_nvlabs_file, import_nvlabs_file
 from model.checkpoint import load_model
-from model.nvlabs import (
-    config_from_args,
-    dmol_head_order,
-    export_nvlabs_file,
-    import_nvlabs,
-    import_nvlabs_file,
-    load_nvlabs_file,
-    weight_map,
-)
+from model.nvlabs import config_from_args, dmol_head_order, import_nvlabs, load_nvlabs_file, weight_map
 
 HERE = Path(__file__).parent / "nvlabs"
 FILE = HERE / "tiny-mnist.pt"

@@ -86,6 +86,11 @@ def test_every_parameter_has_its_description_in_the_run_form():
         ("grad_accum=0", "grad_accum=0 is out of range; allowed grad_accum >= 1"),
         ("checkpoint_every=-1", "checkpoint_every=-1 is out of range; allowed checkpoint_every >= 0"),
         ("checkpoint_store=/data/runs", "checkpoint_store='/data/runs': expected s3://bucket/prefix"),
+        (
+            "import_checkpoint=models/ffhq.pt",
+            "import_checkpoint='models/ffhq.pt': expected s3://bucket/key, an",
+        ),
+        ("import_checkpoint=s3://nvae/nvlabs/", "import_checkpoint='s3://nvae/nvlabs/' names no object"),
     ],
 )
 def test_the_validate_step_names_the_parameter_and_its_range(setting, message):
@@ -190,7 +195,10 @@ def test_steps_get_gpus_and_their_image_from_pipeline_parameters():
         ({}, ("cpu", "cpu", "cpu", "0", "0", "0", "0")),
         ({"prepare_gpus": 1, "gpus": 2}, ("gpu", "cpu", "cpu", "1", "0", "0", "2")),
         ({"eval_gpus": 1, "sample_gpus": 1, "gpus": 1}, ("cpu", "gpu", "gpu", "0", "1", "1", "1")),
-        ({"nodes": 2, "gpus": 4}, ("cpu", "cpu", "cpu", "0", "0", "0", "0")),  # a TrainJob's nodes hold the GPUs
+        (
+            {"nodes": 2, "gpus": 4},
+            ("cpu", "cpu", "cpu", "0", "0", "0", "0"),
+        ),  # a TrainJob's nodes hold the GPUs
     ],
 )
 def test_the_validate_step_plans_images_and_train_pod_gpus(settings, plan):
@@ -270,8 +278,20 @@ def test_image_registry_and_tag_are_chosen_at_compile_time(tmp_path):
 def test_compiling_with_the_default_images_says_in_one_line_where_images_come_from(tmp_path, capsys):
     assert main(["pipeline", "compile", "--out", str(tmp_path / "a.yaml")]) == 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and DEFAULT_IMAGES.cpu in err[0] and "--image-registry" in err[0] and "release" in err[0]
-    argv = ["pipeline", "compile", "--out", str(tmp_path / "b.yaml"), "--image-registry", "registry.example/t"]
+    assert (
+        len(err) == 1
+        and DEFAULT_IMAGES.cpu in err[0]
+        and "--image-registry" in err[0]
+        and "release" in err[0]
+    )
+    argv = [
+        "pipeline",
+        "compile",
+        "--out",
+        str(tmp_path / "b.yaml"),
+        "--image-registry",
+        "registry.example/t",
+    ]
     assert main(argv) == 0
     assert capsys.readouterr().err == ""
 
@@ -521,3 +541,66 @@ def test_gradient_accumulation_is_a_pipeline_parameter_of_the_train_step():
     train = spec["root"]["dag"]["tasks"]["train"]["inputs"]["parameters"]
     assert train["grad_accum"] == {"componentInputParameter": "grad_accum"}
     assert spec["root"]["inputDefinitions"]["parameters"]["grad_accum"]["defaultValue"] == 1
+
+
+def test_the_local_pipeline_from_an_authors_checkpoint_to_a_served_model(tmp_path, capsys, s3_env):
+    """An authors' checkpoint in the store goes through the pipeline without training: imported, evaluated,
+    readjusted, exported, sampled and registered; the registered decoder is then served by `python -m
+    serving` and answers a request."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    from oip_cases import body
+
+    from common.s3 import s3_client_from_env
+
+    bucket = s3_env["make_bucket"]("nvae-imported")
+    authors = Path(__file__).resolve().parents[1] / "model" / "nvlabs" / "tiny-mnist.pt"
+    s3_client_from_env().upload_file(str(authors), bucket, "nvlabs/tiny-mnist.pt")
+    registry = f"s3://{bucket}/models/nvae-nvlabs-mnist"
+    settings = {
+        "dataset": "mnist", "preset": "mnist", "source": LOCAL_SOURCE, "prepare_limit": "100",
+        "import_checkpoint": f"s3://{bucket}/nvlabs/tiny-mnist.pt", "checkpoint_store": "", "iw_samples": "2",
+        "eval_limit": "8", "readjust_iters": "2", "num_samples": "4", "registry": registry,
+    }  # fmt: skip
+    argv = ["pipeline", "run", "--local", "--root", str(tmp_path / "runs")]
+    for key, value in settings.items():
+        argv += ["--set", f"{key}={value}"]
+    assert main(argv) == 0, capsys.readouterr().err
+    found = find_local_outputs(tmp_path / "runs")
+    run = Path(found["run"])
+    assert "Not trained in this run" in (run / "train" / "curves").read_text()
+    assert _logged_metrics(run / "train", "train_metrics")["global_step"] == 4321
+    metrics = json.loads(Path(found["metrics"]).read_text())
+    assert metrics["dataset"] == "mnist" and np.isfinite(metrics["nll_bpd"])
+
+    pulled = tmp_path / "pulled"
+    assert main(["model", "pull", "--registry", registry, "--out", str(pulled)]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "serving", "--onnx", str(pulled / "decoder.onnx"), "--port", str(port)],
+        cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.3)
+        reply = httpx.post(url + "/v2/models/nvae-decoder/infer", json=body(n=2), timeout=30)
+        assert reply.status_code == 200, reply.text
+        (images,) = [o for o in reply.json()["outputs"] if o["name"] == "images"]
+        assert images["datatype"] == "UINT8" and images["shape"] == [2, 28, 28, 1]
+    finally:
+        server.terminate()
+        server.wait(timeout=20)

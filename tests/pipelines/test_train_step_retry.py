@@ -30,7 +30,7 @@ from components.steps import train
 data, out, steps, overrides = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 train(data=Dataset(uri=data), preset="fmnist-cpu", overrides=overrides, steps=steps, batch_size=16, grad_accum=1, gpus=0,
       seed=0, nodes=1, accelerator="nvidia.com/gpu", checkpoint_store="s3://runs-bucket/runs",
-      checkpoint_every=2, trainjob_deadline_s=604800, trainer_api="2.2", run_id="run-42", image="unused", model=Model(uri=out + "/model"),
+      checkpoint_every=2, trainjob_deadline_s=604800, trainer_api="2.2", import_checkpoint="", run_id="run-42", image="unused", model=Model(uri=out + "/model"),
       train_metrics=Metrics(uri=out + "/train_metrics"), curves=HTML(uri=out + "/curves"))
 """
 
