@@ -102,6 +102,7 @@ def _request(args: argparse.Namespace):
     return TrainRequest(
         data=args.data,
         out=args.out,
+        init_from=args.init_from or None,
         preset=args.preset,
         config_file=args.config,
         overrides=parse_set_args(args.set),
@@ -178,9 +179,20 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument("--data", required=True, help="directory written by `nvae prepare`")
     p.add_argument("--out", required=True, help="run directory (checkpoint.pt, metrics, dvclive/, samples/)")
+    p.add_argument(
+        "--init-from",
+        metavar="CKPT",
+        help="start from this checkpoint's network, config and weights (one of ours, or an authors' NVlabs/NVAE "
+        "checkpoint, such as their released models) instead of a fresh network; --preset is then unused and "
+        "--config/--set apply over its config. The optimizer and step start afresh. A checkpoint of the run "
+        "itself in --out, when there is one, still wins: running again resumes. Empty: none",
+    )
     length = p.add_mutually_exclusive_group()
     length.add_argument(
-        "--steps", type=positive_int("--steps"), help="optimisation steps (default: the preset's epochs)"
+        "--steps",
+        type=int_in("--steps", 0),
+        help="optimisation steps (default: the preset's epochs); 0, with --init-from: train nothing, only "
+        "evaluate and sample the starting model and write the run's files",
     )
     length.add_argument(
         "--epochs", type=positive_int("--epochs"), help="epochs instead of steps (default: the preset's)"

@@ -561,3 +561,31 @@ def export_nvlabs(cfg: NVAEConfig, state: dict[str, torch.Tensor], step: int = 0
             "tensors": {k: v.detach().clone() for k, v in state.items() if k.startswith("spectral.")},
         },
     }
+
+
+def starting_point(path: str | Path) -> tuple[NVAEConfig, dict[str, torch.Tensor]]:
+    """The config and weights of a checkpoint to start a run from: one of ours, or an authors' checkpoint
+    (imported as `import_nvlabs` does). Loaded with weights_only either way; CheckpointError otherwise."""
+    from model.checkpoint import FORMAT, check_model_entries, config_from_checkpoint, read_checkpoint
+
+    payload = load_nvlabs_file(path) if _is_nvlabs(path) else None
+    if payload is not None:
+        imported = import_nvlabs(payload, str(path))
+        return imported.config, imported.state
+    ours = read_checkpoint(path)
+    assert ours.get("format") == FORMAT
+    check_model_entries(ours, path)
+    return config_from_checkpoint(ours), ours["model"]
+
+
+def _is_nvlabs(path: str | Path) -> bool:
+    """Whether `path` holds an authors' checkpoint rather than ours (ours carries a `format` field)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            payload = torch.load(path, map_location="meta", weights_only=True)
+    except Exception:  # unreadable or refused: the loader of either format says why
+        return True
+    return isinstance(payload, dict) and "format" not in payload

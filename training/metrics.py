@@ -36,6 +36,9 @@ class RunLogger:
         self.enabled = enabled
         self.jsonl = self.out / "train_metrics.jsonl"
         self.live = None
+        if enabled:  # there from the start, empty until the first step (a run of 0 steps leaves it so)
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.jsonl.touch()
         if enabled and dvclive:
             self.live = _open_live(self.out / "dvclive", resume)
 

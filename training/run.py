@@ -34,6 +34,9 @@ class TrainRequest:
 
     data: str  # directory written by `nvae prepare`
     out: str  # run directory: checkpoint, metrics, DVCLive, sample grids
+    init_from: str | None = (
+        None  # a checkpoint (ours or the authors') to start from instead of a fresh network
+    )
     preset: str = "fmnist-cpu"
     config_file: str | None = None  # YAML mapping of config fields over the preset
     overrides: dict[str, Any] = field(default_factory=dict)  # config fields over the preset and the file
@@ -80,12 +83,19 @@ def _train(request: TrainRequest, ctx) -> dict[str, Any]:
     overrides = dict(request.overrides)
     if request.batch_size:
         overrides["batch_size"] = request.batch_size
-    cfg = build_config(request.preset, request.config_file, overrides)
+    init_state = None
+    if request.init_from:
+        cfg, init_state = _starting_point(request.init_from, request.config_file, overrides)
+        source = f"--init-from {request.init_from}"
+    else:
+        cfg = build_config(request.preset, request.config_file, overrides)
+        source = f"preset {request.preset}"
+    if request.steps == 0 and init_state is None:
+        raise ConfigError("--steps 0 trains nothing: it needs --init-from, the model to evaluate and pass on")
     manifest = loaders.read_manifest(request.data)
     if manifest.get("dataset") != cfg.dataset:
         raise DataError(
-            f"--data {request.data} holds {manifest.get('dataset')!r} but preset {request.preset} is for "
-            f"{cfg.dataset!r}"
+            f"--data {request.data} holds {manifest.get('dataset')!r} but {source} is for {cfg.dataset!r}"
         )
 
     def loader(epoch: int, start_batch: int = 0):
@@ -112,8 +122,11 @@ def _train(request: TrainRequest, ctx) -> dict[str, Any]:
             f"--grad-accum {request.grad_accum} is more than the {per_epoch} batches of an epoch of --data "
             f"{request.data}"
         )
-    steps = request.steps or max(1, (request.epochs or cfg.epochs) * per_epoch // request.grad_accum)
-    warn_global_batch(get_preset(request.preset), cfg.batch_size, ctx.world_size, request.grad_accum)
+    steps = request.steps
+    if steps is None:
+        steps = max(1, (request.epochs or cfg.epochs) * per_epoch // request.grad_accum)
+    if init_state is None:
+        warn_global_batch(get_preset(request.preset), cfg.batch_size, ctx.world_size, request.grad_accum)
     opts = loop.TrainOptions(
         steps=steps,
         batches_per_epoch=per_epoch,
@@ -133,6 +146,7 @@ def _train(request: TrainRequest, ctx) -> dict[str, Any]:
         compile=request.compile,
         dist=ctx,
         grad_accum=request.grad_accum,
+        init_state=init_state,
     )
     log.info(
         "%d steps of %d x %d images per process (%d batches per epoch), %s",
@@ -143,6 +157,19 @@ def _train(request: TrainRequest, ctx) -> dict[str, Any]:
         opts.precision,
     )
     return loop.train(cfg, loader, opts)
+
+
+def _starting_point(path: str, config_file: str | None, overrides: dict[str, Any]):
+    """The config and weights of `--init-from` (ours or an authors' checkpoint), with the config file's
+    fields and then `--set`'s over its config."""
+    from model.config import apply_overrides, load_yaml_overrides
+    from model.nvlabs import starting_point
+
+    cfg, state = starting_point(path)
+    if config_file:
+        cfg = apply_overrides(cfg, load_yaml_overrides(config_file))
+    log.info("starting from %s (%s); --preset is not used", path, cfg.dataset)
+    return apply_overrides(cfg, overrides).validate(), state
 
 
 def warn_global_batch(recipe, batch_size: int, world_size: int, grad_accum: int) -> int:

@@ -88,7 +88,9 @@ class TrainOptions:
     sample_count: int = 16
     sample_temperature: float = 1.0
     dvclive: bool = True
-    channels_last: bool | None = None  # None: on for CPU (oneDNN's NHWC kernels are faster there), off on CUDA
+    channels_last: bool | None = (
+        None  # None: on for CPU (oneDNN's NHWC kernels are faster there), off on CUDA
+    )
     compile: bool = False
     handle_signals: bool = True  # checkpoint and stop on SIGTERM/SIGINT (main thread only)
     dist: DistContext | None = None
@@ -96,6 +98,9 @@ class TrainOptions:
     # grad_accum x N x batch_size images (reach the recipe's global batch on fewer GPUs). BN statistics still
     # come from each batch alone, and the spectral regularizer's power iteration advances once per batch.
     grad_accum: int = 1
+    # Weights to start from instead of the fresh network (`nvae train --init-from`); a checkpoint of the run
+    # itself in the store still wins (resume). With steps == 0 the run only evaluates and samples them.
+    init_state: dict[str, torch.Tensor] | None = None
 
     @property
     def steps_per_epoch(self) -> float:
@@ -325,7 +330,36 @@ def train(cfg: NVAEConfig, batches: BatchSource, opts: TrainOptions) -> dict[str
     """
     run = _set_up(cfg, opts)
     last = _loop(run, batches)
+    if opts.steps == 0 and run.step == 0:  # nothing to train: the starting model's statistics and samples
+        _evaluate_untrained(run, batches)
     return _finish(run, last)
+
+
+def _load_starting_weights(model: NVAE, state: dict[str, torch.Tensor]) -> None:
+    """`--init-from`'s weights into the live network; a config override that changed its shapes is named."""
+    own = model.state_dict()
+    for key, tensor in state.items():
+        if key in own and own[key].shape != tensor.shape:
+            raise NVAEError(
+                f"--init-from: {key} is {tuple(tensor.shape)} there and {tuple(own[key].shape)} in this "
+                "config; --set only fields that keep the network's shapes"
+            )
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise NVAEError(f"--init-from: the weights do not fit the network ({(missing or unexpected)[0]})")
+    model.load_state_dict(state)
+
+
+def _evaluate_untrained(run: _Run, batches: BatchSource) -> None:
+    """For a run of 0 steps: the latent statistics of one training batch through the starting model (eval
+    mode, no gradients) and a sample grid, logged as a last interval would be."""
+    x = next(_without_rng(_batch_stream(batches, 0, run.opts), run.ctx.device))
+    run.model.eval()
+    with torch.no_grad(), _rng_guard(run.ctx.device):
+        out = run.model(x.to(run.ctx.device))
+    run.model.train()
+    kl_diag = torch.stack([k.float() for k in out.kl_diag])
+    _evaluate_interval(run.model, run.ctx, run.logger, run.opts, 0, kl_diag)
 
 
 def _set_up(cfg: NVAEConfig, opts: TrainOptions) -> _Run:
@@ -358,6 +392,8 @@ def _set_up(cfg: NVAEConfig, opts: TrainOptions) -> _Run:
     if payload is not None:
         step, skipped, nonfinite_in_row = _resume(payload, cfg, model, optimizer, scaler, ctx, opts)
         log.info("resumed from %s at step %d", store.location, step)
+    elif opts.init_state is not None:
+        _load_starting_weights(model, opts.init_state)
 
     objective = Objective(model)
     if opts.compile:

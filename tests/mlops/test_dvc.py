@@ -6,6 +6,7 @@ so they check DVC's wiring in seconds; the slow test runs the real CLI on a fres
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import stat
@@ -228,3 +229,42 @@ def test_repro_on_a_fresh_clone_runs_the_embedded_default(tmp_path):
     _set_param(repo, "evaluate.limit", 16)
     out = run([tool("dvc"), "repro"], cwd=repo, env=env, timeout=1800).stdout
     assert re.findall(r"Running stage '(\w+)'", out) == ["evaluate", "publish"]
+
+
+def test_init_from_reaches_train_and_reruns_it_and_its_dependents(fake_repo):
+    repo, env, log = fake_repo
+    _repro(repo, env, log)
+    (train,) = [line for line in log.read_text().splitlines() if line.startswith("train ")]
+    assert "--init-from  --data" in train  # "" by default: a fresh network
+    _set_param(repo, "train.init_from", "/models/nvlabs/ffhq/checkpoint.pt")
+    ran = _repro(repo, env, log)
+    assert (
+        ran[0] == "train" and "prepare" not in ran and {"evaluate", "readjust-bn", "export-onnx"} <= set(ran)
+    )
+    (train,) = [line for line in log.read_text().splitlines() if line.startswith("train ")]
+    assert "--init-from /models/nvlabs/ffhq/checkpoint.pt --data outputs/data" in train
+
+
+def test_repro_from_an_authors_checkpoint_trains_nothing_and_runs_the_rest(tmp_path):
+    """Real `nvae` (about 35 s): the params switch (train.init_from, steps 0) takes the committed authors' file through
+    evaluation, BN readjustment, export and sampling."""
+    if not Path(_params()["prepare"]["source"]).is_dir():
+        pytest.skip("the embedded Fashion-MNIST is not installed")
+    listed = run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO).stdout.split()
+    files = [f for f in listed if (REPO / f).is_file() and not f.startswith(("outputs/", "runs/"))]
+    repo = git_repo(tmp_path, files)
+    authors = REPO / "tests" / "model" / "nvlabs" / "tiny-mnist.pt"
+    for dotted, value in [
+        ("prepare.dataset", "mnist"), ("train.init_from", str(authors)), ("train.steps", 0),
+        ("train.batch_size", 16), ("evaluate.limit", 8), ("evaluate.iw_samples", 2), ("readjust_bn.iters", 2),
+        ("sample.n", 4),
+    ]:  # fmt: skip
+        _set_param(repo, dotted, value)
+    env = tool_env()
+    run([tool("dvc"), "repro"], cwd=repo, env=env, timeout=3600)
+    summary = json.loads((repo / "outputs/train/train_summary.json").read_text())
+    assert summary["steps"] == 0 and (repo / "outputs/train/train_metrics.jsonl").read_text() == ""
+    metrics = json.loads((repo / "outputs/eval/metrics.json").read_text())
+    assert metrics["dataset"] == "mnist" and metrics["num_images"] == 8
+    assert (repo / "outputs/model/decoder.onnx").stat().st_size > 0
+    assert list((repo / "outputs/samples").glob("grid_t*.png"))
