@@ -108,6 +108,7 @@ def evaluate(
     per_pass = 256 if device.type == "cuda" else 64
     generator = torch.Generator().manual_seed(seed)
     sums = {"log_px": 0.0, "elbo": 0.0, "recon": 0.0, "kl": 0.0}
+    log_px_squares = 0.0  # for the standard error of the NLL over images
     kl_groups = torch.zeros(model.num_groups, dtype=torch.float64)
     kl_channels = [torch.zeros(s[0], dtype=torch.float64) for s in model.latent_shapes()]
     n_images = 0
@@ -123,6 +124,7 @@ def evaluate(
             res = iw_batch(model, x, k, step_chunk, generator)
             for key in sums:
                 sums[key] += float(getattr(res, key).double().sum())
+            log_px_squares += float(res.log_px.double().square().sum())
             kl_groups += res.kl_groups.double().sum(0).cpu()
             for g, c in enumerate(res.kl_channels):
                 kl_channels[g] += c.double().cpu() / k
@@ -135,12 +137,16 @@ def evaluate(
     per_dim = math.log(2) * cfg.dims
     mean = {key: v / n_images for key, v in sums.items()}
     kl_channel_means = [c / n_images for c in kl_channels]
+    variance = max(log_px_squares / n_images - mean["log_px"] ** 2, 0.0) * n_images / max(n_images - 1, 1)
+    stderr = math.sqrt(variance / n_images)  # of the mean over images: their spread and the IW noise together
     active = [int((c > ACTIVE_KL_THRESHOLD).sum()) for c in kl_channel_means]
     return {
         "num_images": n_images,
         "iw_samples": k,
         "nll_nats": -mean["log_px"],
         "nll_bpd": -mean["log_px"] / per_dim,
+        "nll_nats_stderr": stderr,
+        "nll_bpd_stderr": stderr / per_dim,
         "elbo_nats": mean["elbo"],
         "nelbo_bpd": -mean["elbo"] / per_dim,
         "recon_nats": mean["recon"],

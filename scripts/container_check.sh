@@ -253,4 +253,29 @@ print(f"container-check: NLL {metrics['nll_bpd']:.3f} bits/dim (K={metrics['iw_s
 print(f"container-check: sample grid {found['sample_grid']} ({grid.size[0]}x{grid.size[1]})")
 print(f"container-check: onnx {found['onnx']}")
 EOF
+
+# --- the same pipeline from an authors' checkpoint in the store: no training --------------------------------
+"$repo/.venv/bin/nvae" store put tests/model/nvlabs s3://nvae/nvlabs/tiny-mnist/
+imported=$work/pipeline-root-imported
+rm -rf "$imported"
+"$repo/.venv/bin/nvae" pipeline run --local --runner docker --root "$imported" \
+  --image-registry "$registry" --image-tag "$tag" \
+  --set dataset=mnist --set preset=mnist --set source=s3://nvae/raw/fashion-mnist --set prepare_limit=200 \
+  --set import_checkpoint=s3://nvae/nvlabs/tiny-mnist/tiny-mnist.pt --set checkpoint_store= \
+  --set iw_samples=2 --set eval_limit=20 --set readjust_iters=5 --set num_samples=4 \
+  | tee "$work/pipeline-imported.log"
+"$py" - "$imported" <<'EOF'
+import json, sys
+from pathlib import Path
+
+from pipelines.nvae_pipeline import find_local_outputs
+
+found = find_local_outputs(Path(sys.argv[1]))
+metrics = json.loads(Path(found["metrics"]).read_text())
+assert metrics["dataset"] == "mnist" and metrics["num_images"] == 20, metrics
+assert "Not trained in this run" in Path(found["curves"]).read_text()
+print(f"container-check: the authors' checkpoint imported in the train step's image, NLL "
+      f"{metrics['nll_bpd']:.3f} bits/dim (K={metrics['iw_samples']}), onnx {found['onnx']}")
+EOF
+stamp "pipeline from an authors' checkpoint finished"
 stamp "passed"
