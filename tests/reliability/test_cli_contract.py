@@ -86,8 +86,7 @@ def test_malformed_checkpoints_are_one_line(tmp_path, capsys, payload, message):
     "flag, value, message",
     [
         ("--log-every", "0", "--log-every must be >= 1, got 0"),
-        ("--steps", "-3", "--steps must be >= 1, got -3"),
-        ("--steps", "0", "--steps must be >= 1, got 0"),
+        ("--steps", "-3", "--steps must be >= 0, got -3"),  # 0 is for --init-from (tests/training)
         ("--batch-size", "0", "--batch-size must be >= 1, got 0"),
         ("--max-nonfinite", "0", "--max-nonfinite must be >= 1"),
         ("--samples", "-1", "--samples must be >= 0"),
