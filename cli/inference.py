@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from common.argtypes import positive_int, temperature
@@ -53,6 +54,9 @@ def _options(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
 # ------------------------------------------------------------------------------------------- evaluate
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from inference.evaluate import evaluate_checkpoint
+
+    if args.no_verify:  # read by data.loaders
+        os.environ["NVAE_NO_VERIFY"] = "1"
 
     metrics = evaluate_checkpoint(args.checkpoint, args.data, args.out, **_options(args, _EVALUATE_OPTIONS))
     print(
@@ -169,6 +173,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="binarized datasets: fixed-seed test set (default) or the released dynamic protocol",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-verify", action="store_true", help="skip the check of the split against the manifest's SHA-256"
+    )
     p.add_argument("--out", required=True, help="metrics JSON (what DVC metrics and KFP Metrics read)")
     p.add_argument("--kl-plot", help="also write the KL-per-group bar plot here (PNG)")
     p.add_argument("--device")

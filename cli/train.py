@@ -66,6 +66,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from training.distributed import is_main_process
     from training.run import launch_torchrun, run_training
 
+    if args.no_verify:  # read by data.loaders, in this process and the ones it starts
+        os.environ["NVAE_NO_VERIFY"] = "1"
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return launch_torchrun(_worker_argv(args), args.nproc)
     try:
@@ -179,6 +181,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument("--data", required=True, help="directory written by `nvae prepare`")
     p.add_argument("--out", required=True, help="run directory (checkpoint.pt, metrics, dvclive/, samples/)")
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="read the prepared splits without checking them against the manifest's SHA-256 (checked by "
+        "default, once per file version: a restart does not hash again)",
+    )
     p.add_argument(
         "--init-from",
         metavar="CKPT",

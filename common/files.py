@@ -98,3 +98,44 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """JSON (indented, keys sorted, one trailing newline), atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+LOCK_NAME = ".nvae.lock"
+
+
+class FolderLock:
+    """An exclusive lock on a folder that one process writes (a training run's --out): `fcntl.flock` on
+    `<folder>/.nvae.lock`, which the OS releases when the process dies, however it dies. The file holds the
+    holder's PID and command, so a second writer's error can name it. `with FolderLock(path, "train"):`."""
+
+    def __init__(self, folder: str | Path, what: str):
+        self.folder, self.what = Path(folder), what
+        self._fh = None
+
+    def __enter__(self) -> FolderLock:
+        import fcntl
+
+        from common.errors import NVAEError
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fh = open(self.folder / LOCK_NAME, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise NVAEError(
+                f"{self.folder} is in use by {holder}; wait for it to end, or use another folder"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"PID {os.getpid()} ({self.what})\n")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fh is not None:
+            self._fh.close()  # closing releases the lock
+            self._fh = None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,13 +48,29 @@ def read_manifest(prepared_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def load_split(prepared_dir: str | Path, split: str, *, manifest: dict[str, Any] | None = None) -> np.ndarray:
-    """Memory-map one prepared split as uint8 (N, H, W, C), checked against the manifest."""
+def load_split(
+    prepared_dir: str | Path,
+    split: str,
+    *,
+    manifest: dict[str, Any] | None = None,
+    verify: bool | None = None,
+) -> np.ndarray:
+    """Memory-map one prepared split as uint8 (N, H, W, C), checked against the manifest: its file inside the
+    prepared folder, its bytes against the recorded SHA-256 (`verify_split`; `verify` None: unless
+    NVAE_NO_VERIFY=1, which `--no-verify` sets), its dtype and shape."""
     manifest = manifest or read_manifest(prepared_dir)
     splits = manifest["splits"]
-    if split not in splits:
-        raise DataError(f"{prepared_dir}: no split {split!r}; it has: {', '.join(splits)}")
-    path = Path(prepared_dir) / splits[split]["file"]
+    if not isinstance(splits, dict) or split not in splits:
+        names = ", ".join(splits) if isinstance(splits, dict) else "none (splits is not a mapping)"
+        raise DataError(f"{prepared_dir}: no split {split!r}; it has: {names}")
+    entry = splits[split]
+    if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+        raise DataError(
+            f"{Path(prepared_dir) / MANIFEST_NAME}: splits.{split} must be a mapping with a 'file' name"
+        )
+    path = _inside(Path(prepared_dir), entry["file"], f"splits.{split}.file")
+    if verify if verify is not None else os.environ.get(NO_VERIFY_ENV) != "1":
+        verify_split(path, entry.get("sha256"), f"splits.{split}")
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError:
@@ -64,6 +81,82 @@ def load_split(prepared_dir: str | Path, split: str, *, manifest: dict[str, Any]
     if array.dtype != np.uint8 or array.shape != expected:
         raise DataError(f"{path}: holds {array.dtype} {array.shape}; the manifest says uint8 {expected}")
     return array
+
+
+NO_VERIFY_ENV = "NVAE_NO_VERIFY"  # "1": read prepared splits without checking their SHA-256
+_VERIFIED: dict[tuple, bool] = {}  # (path, size, mtime_ns, sha256) checked in this process
+
+
+def _inside(root: Path, name: str, field: str) -> Path:
+    """`root / name`, refused unless it stays in `root` (no absolute path, no `..`, no link out)."""
+    candidate = root / name
+    if (
+        Path(name).is_absolute()
+        or ".." in Path(name).parts
+        or not candidate.resolve().is_relative_to(root.resolve())
+    ):
+        raise DataError(f"{root / MANIFEST_NAME}: {field}={name!r} leaves the prepared folder {root}")
+    return candidate
+
+
+def verify_split(path: Path, expected: Any, field: str) -> None:
+    """Check `path`'s SHA-256 against the manifest's; DataError naming the file on a mismatch or a missing
+    hash. A verified (size, mtime, hash) is remembered in this process and in a small cache file
+    (~/.cache/nvae/verified-splits.json, when writable), so a restarted run does not hash its data again."""
+    if not (
+        isinstance(expected, str) and len(expected) == 64 and all(c in "0123456789abcdef" for c in expected)
+    ):
+        raise DataError(
+            f"{path}: the manifest records no valid sha256 for {field}; prepare it again, or pass --no-verify"
+        )
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise DataError(f"{path}: split file is missing") from None
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, expected)
+    if _VERIFIED.get(key) or _cached(key):
+        return
+    from common.files import file_sha256
+
+    actual = file_sha256(path)
+    if actual != expected:
+        raise DataError(
+            f"{path}: sha256 {actual[:16]}... differs from the manifest's {expected[:16]}... ({field}): the file "
+            "changed after `nvae prepare`; prepare it again, or pass --no-verify"
+        )
+    _VERIFIED[key] = True
+    _remember(key)
+
+
+def _cache_file() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nvae" / "verified-splits.json"
+
+
+def _cached(key: tuple) -> bool:
+    try:
+        return "|".join(map(str, key)) in json.loads(_cache_file().read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _remember(key: tuple) -> None:
+    """Add `key` to the cache file (the newest 256 entries), atomically; a cache that cannot be written
+    only costs the next run one hash."""
+    from common.files import atomic_write_json
+
+    path = _cache_file()
+    try:
+        known = json.loads(path.read_text())
+        known = known if isinstance(known, list) else []
+    except (OSError, ValueError):
+        known = []
+    entry = "|".join(map(str, key))
+    known = [k for k in known if k != entry][-255:] + [entry]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, known)
+    except OSError:
+        pass
 
 
 class PreparedDataset:

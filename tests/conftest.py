@@ -24,6 +24,21 @@ def _deterministic():
     yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_cache_home(tmp_path_factory):
+    """The suite's caches (the verified-splits record of data.loaders) in a folder of its own, not the
+    user's ~/.cache; subprocesses inherit it."""
+    import os
+
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache-home"))
+    yield
+    if before is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = before
+
+
 ROOT_ACCESS_KEY, ROOT_SECRET_KEY = "testing-access-key", "testing-secret-key"
 SEAWEEDFS_IDENTITIES = (
     Path(__file__).resolve().parents[1] / "k8s" / "overlays" / "seaweedfs" / "s3-identities.json"

@@ -42,6 +42,22 @@ class RunLogger:
         if enabled and dvclive:
             self.live = _open_live(self.out / "dvclive", resume)
 
+    def truncate_after(self, step: int) -> int:
+        """Drop what was logged after `step` (the checkpoint a resumed run continues from): a run killed after
+        its last checkpoint logged steps that the resumed run logs again. Returns the lines dropped from the
+        JSONL files; DVCLive's TSV curves are cut the same way."""
+        if not self.enabled:
+            return 0
+        dropped = 0
+        files = [self.jsonl, self.out / "eval_metrics.jsonl"]
+        for path in files:
+            dropped += _keep_lines(path, lambda line: json.loads(line).get("step", 0) <= step)
+        for tsv in sorted((self.out / "dvclive" / "plots" / "metrics").rglob("*.tsv")):
+            _keep_lines(
+                tsv, lambda line: line.split("\t")[0] == "step" or int(float(line.split("\t")[0])) <= step
+            )
+        return dropped
+
     def log_step(self, step: int, values: dict[str, Any]) -> None:
         """Scalars of optimisation step `step` (1-based: the number of steps done)."""
         if not self.enabled:
@@ -72,6 +88,27 @@ class RunLogger:
         if self.live is not None:
             self.live.end()
             self.live = None
+
+
+def _keep_lines(path: Path, keep) -> int:
+    """Rewrite `path` (atomically) with only the lines `keep` accepts; returns how many it dropped. A line
+    `keep` cannot read (a half line a kill left at the end) is dropped too."""
+    from common.files import atomic_write_text
+
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+
+    def kept(line: str) -> bool:
+        try:
+            return line.endswith("\n") and bool(keep(line.rstrip("\n")))
+        except (ValueError, TypeError, AttributeError):
+            return False
+
+    new = [line for line in lines if kept(line)]
+    if len(new) != len(lines):
+        atomic_write_text(path, "".join(new))
+    return len(lines) - len(new)
 
 
 def _open_live(directory: Path, resume: bool):

@@ -34,7 +34,7 @@ from torch import nn
 
 from common.cpu import cpu_flags
 from common.errors import DataError, NVAEError
-from common.files import atomic_write_json
+from common.files import FolderLock, atomic_write_json
 from common.progress import progress as progress_bar
 from model.checkpoint import FORMAT, VERSION, config_from_checkpoint
 from model.config import NVAEConfig
@@ -328,11 +328,14 @@ def train(cfg: NVAEConfig, batches: BatchSource, opts: TrainOptions) -> dict[str
     Raises NonFiniteLossError after `max_nonfinite` non-finite steps in a row (the last good checkpoint is
     kept), TrainingInterrupted after checkpointing on SIGTERM/SIGINT.
     """
-    run = _set_up(cfg, opts)
-    last = _loop(run, batches)
-    if opts.steps == 0 and run.step == 0:  # nothing to train: the starting model's statistics and samples
-        _evaluate_untrained(run, batches)
-    return _finish(run, last)
+    ctx = opts.dist or DistContext(device=torch.device(opts.device))
+    # One writer per run folder: the main rank holds its lock for the whole run (the OS drops it if we die).
+    with FolderLock(opts.out, "nvae train") if ctx.is_main else contextlib.nullcontext():
+        run = _set_up(cfg, opts)
+        last = _loop(run, batches)
+        if opts.steps == 0 and run.step == 0:  # nothing to train: the starting model's statistics and samples
+            _evaluate_untrained(run, batches)
+        return _finish(run, last)
 
 
 def _load_starting_weights(model: NVAE, state: dict[str, torch.Tensor]) -> None:
@@ -405,6 +408,12 @@ def _set_up(cfg: NVAEConfig, opts: TrainOptions) -> _Run:
         net = nn.parallel.DistributedDataParallel(
             objective, device_ids=[device] if device.type == "cuda" else None
         )
+    if payload is not None and ctx.is_main:  # before DVCLive reopens its files
+        dropped = RunLogger(opts.out, enabled=True, resume=True, dvclive=False).truncate_after(step)
+        if dropped:
+            log.info(
+                "dropped %d metric lines logged after step %d, the checkpoint resumed from", dropped, step
+            )
     logger = RunLogger(opts.out, enabled=ctx.is_main, resume=payload is not None, dvclive=opts.dvclive)
     return _Run(
         cfg, opts, ctx, model, objective, net, optimizer, scaler, store, logger, channels_last,
