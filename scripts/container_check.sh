@@ -255,6 +255,7 @@ print(f"container-check: onnx {found['onnx']}")
 EOF
 
 # --- the same pipeline from an authors' checkpoint in the store: no training --------------------------------
+as_user PIPELINE  # the sampler check above switched keys
 "$repo/.venv/bin/nvae" store put tests/model/nvlabs s3://nvae/nvlabs/tiny-mnist/
 imported=$work/pipeline-root-imported
 rm -rf "$imported"
