@@ -74,13 +74,18 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, not a torch file, ...
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    check_envelope(payload, path)
+    return payload
+
+
+def check_envelope(payload: Any, path: str | Path) -> None:
+    """Raise CheckpointError unless `payload` is a checkpoint of ours of the version this code reads."""
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an nvae-pipeline checkpoint (missing format field)")
     if payload.get("version") != VERSION:
         raise CheckpointError(
             f"{path}: checkpoint version {payload.get('version')} (this code reads {VERSION})"
         )
-    return payload
 
 
 def check_model_entries(payload: dict[str, Any], path: str | Path) -> None:

@@ -147,6 +147,12 @@ NOT_IN_ARGS = ("fused_bn_swish", "adamax_eps", "sr_iters", "sr_iters_first")
 
 def load_nvlabs_file(path: str | Path) -> dict[str, Any]:
     """The authors' checkpoint as a dict, loaded with weights_only and `argparse.Namespace` allowed."""
+    return _checked_nvlabs(_safe_load(path), Path(path))
+
+
+def _safe_load(path: str | Path) -> Any:
+    """`torch.load(weights_only=True)` with `argparse.Namespace` allowed; CheckpointError in one line for a
+    missing, unreadable or refused file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -164,6 +170,11 @@ def load_nvlabs_file(path: str | Path) -> dict[str, Any]:
         ) from None
     except Exception as exc:  # not a torch file, truncated
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+    return payload
+
+
+def _checked_nvlabs(payload: Any, path: Path) -> dict[str, Any]:
+    """`payload` if it has the entries of an authors' checkpoint; CheckpointError naming what is wrong."""
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path}: not an authors' NVAE checkpoint (not a dict)")
     missing = [k for k in ("state_dict", "args") if k not in payload]
@@ -565,27 +576,13 @@ def export_nvlabs(cfg: NVAEConfig, state: dict[str, torch.Tensor], step: int = 0
 
 def starting_point(path: str | Path) -> tuple[NVAEConfig, dict[str, torch.Tensor]]:
     """The config and weights of a checkpoint to start a run from: one of ours, or an authors' checkpoint
-    (imported as `import_nvlabs` does). Loaded with weights_only either way; CheckpointError otherwise."""
-    from model.checkpoint import FORMAT, check_model_entries, config_from_checkpoint, read_checkpoint
+    (imported as `import_nvlabs` does). Read once, with weights_only; CheckpointError otherwise."""
+    from model.checkpoint import check_envelope, check_model_entries, config_from_checkpoint
 
-    payload = load_nvlabs_file(path) if _is_nvlabs(path) else None
-    if payload is not None:
-        imported = import_nvlabs(payload, str(path))
-        return imported.config, imported.state
-    ours = read_checkpoint(path)
-    assert ours.get("format") == FORMAT
-    check_model_entries(ours, path)
-    return config_from_checkpoint(ours), ours["model"]
-
-
-def _is_nvlabs(path: str | Path) -> bool:
-    """Whether `path` holds an authors' checkpoint rather than ours (ours carries a `format` field)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            payload = torch.load(path, map_location="meta", weights_only=True)
-    except Exception:  # unreadable or refused: the loader of either format says why
-        return True
-    return isinstance(payload, dict) and "format" not in payload
+    payload = _safe_load(path)
+    if isinstance(payload, dict) and "format" in payload:  # ours carries a format field, theirs does not
+        check_envelope(payload, path)
+        check_model_entries(payload, path)
+        return config_from_checkpoint(payload), payload["model"]
+    imported = import_nvlabs(_checked_nvlabs(payload, Path(path)), str(path))
+    return imported.config, imported.state
