@@ -268,11 +268,14 @@ def args_from_config(cfg: NVAEConfig) -> argparse.Namespace:
     if cfg.dataset not in names:
         raise CheckpointError(f"dataset={cfg.dataset!r}: the authors' code has no such dataset")
     dataset = names[cfg.dataset]
-    expected = config_from_args(_skeleton_args(dataset))  # the data fields their loader implies
-    for field in ("in_channels", "data_size", "image_size", "likelihood", "binarize"):
-        if getattr(cfg, field) != getattr(expected, field):
+    _, channels, data_size, image_size = DATASETS[dataset]
+    binary = dataset in BINARY
+    expected = {"in_channels": channels, "data_size": data_size, "image_size": image_size,
+                "likelihood": "bernoulli" if binary else "dmol", "binarize": binary}  # fmt: skip
+    for field, value in expected.items():  # what their loader for the dataset gives
+        if getattr(cfg, field) != value:
             raise CheckpointError(
-                f"{field}={getattr(cfg, field)!r}: the authors' {dataset} loader gives {getattr(expected, field)!r}"
+                f"{field}={getattr(cfg, field)!r}: the authors' {dataset} loader gives {value!r}"
             )
     if cfg.likelihood == "dmol" and cfg.dmol_edge != "released":
         raise CheckpointError("dmol_edge='correct': the authors' code computes the likelihood with the released "
@@ -288,16 +291,6 @@ def args_from_config(cfg: NVAEConfig) -> argparse.Namespace:
         num_mixture_dec=cfg.num_mix, num_x_bits=cfg.num_bits, num_process_per_node=cfg.recipe_processes
     )
     return argparse.Namespace(**values)
-
-
-def _skeleton_args(dataset: str) -> argparse.Namespace:
-    """A minimal args for `dataset` (two scales of two groups), only to read off its data fields."""
-    return argparse.Namespace(
-        dataset=dataset, arch_instance="res_mbconv", use_se=True, num_channels_enc=8, num_channels_dec=8,
-        num_latent_scales=2, num_groups_per_scale=2, num_latent_per_group=4, num_cell_per_cond_enc=1,
-        num_cell_per_cond_dec=1, num_preprocess_blocks=1, num_preprocess_cells=2, num_postprocess_blocks=1,
-        num_postprocess_cells=2, num_nf=0, res_dist=True, num_x_bits=8,
-    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ weight names
