@@ -328,9 +328,9 @@ def train(cfg: NVAEConfig, batches: BatchSource, opts: TrainOptions) -> dict[str
     Raises NonFiniteLossError after `max_nonfinite` non-finite steps in a row (the last good checkpoint is
     kept), TrainingInterrupted after checkpointing on SIGTERM/SIGINT.
     """
-    ctx = opts.dist or DistContext(device=torch.device(opts.device))
+    is_main = opts.dist is None or opts.dist.is_main
     # One writer per run folder: the main rank holds its lock for the whole run (the OS drops it if we die).
-    with FolderLock(opts.out, "nvae train") if ctx.is_main else contextlib.nullcontext():
+    with FolderLock(opts.out, "nvae train") if is_main else contextlib.nullcontext():
         run = _set_up(cfg, opts)
         last = _loop(run, batches)
         if opts.steps == 0 and run.step == 0:  # nothing to train: the starting model's statistics and samples
