@@ -97,12 +97,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=4, help="images per request")
     args = ap.parse_args()
 
-    import httpx
     import torch
 
     from inference.export import export_model, randomize_bn
     from model.config import get_preset
     from model.network import NVAE
+    from tests.background_server import wait_ready
 
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
@@ -122,16 +122,8 @@ def main() -> None:
                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if httpx.get(url + "/v2/health/ready", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if server.poll() is not None or time.monotonic() > deadline:
-                    sys.exit("serve_soak: the server did not start")
-                time.sleep(0.2)
+            if not wait_ready(url, server, timeout_s=120, interval_s=0.2):
+                sys.exit("serve_soak: the server did not start")
             print(f"preset {args.preset}, {args.clients} clients x {args.n} images, {args.seconds:.0f} s per phase, "
                   f"{os.cpu_count()} CPUs, server pid {server.pid}")  # fmt: skip
             rows = {}

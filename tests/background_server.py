@@ -1,5 +1,6 @@
 """`BackgroundServer`: the sampler's HTTP app on the built-in server's own transport (serving.transport), run
-in a thread on a bound socket, for the tests and bench/serve_batching.py."""
+in a thread on a bound socket, for the tests and bench/serve_batching.py; `wait_ready` for a server started
+as a subprocess (`python -m serving`)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,20 @@ class BackgroundServer:
     def __exit__(self, *exc) -> None:
         self.stop(timeout=10)
         self.socket.close()
+
+
+def wait_ready(url: str, process, timeout_s: float, interval_s: float = 0.3) -> bool:
+    """Poll `url`/v2/health/ready until it answers 200 (True), or until `process` (a server started as a
+    subprocess) exits or `timeout_s` passes (False)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url + "/v2/health/ready", timeout=1).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(interval_s)

@@ -550,9 +550,9 @@ def test_the_local_pipeline_from_an_authors_checkpoint_to_a_served_model(tmp_pat
     import socket
     import subprocess
     import sys
-    import time
 
     import httpx
+    from background_server import wait_ready
     from oip_cases import body
 
     from common.s3 import s3_client_from_env
@@ -588,15 +588,7 @@ def test_the_local_pipeline_from_an_authors_checkpoint_to_a_served_model(tmp_pat
     )  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.3)
+        assert wait_ready(url, server, timeout_s=60), "the server did not come up"
         reply = httpx.post(url + "/v2/models/nvae-decoder/infer", json=body(n=2), timeout=30)
         assert reply.status_code == 200, reply.text
         (images,) = [o for o in reply.json()["outputs"] if o["name"] == "images"]

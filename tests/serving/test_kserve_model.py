@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from background_server import wait_ready
 from oip_cases import BAD, body
 from tiny import TINY
 
@@ -55,17 +56,9 @@ def kserve_server(onnx, tmp_path_factory):
             cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).parents[2]
         )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if httpx.get(url + "/v2/health/ready", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"kserve model server did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.3)
+    if not wait_ready(url, proc, timeout_s=90):
+        proc.kill()
+        pytest.fail(f"kserve model server did not start:\n{log.read_text()[-3000:]}")
     yield {"url": url, "grpc": f"127.0.0.1:{grpc_port}", "proc": proc, "log": log}
     if proc.poll() is None:
         proc.kill()
