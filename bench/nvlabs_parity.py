@@ -88,6 +88,10 @@ TESTDATA_RECIPE = {**RECIPES["mnist"], "num_channels_enc": 8, "num_channels_dec"
                    "num_preprocess_cells": 2, "num_postprocess_cells": 2, "num_cell_per_cond_enc": 1,
                    "num_cell_per_cond_dec": 1}  # fmt: skip
 ELBO_RTOL, LOGITS_ATOL = 1e-5, 1e-4
+STEP_ATOL = 1e-6  # weights after one more optimizer step on each side
+# Training images per dataset (their loaders), for the `num_total_iter` their train.py puts in args.
+TRAIN_IMAGES = {"mnist": 60_000, "cifar10": 50_000, "celeba_64": 162_770, "imagenet_32": 1_281_167,
+                "celeba_256": 27_000, "ffhq": 63_000}  # fmt: skip
 BATCH = {"mnist": 4, "cifar10": 4, "cifar10_multiscale": 4, "imagenet_32": 4, "celeba_64": 2}  # else 1
 
 
@@ -143,20 +147,105 @@ def _randomise_bn(net, gen) -> None:
                 m.bias.data.copy_(0.1 * torch.randn(c, generator=gen))
 
 
-def make_authors_checkpoint(mods, values: dict, path: Path, seed: int = 0):
-    """Their AutoEncoder for `values` (their args), random weights and BN statistics, saved in their format."""
+def _their_optimizer(mods, net, args):
+    """Their train.py's optimizer, scheduler and loss scaler for `net` (the fused AdaMax of --fast_adamax)."""
+    import torch
+
+    opt = mods["thirdparty.adamax"].Adamax(
+        net.parameters(), args.learning_rate, weight_decay=args.weight_decay, eps=1e-3
+    )
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+        opt, float(args.epochs - args.warmup_epochs - 1), eta_min=args.learning_rate_min
+    )
+    return opt, sched, torch.amp.GradScaler("cpu", 2**10)
+
+
+def _their_step(net, opt, scaler, gen) -> dict:
+    """One step of their optimizer through their loss scaler, on random gradients (a loss's gradients,
+    scaled as their `grad_scalar.scale(loss).backward()` leaves them); returns the gradients by their key."""
+    import torch
+
+    names = {id(p): n for n, p in net.named_parameters()}
+    grads = {}
+    opt.zero_grad()
+    scale = scaler.scale(torch.ones(()))  # the factor scale(loss) multiplies a loss by
+    for p in net.parameters():
+        g = torch.randn(p.shape, generator=gen) * 1e-2
+        grads[names[id(p)]] = g
+        p.grad = g * scale
+    scaler.step(opt)
+    scaler.update()
+    return grads
+
+
+def make_authors_checkpoint(mods, values: dict, path: Path, seed: int = 0, steps: int = 2):
+    """Their AutoEncoder for `values` (their args), random weights and BN statistics, `steps` steps of their
+    optimizer (random gradients), saved in their format with the training state their train.py saves."""
     import torch
 
     torch.manual_seed(seed)
     args = argparse.Namespace(**{**_COMMON, **values})
+    per_process = TRAIN_IMAGES[args.dataset] // (
+        args.batch_size * args.num_proc_node * args.num_process_per_node
+    )
+    args.num_total_iter = per_process * args.epochs  # what their train.py sets before it saves args
     arch = mods["utils"].get_arch_cells(args.arch_instance)
     net = mods["model"].AutoEncoder(args, None, arch)
     with torch.no_grad():
         _randomise_bn(net, torch.Generator().manual_seed(seed + 1))
-    payload = {"epoch": 17, "state_dict": net.state_dict(), "args": args, "arch_instance": arch,
-               "global_step": 4321}  # fmt: skip
+    opt, sched, scaler = _their_optimizer(mods, net, args)
+    gen = torch.Generator().manual_seed(seed + 2)
+    for _ in range(steps):
+        _their_step(net, opt, scaler, gen)
+    payload = {"epoch": 17, "state_dict": net.state_dict(), "optimizer": opt.state_dict(),
+               "global_step": 17 * per_process, "args": args, "arch_instance": arch,
+               "scheduler": sched.state_dict(), "grad_scalar": scaler.state_dict()}  # fmt: skip
     torch.save(payload, path)
     return net, args
+
+
+def compare_optimizer(mods, their_net, path: Path, imported, our_net, seed: int = 0) -> dict:
+    """Their optimizer, resumed from the file, and ours, from the import's training state, take one step on
+    the same gradients: the updated weights (mapped by name) must agree. Also checks that their
+    `parameters()` order is the one read off the state dict, which indexes their optimizer's state."""
+    import torch
+
+    from model.nvlabs import HEAD_KEYS, their_parameter_order, weight_map
+    from training.train import make_optimizer
+
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    wmap = weight_map(our_net.cfg)
+    listed = [n for n, _ in their_net.named_parameters()]
+    order_ok = listed == their_parameter_order(payload["state_dict"], wmap.aliases)
+    args = payload["args"]
+    opt_t, _, scaler_t = _their_optimizer(mods, their_net, args)
+    opt_t.load_state_dict(payload["optimizer"])
+    scaler_t.load_state_dict(payload["grad_scalar"])
+    opt_o = make_optimizer(our_net.cfg, our_net)
+    opt_o.load_state_dict(imported.training["optimizer"])
+    for group in opt_t.param_groups + opt_o.param_groups:
+        group["lr"] = args.learning_rate
+    grads = _their_step(their_net, opt_t, scaler_t, torch.Generator().manual_seed(seed + 13))
+    ours_of = dict(
+        (t if t in payload["state_dict"] else t.replace(".bn.", "."), o) for t, o in wmap.pairs
+    )  # fmt: skip
+    own = dict(our_net.named_parameters())
+    opt_o.zero_grad()
+    for t, g in grads.items():
+        o = ours_of[t]
+        own[o].grad = g[wmap.head_order] if wmap.head_order is not None and o in HEAD_KEYS else g.clone()
+    opt_o.step()
+    theirs_now = dict(their_net.named_parameters())
+    worst = 0.0
+    for t, o in ours_of.items():
+        if t not in theirs_now:
+            continue
+        w = theirs_now[t].detach()
+        w = w[wmap.head_order] if wmap.head_order is not None and o in HEAD_KEYS else w
+        worst = max(worst, float((w - own[o].detach()).abs().max()))
+    figures = {"order_matches": order_ok, "weights_max_abs": worst,
+               "state_entries": len(imported.training["optimizer"]["state"])}  # fmt: skip
+    return figures, grads, {t: p.detach().clone() for t, p in theirs_now.items()}
 
 
 def _inputs(cfg, batch: int, seed: int):
@@ -249,6 +338,7 @@ def run_recipe(checkout: Path, name: str, workdir: Path) -> dict:
     ours = NVAE(imported.config)
     ours.load_state_dict(imported.state)
     figures = compare(mods, their_net, ours, BATCH.get(name, 1))
+    figures["optimizer_step"] = compare_optimizer(mods, their_net, path, imported, ours)[0]
     figures.update(
         recipe=name,
         parameters=sum(p.numel() for p in ours.parameters() if p.requires_grad),
@@ -264,6 +354,8 @@ def run_recipe(checkout: Path, name: str, workdir: Path) -> dict:
     checks = [figures[m]["elbo_rel"] <= ELBO_RTOL and figures[m]["logits_max_abs"] <= LOGITS_ATOL
               for m in ("eval", "train")] + [figures[k]["logits_max_abs"] <= LOGITS_ATOL
                                              for k in ("sample_t1.0", "sample_t0.7")]  # fmt: skip
+    step = figures["optimizer_step"]
+    checks += [step["order_matches"], step["weights_max_abs"] <= STEP_ATOL]
     figures["passed"] = all(checks) and figures["parameters"] == figures["parameters_theirs"]
     return figures
 
@@ -300,7 +392,10 @@ def make_testdata(checkout: Path, dest: Path) -> dict:
         elbo = -(recon + torch.stack(kl_all, 1).sum(1))
     # then side by side (its train-mode pass moves the BN statistics of both networks)
     figures = compare(mods, their_net, ours, batch=4, seed=5)
-    torch.save({"x": x, "eps": eps}, dest / "tiny-mnist-inputs.pt")
+    # and one more step of their optimizer, resumed from the file, on fixed gradients: the test repeats it
+    figures["optimizer_step"], grads, after = compare_optimizer(mods, their_net, path, imported, ours, seed=5)
+    torch.save({"x": x, "eps": eps, "grads": grads, "after_step": after, "step_lr": TESTDATA_RECIPE.get(
+        "learning_rate", _COMMON["learning_rate"])}, dest / "tiny-mnist-inputs.pt")  # fmt: skip
     record = {
         "file": path.name,
         "inputs": "tiny-mnist-inputs.pt",
@@ -367,6 +462,7 @@ def _line(r: dict) -> str:
         f"eval: ELBO rel {e['elbo_rel']:.1e} logits {e['logits_max_abs']:.1e} KL/group rel {e['kl_group_rel']:.1e}  "
         f"train: ELBO rel {t['elbo_rel']:.1e} logits {t['logits_max_abs']:.1e}  "
         f"samples t=1 {r['sample_t1.0']['logits_max_abs']:.1e} t=0.7 {r['sample_t0.7']['logits_max_abs']:.1e}  "
+        f"optimizer step {r['optimizer_step']['weights_max_abs']:.1e}  "
         f"{'PASS' if r['passed'] else 'FAIL'} ({r['seconds']} s)"
     )
 

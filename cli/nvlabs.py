@@ -10,12 +10,13 @@ from common.files import atomic_write_json
 def cmd_import(args: argparse.Namespace) -> int:
     from inference.nvlabs import import_nvlabs_file
 
-    done = import_nvlabs_file(args.checkpoint, args.out, args.data)
+    done = import_nvlabs_file(args.checkpoint, args.out, args.data, weights_only=args.weights_only)
     if args.summary:
         atomic_write_json(args.summary, done)
     print(
         f"imported {done['dataset']}: {done['parameters']:,} parameters, {done['tensors']} tensors, epoch "
-        f"{done['epoch']}, step {done['global_step']} (BN names: {done['bn_form']}) -> {done['out']}"
+        f"{done['epoch']}, step {done['global_step']} (BN names: {done['bn_form']}"
+        f"{', with its optimizer state' if done['training_state'] else ''}) -> {done['out']}"
     )
     return 0
 
@@ -36,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "config from its args, every weight mapped by name, strictly (a missing, unexpected or misshapen "
         "tensor, or a flag this network cannot express, is an error and nothing is written). Loaded without "
         "running any code from the file. The result works with every command: evaluate, readjust-bn, sample, "
-        "export-onnx, model publish.",
+        "export-onnx, model publish; when the file holds their optimizer (as every checkpoint their train.py "
+        "writes does), `nvae train --continue-from` goes on with their run from it.",
     )
     p.add_argument(
         "checkpoint",
@@ -45,6 +47,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="our checkpoint to write")
     p.add_argument("--data", help="a folder from `nvae prepare`: the model must be for its dataset")
     p.add_argument("--summary", help="also write what was imported here (JSON)")
+    p.add_argument(
+        "--weights-only",
+        action="store_true",
+        help="leave their optimizer state out (a third of the size, for evaluation and serving only)",
+    )
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser(

@@ -105,6 +105,7 @@ def _request(args: argparse.Namespace):
         data=args.data,
         out=args.out,
         init_from=args.init_from or None,
+        continue_from=args.continue_from or None,
         preset=args.preset,
         config_file=args.config,
         overrides=parse_set_args(args.set),
@@ -187,13 +188,23 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         help="read the prepared splits without checking them against the manifest's SHA-256 (checked by "
         "default, once per file version: a restart does not hash again)",
     )
-    p.add_argument(
+    start = p.add_mutually_exclusive_group()
+    start.add_argument(
         "--init-from",
         metavar="CKPT",
         help="start from this checkpoint's network, config and weights (one of ours, or an authors' NVlabs/NVAE "
         "checkpoint, such as their released models) instead of a fresh network; --preset is then unused and "
         "--config/--set apply over its config. The optimizer and step start afresh. A checkpoint of the run "
         "itself in --out, when there is one, still wins: running again resumes. Empty: none",
+    )
+    start.add_argument(
+        "--continue-from",
+        metavar="CKPT",
+        help="continue the run that wrote this checkpoint, in --out: its network, config and weights as with "
+        "--init-from, and its optimizer moments, loss scale and step, so the schedules go on where it stopped. "
+        "CKPT is one of ours (a run's, or `nvae import-nvlabs` of a file with its optimizer) or an authors' "
+        "checkpoint.pt with its optimizer (what their --cont_training reads). A checkpoint of the run itself "
+        "in --out still wins. Empty: none",
     )
     length = p.add_mutually_exclusive_group()
     length.add_argument(

@@ -10,11 +10,15 @@ from typing import Any
 from model.nvlabs import export_nvlabs, import_nvlabs, load_nvlabs_file, ours_only
 
 
-def import_nvlabs_file(source: str | Path, out: str | Path, data: str | Path | None = None) -> dict[str, Any]:
+def import_nvlabs_file(
+    source: str | Path, out: str | Path, data: str | Path | None = None, weights_only: bool = False
+) -> dict[str, Any]:
     """Read an authors' checkpoint (a path, or s3://bucket/key with the endpoint and keys of the
     environment) and write it as ours (atomically; nothing is written on any error). With `data` (a folder
-    from `nvae prepare`), the model must be for the dataset prepared there. Returns what was imported:
-    dataset, parameters, tensors, epoch, global step, the BN naming found."""
+    from `nvae prepare`), the model must be for the dataset prepared there. A file with their optimizer
+    gives ours its training state too (`nvae train --continue-from` goes on with their run), unless
+    `weights_only`. Returns what was imported: dataset, parameters, tensors, epoch, global step, the BN
+    naming found, whether the training state came along."""
     import tempfile
 
     from common.files import file_sha256
@@ -27,10 +31,10 @@ def import_nvlabs_file(source: str | Path, out: str | Path, data: str | Path | N
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / Path(str(source)).name
             download_object(str(source), local)
-            done = import_nvlabs_file(local, out, data)
+            done = import_nvlabs_file(local, out, data, weights_only)
         return {**done, "source": str(source)}
     source = Path(source)
-    imported = import_nvlabs(load_nvlabs_file(source), str(source))
+    imported = import_nvlabs(load_nvlabs_file(source), str(source), training=not weights_only)
     if data is not None:
         from common.errors import DataError
         from data.loaders import read_manifest
@@ -41,12 +45,14 @@ def import_nvlabs_file(source: str | Path, out: str | Path, data: str | Path | N
                 f"{source}: the model is for {imported.config.dataset!r}, but {data} holds {prepared!r}"
             )
     sha = file_sha256(source)
+    training = imported.training
     payload = {
         "format": FORMAT,
         "version": VERSION,
         "config": imported.config.to_json(),
         "model": imported.state,
         "step": imported.global_step or 0,
+        **(training or {}),
         "imported_from": {"format": "nvlabs", "file": source.name, "sha256": sha,
                           "epoch": imported.epoch, "global_step": imported.global_step},
     }  # fmt: skip
@@ -56,7 +62,8 @@ def import_nvlabs_file(source: str | Path, out: str | Path, data: str | Path | N
                  and not k.endswith("num_batches_tracked"))  # fmt: skip
     return {"dataset": imported.config.dataset, "parameters": params, "tensors": len(imported.state),
             "epoch": imported.epoch, "global_step": imported.global_step, "bn_form": imported.bn_form,
-            "sha256": sha, "out": str(out), "source": str(source)}  # fmt: skip
+            "training_state": training is not None, "sha256": sha, "out": str(out),
+            "source": str(source)}  # fmt: skip
 
 
 def export_nvlabs_file(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:

@@ -24,6 +24,9 @@ Reading (`read_nvlabs`, then `import_nvlabs`):
   (`dmol_head_order`), which is exact.
 - The likelihood keeps the authors' top-bin edge (`dmol_edge="released"`): the weights were trained with it,
   and their bits/dim were measured with it.
+- A file with their optimizer also gives the run's training state (`training_state`): AdaMax's moments moved
+  from their parameter order (`their_parameter_order`) to ours, their loss scale and step count, as the
+  entries of our resume checkpoint, so `nvae train --continue-from` goes on with their run.
 
 Writing (`export_nvlabs`): our checkpoint as theirs, so their `evaluate.py` runs on a model trained here.
 The `args` are what their code needs to rebuild the same network; an extra `nvae_pipeline` entry, which their
@@ -449,11 +452,15 @@ class Imported:
     epoch: int | None
     global_step: int | None
     bn_form: str  # "sync" (their default SyncBatchNorm wrapper) or "plain"
+    # The run's training state as the entries of our resume checkpoint (`training_state`), when the file holds
+    # their optimizer; None for a file of weights only.
+    training: dict[str, Any] | None = None
 
 
-def import_nvlabs(payload: dict[str, Any], source: str = "checkpoint") -> Imported:
-    """Our config and state dict for an authors' checkpoint `payload` (from `load_nvlabs_file`); the mapping
-    is strict (CheckpointError naming the key or flag)."""
+def import_nvlabs(payload: dict[str, Any], source: str = "checkpoint", training: bool = True) -> Imported:
+    """Our config and state dict for an authors' checkpoint `payload` (from `load_nvlabs_file`), and with
+    `training` the run's state when the file holds their optimizer; the mapping is strict (CheckpointError
+    naming the key or flag)."""
     from model.network import NVAE
 
     args = payload["args"]
@@ -466,7 +473,9 @@ def import_nvlabs(payload: dict[str, Any], source: str = "checkpoint") -> Import
     bn_form = "sync" if any(k in theirs for k in wmap.bn_wrapped) else "plain"
     pairs = [(_plain_bn(t) if bn_form == "plain" and t in wmap.bn_wrapped else t, o) for t, o in wmap.pairs]
 
-    model = NVAE(cfg)
+    with torch.random.fork_rng(devices=[]):  # the spectral vectors' start: one file, one import, bit for bit
+        torch.manual_seed(0)
+        model = NVAE(cfg)
     own = model.state_dict()
     mapped = {o for _, o in pairs}
     unmapped = [k for k in own if k not in mapped and not ours_only(k)]
@@ -507,10 +516,128 @@ def import_nvlabs(payload: dict[str, Any], source: str = "checkpoint") -> Import
             state[key] = tensor.clone()
     model.load_state_dict(state)  # strict: every key of ours is set
     epoch, step = payload.get("epoch"), payload.get("global_step")
-    return Imported(
-        cfg, model.state_dict(), epoch if isinstance(epoch, int) else None,
-        step if isinstance(step, int) else None, bn_form,
-    )  # fmt: skip
+    epoch = epoch if isinstance(epoch, int) and epoch >= 0 else None
+    step = step if isinstance(step, int) and step >= 0 else None
+    state_of_run = None
+    if training and payload.get("optimizer") is not None:
+        ours_of = dict(pairs)
+        order = [ours_of[t] for t in their_parameter_order(theirs, wmap.aliases)]
+        state_of_run = training_state(payload, cfg, model, order, wmap.head_order, source)
+    return Imported(cfg, model.state_dict(), epoch, step, bn_form, state_of_run)
+
+
+# ------------------------------------------------------------------------------------------ training state
+
+BUFFER_LEAVES = ("running_mean", "running_var", "num_batches_tracked")  # every buffer their network has
+SCALER_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
+
+
+def their_parameter_order(theirs: dict[str, torch.Tensor], aliases: dict[str, str]) -> list[str]:
+    """Their keys in the order of their `model.parameters()`, which indexes their optimizer's state.
+
+    A state dict lists, module by module in registration order, each module's parameters and then its
+    buffers, and `parameters()` walks the same modules in the same order: so their parameters are the state
+    dict's keys less the buffers (BN statistics) and less the `weight_normalized` aliases, which name a
+    parameter already listed (`parameters()` gives each tensor once)."""
+    return [k for k in theirs if k.rpartition(".")[2] not in BUFFER_LEAVES and k not in aliases]
+
+
+def training_state(
+    payload: dict[str, Any],
+    cfg: NVAEConfig,
+    model: torch.nn.Module,
+    order: list[str],
+    head_order: list[int] | None,
+    source: str,
+) -> dict[str, Any]:
+    """Their run's state (`optimizer`, `grad_scalar`, `global_step`, `epoch`; what their `--cont_training`
+    reads) as the entries of our resume checkpoint, for `model` (ours, built from `cfg`).
+
+    `order[i]` is our name for their parameter i. Their optimizer is AdaMax (torch's or their fused one:
+    the same `exp_avg`, `exp_inf` and `step` per parameter); each parameter's moments move to our
+    parameter's index, checked against its shape, and an RGB head's are permuted as its weights are. Their
+    learning-rate scheduler is not needed: our learning rate is a function of the step. CheckpointError
+    naming the entry when the state does not fit the network."""
+    opt = payload["optimizer"]
+    where = f"{source}: optimizer"
+    if (
+        not isinstance(opt, dict)
+        or not isinstance(opt.get("state"), dict)
+        or not isinstance(opt.get("param_groups"), list)
+    ):
+        raise CheckpointError(f"{where} is not an optimizer state (no state and param_groups)")
+    if len(opt["param_groups"]) != 1:
+        raise CheckpointError(
+            f"{where} has {len(opt['param_groups'])} parameter groups; the authors' train.py makes one"
+        )
+    group = opt["param_groups"][0]
+    ids = group.get("params")
+    if not isinstance(ids, list) or len(ids) != len(order):
+        count = len(ids) if isinstance(ids, list) else "no"
+        raise CheckpointError(
+            f"{where} holds {count} parameters, the state_dict {len(order)}: they are of different networks"
+        )
+    expected = {"betas": (0.9, 0.999), "eps": cfg.adamax_eps, "weight_decay": cfg.weight_decay}
+    for key, want in expected.items():
+        got = group.get(key)
+        if got is None or tuple(got if isinstance(got, (tuple, list)) else [got]) != tuple(
+            want if isinstance(want, tuple) else [want]
+        ):
+            raise CheckpointError(f"{where}: {key}={got!r}, the network's args give {want!r}")
+    ours_index = {name: j for j, (name, _) in enumerate(model.named_parameters())}
+    own = dict(model.named_parameters())
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for their_index, name in zip(ids, order, strict=True):
+        entry = opt["state"].get(their_index)
+        if entry is None:  # never stepped (no gradient yet): AdaMax starts it afresh, as theirs would
+            continue
+        if not isinstance(entry, dict) or not {"step", "exp_avg", "exp_inf"} <= set(entry):
+            raise CheckpointError(f"{where}: parameter {their_index} ({name}) lacks step, exp_avg or exp_inf")
+        moved: dict[str, torch.Tensor] = {}
+        for key in ("exp_avg", "exp_inf"):
+            tensor = entry[key]
+            if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(own[name].shape):
+                shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+                raise CheckpointError(
+                    f"{where}: {key} of parameter {their_index} is {shape}, its tensor ({name}) "
+                    f"{tuple(own[name].shape)}"
+                )
+            if head_order is not None and name in HEAD_KEYS:
+                tensor = tensor[head_order]
+            moved[key] = tensor.detach().to(torch.float32).clone()
+        step = entry["step"]
+        moved["step"] = torch.tensor(float(step.item() if isinstance(step, torch.Tensor) else step))
+        state[ours_index[name]] = moved
+    lr = group.get("lr", cfg.lr)
+    optimizer = {
+        "state": state,
+        "param_groups": [{"lr": float(lr), "betas": (0.9, 0.999), "eps": cfg.adamax_eps,
+                          "weight_decay": cfg.weight_decay, "params": list(range(len(ours_index)))}],
+    }  # fmt: skip
+    scaler = payload.get("grad_scalar") or {}
+    if scaler and (not isinstance(scaler, dict) or not set(SCALER_KEYS) <= set(scaler)):
+        raise CheckpointError(
+            f"{source}: grad_scalar is not a GradScaler state (needs {', '.join(SCALER_KEYS)})"
+        )
+    args = payload["args"]
+    step = payload.get("global_step")
+    if not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{source}: global_step={step!r}: a run's state needs its step count")
+    out: dict[str, Any] = {
+        "optimizer": optimizer,
+        "scaler": dict(scaler),
+        "step": step,
+        "grad_accum": 1,
+        "world_size": getattr(args, "num_proc_node", 1) * getattr(args, "num_process_per_node", 1),
+        "skipped": 0,
+        "nonfinite_in_row": 0,
+    }
+    if isinstance(payload.get("epoch"), int):
+        out["epoch"] = payload["epoch"]
+    total, epochs = getattr(args, "num_total_iter", None), getattr(args, "epochs", None)
+    if isinstance(total, int) and isinstance(epochs, int) and epochs > 0:  # their len(train_queue) x epochs
+        out["total_steps"], out["batches_per_epoch"] = total, total // epochs
+    return out
 
 
 def _plain_bn(key: str) -> str:
@@ -567,15 +694,35 @@ def export_nvlabs(cfg: NVAEConfig, state: dict[str, torch.Tensor], step: int = 0
     }
 
 
-def starting_point(path: str | Path) -> tuple[NVAEConfig, dict[str, torch.Tensor]]:
-    """The config and weights of a checkpoint to start a run from: one of ours, or an authors' checkpoint
-    (imported as `import_nvlabs` does). Read once, with weights_only; CheckpointError otherwise."""
+# The entries of a checkpoint of ours that resume a run (with its model and config).
+RESUME_KEYS = ("optimizer", "scaler", "step", "epoch", "batch_in_epoch", "batches_per_epoch", "grad_accum",
+               "total_steps", "seed", "world_size", "precision", "skipped", "nonfinite_in_row", "rng",
+               "rng_cpu")  # fmt: skip
+
+
+@dataclass
+class StartingPoint:
+    """What a run can start from: a config and weights, and the training state that continues the run that
+    wrote them (None when the file holds weights only)."""
+
+    config: NVAEConfig
+    state: dict[str, torch.Tensor]
+    training: dict[str, Any] | None
+
+
+def starting_point(path: str | Path) -> StartingPoint:
+    """The config, weights and training state of a checkpoint to start a run from: one of ours (a run's, or
+    an import), or an authors' checkpoint (imported as `import_nvlabs` does). Read once, with weights_only;
+    CheckpointError otherwise."""
     from model.checkpoint import check_envelope, check_model_entries, config_from_checkpoint
 
     payload = _safe_load(path)
     if isinstance(payload, dict) and "format" in payload:  # ours carries a format field, theirs does not
         check_envelope(payload, path)
         check_model_entries(payload, path)
-        return config_from_checkpoint(payload), payload["model"]
+        training = None
+        if payload.get("optimizer") is not None:
+            training = {k: payload[k] for k in RESUME_KEYS if k in payload}
+        return StartingPoint(config_from_checkpoint(payload), payload["model"], training)
     imported = import_nvlabs(_checked_nvlabs(payload, Path(path)), str(path))
-    return imported.config, imported.state
+    return StartingPoint(imported.config, imported.state, imported.training)

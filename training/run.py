@@ -37,6 +37,9 @@ class TrainRequest:
     init_from: str | None = (
         None  # a checkpoint (ours or the authors') to start from instead of a fresh network
     )
+    # A checkpoint (ours or the authors', with its optimizer) whose run this one continues: weights,
+    # optimizer moments, loss scale and step. Excludes `init_from`.
+    continue_from: str | None = None
     preset: str = "fmnist-cpu"
     config_file: str | None = None  # YAML mapping of config fields over the preset
     overrides: dict[str, Any] = field(default_factory=dict)  # config fields over the preset and the file
@@ -83,10 +86,24 @@ def _train(request: TrainRequest, ctx) -> dict[str, Any]:
     overrides = dict(request.overrides)
     if request.batch_size:
         overrides["batch_size"] = request.batch_size
-    init_state = None
+    init_state = continue_state = None
+    if request.init_from and request.continue_from:
+        raise ConfigError(
+            "--init-from and --continue-from exclude each other: start anew or continue, not both"
+        )
     if request.init_from:
-        cfg, init_state = _starting_point(request.init_from, request.config_file, overrides)
+        cfg, init_state, _ = _starting_point(request.init_from, request.config_file, overrides)
         source = f"--init-from {request.init_from}"
+    elif request.continue_from:
+        cfg, init_state, continue_state = _starting_point(
+            request.continue_from, request.config_file, overrides
+        )
+        source = f"--continue-from {request.continue_from}"
+        if continue_state is None:
+            raise ConfigError(
+                f"{source}: the file holds weights only (no optimizer state) and there is no run to continue; "
+                "--init-from starts a new run from its weights"
+            )
     else:
         cfg = build_config(request.preset, request.config_file, overrides)
         source = f"preset {request.preset}"
@@ -147,6 +164,8 @@ def _train(request: TrainRequest, ctx) -> dict[str, Any]:
         dist=ctx,
         grad_accum=request.grad_accum,
         init_state=init_state,
+        continue_state=continue_state,
+        start_flag="--continue-from" if continue_state is not None else "--init-from",
     )
     log.info(
         "%d steps of %d x %d images per process (%d batches per epoch), %s",
@@ -160,16 +179,17 @@ def _train(request: TrainRequest, ctx) -> dict[str, Any]:
 
 
 def _starting_point(path: str, config_file: str | None, overrides: dict[str, Any]):
-    """The config and weights of `--init-from` (ours or an authors' checkpoint), with the config file's
-    fields and then `--set`'s over its config."""
+    """The config, weights and training state (or None) of `--init-from`/`--continue-from` (ours or an
+    authors' checkpoint), with the config file's fields and then `--set`'s over its config."""
     from model.config import apply_overrides, load_yaml_overrides
     from model.nvlabs import starting_point
 
-    cfg, state = starting_point(path)
+    start = starting_point(path)
+    cfg = start.config
     if config_file:
         cfg = apply_overrides(cfg, load_yaml_overrides(config_file))
     log.info("starting from %s (%s); --preset is not used", path, cfg.dataset)
-    return apply_overrides(cfg, overrides).validate(), state
+    return apply_overrides(cfg, overrides).validate(), start.state, start.training
 
 
 def warn_global_batch(recipe, batch_size: int, world_size: int, grad_accum: int) -> int:

@@ -101,6 +101,11 @@ class TrainOptions:
     # Weights to start from instead of the fresh network (`nvae train --init-from`); a checkpoint of the run
     # itself in the store still wins (resume). With steps == 0 the run only evaluates and samples them.
     init_state: dict[str, torch.Tensor] | None = None
+    # With `init_state`, the training state that continues the run that wrote it (`nvae train
+    # --continue-from`): the entries of a resume checkpoint (optimizer, scaler, step, ...), taken as if the
+    # store held it. A checkpoint of the run itself in the store still wins.
+    continue_state: dict[str, Any] | None = None
+    start_flag: str = "--init-from"  # how error messages name where `init_state` came from
 
     @property
     def steps_per_epoch(self) -> float:
@@ -338,18 +343,19 @@ def train(cfg: NVAEConfig, batches: BatchSource, opts: TrainOptions) -> dict[str
         return _finish(run, last)
 
 
-def _load_starting_weights(model: NVAE, state: dict[str, torch.Tensor]) -> None:
-    """`--init-from`'s weights into the live network; a config override that changed its shapes is named."""
+def _load_starting_weights(model: NVAE, state: dict[str, torch.Tensor], flag: str = "--init-from") -> None:
+    """`--init-from`'s (or `--continue-from`'s) weights into the live network; a config override that
+    changed its shapes is named."""
     own = model.state_dict()
     for key, tensor in state.items():
         if key in own and own[key].shape != tensor.shape:
             raise NVAEError(
-                f"--init-from: {key} is {tuple(tensor.shape)} there and {tuple(own[key].shape)} in this "
+                f"{flag}: {key} is {tuple(tensor.shape)} there and {tuple(own[key].shape)} in this "
                 "config; --set only fields that keep the network's shapes"
             )
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
-        raise NVAEError(f"--init-from: the weights do not fit the network ({(missing or unexpected)[0]})")
+        raise NVAEError(f"{flag}: the weights do not fit the network ({(missing or unexpected)[0]})")
     model.load_state_dict(state)
 
 
@@ -392,11 +398,23 @@ def _set_up(cfg: NVAEConfig, opts: TrainOptions) -> _Run:
     store = open_store(opts.checkpoint_dir or opts.out)
     step = skipped = nonfinite_in_row = 0
     payload = store.load_latest(device)
+    from_store = payload is not None
     if payload is not None:
         step, skipped, nonfinite_in_row = _resume(payload, cfg, model, optimizer, scaler, ctx, opts)
         log.info("resumed from %s at step %d", store.location, step)
     elif opts.init_state is not None:
-        _load_starting_weights(model, opts.init_state)
+        _load_starting_weights(model, opts.init_state, opts.start_flag)
+        if opts.continue_state is not None:  # the weights fit this config: continue their run in it
+            accum = opts.continue_state.get("grad_accum")
+            if (
+                accum is not None and int(accum) != opts.grad_accum
+            ):  # a new run folder: no data position to keep
+                log.warning("%s was written summing %s batch(es) per step, this run sums %d (--grad-accum): "
+                            "the step count goes on as it is", opts.start_flag, accum, opts.grad_accum)  # fmt: skip
+            payload = {**opts.continue_state, "model": opts.init_state, "config": cfg.to_json(),
+                       "grad_accum": opts.grad_accum}  # fmt: skip
+            step, skipped, nonfinite_in_row = _resume(payload, cfg, model, optimizer, scaler, ctx, opts)
+            log.info("continuing the run of %s at step %d", opts.start_flag, step)
 
     objective = Objective(model)
     if opts.compile:
@@ -408,17 +426,17 @@ def _set_up(cfg: NVAEConfig, opts: TrainOptions) -> _Run:
         net = nn.parallel.DistributedDataParallel(
             objective, device_ids=[device] if device.type == "cuda" else None
         )
-    if payload is not None and ctx.is_main:  # before DVCLive reopens its files
+    if from_store and ctx.is_main:  # before DVCLive reopens its files
         dropped = RunLogger(opts.out, enabled=True, resume=True, dvclive=False).truncate_after(step)
         if dropped:
             log.info(
                 "dropped %d metric lines logged after step %d, the checkpoint resumed from", dropped, step
             )
-    logger = RunLogger(opts.out, enabled=ctx.is_main, resume=payload is not None, dvclive=opts.dvclive)
+    logger = RunLogger(opts.out, enabled=ctx.is_main, resume=from_store, dvclive=opts.dvclive)
     return _Run(
         cfg, opts, ctx, model, objective, net, optimizer, scaler, store, logger, channels_last,
         step=step, skipped=skipped, nonfinite_in_row=nonfinite_in_row,
-        saved_step=step if payload is not None else -1,
+        saved_step=step if from_store else -1,
     )  # fmt: skip
 
 
@@ -605,7 +623,10 @@ def _resume(
         )
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
-    scaler.load_state_dict(payload["scaler"])
+    if payload.get("scaler"):
+        scaler.load_state_dict(payload["scaler"])  # a no-op unless this run scales its loss (fp16)
+    elif scaler.is_enabled():
+        log.warning("the checkpoint holds no loss scale (it ran without fp16): the scale starts afresh")
     step = int(payload["step"])
     if int(payload.get("grad_accum", 1)) != opts.grad_accum:
         raise NVAEError(
@@ -620,6 +641,9 @@ def _resume(
     rng = payload.get("rng")
     if rng is not None and len(rng) == ctx.world_size:
         _set_rng_state(rng[ctx.rank], ctx.device)
+    elif rng is None:
+        log.info("the checkpoint holds no RNG state (an authors' checkpoint): reseeding")
+        torch.manual_seed(opts.seed + 100_003 * ctx.rank + step)
     else:
         log.warning(
             "checkpoint has RNG states for %s ranks, this job has %d: reseeding",

@@ -18,6 +18,7 @@ from common.errors import CheckpointError
 from inference.nvlabs import export_nvlabs_file, import_nvlabs_file
 from model.checkpoint import load_model
 from model.nvlabs import config_from_args, dmol_head_order, import_nvlabs, load_nvlabs_file, weight_map
+from training.train import make_optimizer
 
 HERE = Path(__file__).parent / "nvlabs"
 FILE = HERE / "tiny-mnist.pt"
@@ -65,7 +66,8 @@ def test_the_authors_file_imports_and_gives_their_elbo(tmp_path, capsys):
     out = tmp_path / "ours.pt"
     rc, stdout, err = _nvae(capsys, "import-nvlabs", str(FILE), "--out", str(out))
     assert rc == 0, err
-    assert "imported mnist" in stdout and "epoch 17, step 4321" in stdout and "BN names: sync" in stdout
+    assert "imported mnist" in stdout and "epoch 17, step 2550" in stdout and "BN names: sync" in stdout
+    assert "with its optimizer state" in stdout
     model, payload = load_model(out)
     assert payload["imported_from"]["sha256"] == RECORD["sha256"]
     assert model.cfg.dmol_edge == "released" and model.cfg.num_nf == 1 and model.cfg.ada_groups
@@ -210,6 +212,103 @@ def test_a_checkpoint_older_than_a_flag_gets_evaluate_py_defaults(authors):
         args.pop(flag)
     cfg = config_from_args(argparse.Namespace(**args))
     assert cfg.ada_groups is False and cfg.min_groups == 1 and cfg.groups_per_scale == [2, 2]
+
+
+# --- the training state -----------------------------------------------------------------------------------------
+
+
+def test_their_optimizer_state_takes_the_step_their_optimizer_took(authors):
+    """The file holds their fused AdaMax after two steps; the inputs file, the gradients of a third step and
+    the weights their optimizer, resumed from the file, gave with them. Ours, from the import, gives the same."""
+    from model.network import NVAE
+
+    imported = import_nvlabs(authors)
+    training = imported.training
+    assert training["step"] == authors["global_step"] == 2550 and training["epoch"] == 17
+    assert training["scaler"]["scale"] == authors["grad_scalar"]["scale"]
+    assert training["batches_per_epoch"] == 150 and training["total_steps"] == 150 * authors["args"].epochs
+    model = NVAE(imported.config)
+    model.load_state_dict(imported.state)
+    optimizer = make_optimizer(imported.config, model)
+    optimizer.load_state_dict(training["optimizer"])
+    inputs = torch.load(HERE / RECORD["inputs"], weights_only=True)
+    for group in optimizer.param_groups:
+        group["lr"] = inputs["step_lr"]
+    ours_of = dict(weight_map(imported.config).pairs)
+    own = dict(model.named_parameters())
+    assert {ours_of[t] for t in inputs["grads"]} == set(own)  # every parameter has its counterpart
+    for t, g in inputs["grads"].items():
+        own[ours_of[t]].grad = g.clone()
+    optimizer.step()
+    for t, expected in inputs["after_step"].items():
+        assert torch.allclose(own[ours_of[t]].detach(), expected, rtol=0, atol=1e-6), t
+    steps = {float(v["step"]) for v in optimizer.state.values()}
+    assert steps == {3.0}  # two in the file, one here
+
+
+def test_their_optimizer_order_matters(authors):
+    """Two of their parameters of one shape, swapped in the optimizer's state: the import cannot tell from
+    shapes, but the step then differs, which is what the test above would catch."""
+    from model.nvlabs import their_parameter_order
+
+    order = their_parameter_order(authors["state_dict"], weight_map(import_nvlabs(authors).config).aliases)
+    shapes = [tuple(authors["state_dict"][k].shape) for k in order]
+    pairs = [(a, b) for a in range(len(order)) for b in range(a) if shapes[a] == shapes[b]]
+    assert pairs, "the test file has parameters of one shape"
+    a, b = pairs[0]
+    state = authors["optimizer"]["state"]
+    state[a], state[b] = state[b], state[a]
+    swapped = import_nvlabs(authors).training["optimizer"]["state"]
+    reference = import_nvlabs(load_nvlabs_file(FILE)).training["optimizer"]["state"]
+    assert any(not torch.equal(swapped[k]["exp_avg"], reference[k]["exp_avg"]) for k in reference)
+
+
+def _shorten_groups(p):
+    p["optimizer"]["param_groups"][0]["params"].pop()
+
+
+def _misshape(p):
+    p["optimizer"]["state"][3]["exp_inf"] = torch.zeros(2, 2)
+
+
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [
+        (_shorten_groups, "optimizer holds"),
+        (_misshape, "optimizer: exp_inf of parameter 3 is (2, 2)"),
+        (lambda p: p["optimizer"]["param_groups"][0].__setitem__("eps", 1e-8), "optimizer: eps=1e-08"),
+        (lambda p: p["optimizer"]["param_groups"].append({"params": []}), "2 parameter groups"),
+        (lambda p: p["optimizer"]["state"][0].pop("exp_avg"), "parameter 0 ("),
+        (lambda p: p["grad_scalar"].pop("scale"), "grad_scalar is not a GradScaler state"),
+        (lambda p: p.__setitem__("global_step", -1), "global_step=-1"),
+    ],
+)
+def test_a_training_state_that_does_not_fit_is_one_line_exit_2(tmp_path, capsys, authors, damage, says):
+    damage(authors)
+    source = _save(tmp_path, authors)
+    out = tmp_path / "ours.pt"
+    rc, _, err = _nvae(capsys, "import-nvlabs", str(source), "--out", str(out))
+    assert rc == 2
+    assert says in _one_line(err)
+    assert not out.exists()
+    # --weights-only leaves the state out unread, so the same file imports as weights
+    rc, _, err = _nvae(capsys, "import-nvlabs", str(source), "--out", str(out), "--weights-only")
+    assert rc == 0, err
+    assert "optimizer" not in torch.load(out, weights_only=True)
+
+
+def test_weights_only_leaves_the_optimizer_out(tmp_path, capsys):
+    out, summary = tmp_path / "ours.pt", tmp_path / "summary.json"
+    rc, stdout, err = _nvae(capsys, "import-nvlabs", str(FILE), "--out", str(out), "--weights-only",
+                            "--summary", str(summary))  # fmt: skip
+    assert rc == 0, err
+    assert "with its optimizer state" not in stdout
+    assert json.loads(summary.read_text())["training_state"] is False
+    payload = torch.load(out, weights_only=True)
+    assert "optimizer" not in payload and "scaler" not in payload and payload["step"] == 2550
+    full = tmp_path / "full.pt"
+    import_nvlabs_file(FILE, full)
+    assert full.stat().st_size > 2 * out.stat().st_size
 
 
 # --- safe loading -------------------------------------------------------------------------------------------------

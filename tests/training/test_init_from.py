@@ -112,3 +112,53 @@ def test_the_data_must_be_the_starting_models_dataset(fmnist64, tmp_path, capsys
     ]
     rc, err = _train(capsys, *argv)
     assert rc == 2 and f"--init-from {AUTHORS} is for 'mnist'" in err.strip().splitlines()[-1]
+
+
+# --- --continue-from: going on with the run that wrote a checkpoint ------------------------------------------------
+
+
+def test_continue_from_an_authors_checkpoint_goes_on_with_their_run(mnist64, tmp_path, capsys, caplog):
+    """Their file holds step 2550 and their optimizer: the run continues at step 2550 with their moments, and
+    continuing from the file imported as ours is the very same run."""
+    theirs = load_nvlabs_file(AUTHORS)
+    their_step = theirs["global_step"]
+    runs = {}
+    for name, source in (("theirs", AUTHORS), ("imported", tmp_path / "imported.pt")):
+        if name == "imported":
+            assert main(["import-nvlabs", str(AUTHORS), "--out", str(source)]) == 0
+        out = tmp_path / name
+        rc, err = _train(capsys, "--data", str(mnist64), "--out", str(out), "--continue-from", str(source),
+                         "--steps", str(their_step + 2), "--precision", "fp32")  # fmt: skip
+        assert rc == 0, err
+        assert "batches_per_epoch was 150 and is now 4" in caplog.text  # their loader: 150 per process
+        saved = read_checkpoint(out / "checkpoint.pt")
+        assert saved["step"] == their_step + 2
+        assert {float(s["step"]) for s in saved["optimizer"]["state"].values()} == {2.0 + 2}
+        logged = [json.loads(line)["step"] for line in (out / "train_metrics.jsonl").read_text().splitlines()]
+        assert logged == [their_step + 1, their_step + 2]
+        runs[name] = saved["model"]
+    assert all(torch.equal(runs["imported"][k], v) for k, v in runs["theirs"].items())
+
+    # Running the same command again resumes the run's own checkpoint, which wins over --continue-from.
+    rc, err = _train(capsys, "--data", str(mnist64), "--out", str(tmp_path / "theirs"), "--continue-from",
+                     str(AUTHORS), "--steps", str(their_step + 3), "--precision", "fp32")  # fmt: skip
+    assert rc == 0, err
+    assert read_checkpoint(tmp_path / "theirs" / "checkpoint.pt")["step"] == their_step + 3
+    lines = (tmp_path / "theirs" / "train_metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [their_step + k for k in (1, 2, 3)]
+
+
+def test_continue_from_weights_only_is_one_line(mnist64, tmp_path, capsys):
+    weights = tmp_path / "weights.pt"
+    assert main(["import-nvlabs", str(AUTHORS), "--out", str(weights), "--weights-only"]) == 0
+    out = tmp_path / "run"
+    rc, err = _train(capsys, "--data", str(mnist64), "--out", str(out), "--continue-from", str(weights))
+    line = err.strip().splitlines()[-1]
+    assert rc == 2 and "holds weights only" in line and "--init-from starts a new run" in line
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_init_from_and_continue_from_exclude_each_other(mnist64, tmp_path, capsys):
+    rc, err = _train(capsys, "--data", str(mnist64), "--out", str(tmp_path / "r"), "--init-from", str(AUTHORS),
+                     "--continue-from", str(AUTHORS))  # fmt: skip
+    assert rc == 2 and "not allowed with argument" in err
