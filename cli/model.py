@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from cli.store import exit_75_when_retryable
@@ -52,6 +53,9 @@ def _publish_nothing(manifest_out: str | None) -> int:
 def cmd_publish(args: argparse.Namespace) -> int:
     if not args.registry and args.allow_empty_registry:
         return _publish_nothing(args.manifest_out)
+    from inference.export import check_exported_from
+
+    check_exported_from(args.onnx, args.checkpoint)  # a version is one model: its decoder and its weights
     files = {"decoder.onnx": args.onnx, "checkpoint.pt": args.checkpoint}
     if args.metrics:
         files["metrics.json"] = args.metrics
@@ -81,7 +85,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    print(json.dumps(_registry(args).manifest(args.version), indent=2, sort_keys=True))
+    registry = _registry(args)
+    manifest = registry.manifest(args.version) if args.no_verify else registry.verify(args.version)
+    print(json.dumps(manifest, indent=2, sort_keys=True))
+    if not args.no_verify:
+        print(f"verified: {len(manifest['files'])} files match their sha256 in the store", file=sys.stderr)
     return 0
 
 
@@ -123,9 +131,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         help='with --registry "": publish nothing and exit 0 (--manifest-out then says {"published": false})',
     )
     add("list", cmd_list, "list the published versions, oldest first")
-    q = add("show", cmd_show, "print a version's manifest: files, checksums, model card")
+    q = add(
+        "show",
+        cmd_show,
+        "print a version's manifest (files, checksums, model card) after checking every file in the store "
+        "against it",
+    )
     q.add_argument("--version", default="latest")
-    q = add("pull", cmd_pull, "download a version's files, each checked against its sha256")
+    q.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="print the manifest without reading the files (verifying reads every byte of the version)",
+    )
+    q = add(
+        "pull",
+        cmd_pull,
+        "download a version's files, each checked against its sha256; they move into --out only when all "
+        "have passed, so a failed pull leaves --out as it was",
+    )
     q.add_argument("--version", default="latest")
     q.add_argument(
         "--out", required=True, help="directory for decoder.onnx, checkpoint.pt, ... and manifest.json"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +144,7 @@ class Registry:
             manifest = {
                 "name": self.name,
                 "version": version,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "created": _now(),
                 "files": {
                     n: {"sha256": d, "size": Path(files[n]).stat().st_size} for n, d in digests.items()
                 },
@@ -158,25 +157,87 @@ class Registry:
         return manifest, existing is None
 
     def pull(self, dest: str | Path, version: str = LATEST) -> dict[str, Any]:
-        """Download a version's files and manifest into `dest`, each checked against its sha256. A mismatch
-        removes the file and raises StorageError naming the object (permanent: retrying reads the same)."""
+        """Download a version's files and manifest into `dest`, each checked against its sha256.
+
+        The files land in a temporary folder beside `dest` and move into it only when every one has passed
+        (the manifest last), so a failure leaves `dest` as it was: nothing half-fetched or unverified. A
+        mismatch raises StorageError naming the object (permanent: retrying reads the same)."""
+        import os
+        import shutil
+        import tempfile
+
         manifest = self.manifest(version)
         dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.pull-", dir=dest.parent))
+        try:
+            for name, meta in sorted(manifest["files"].items()):
+                key = self._key(manifest["version"], name)
+                uri = f"s3://{self.bucket}/{key}"
+                try:
+                    download_object(uri, staging / name, self.client)
+                except StorageError as exc:
+                    if "no such object" in str(exc):
+                        raise StorageError(f"{uri}: listed in the manifest but missing from the store") from None
+                    raise
+                got = file_sha256(staging / name)
+                if got != meta["sha256"]:
+                    raise StorageError(
+                        f"{uri}: checksum mismatch (sha256 {got[:12]}..., manifest {meta['sha256'][:12]}...)"
+                    )
+            # Last, and whole: its presence says every file beside it was verified.
+            atomic_write_text(staging / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+            if not dest.exists():
+                os.replace(staging, dest)  # one rename: the whole version appears at once
+            else:
+                if not dest.is_dir():
+                    raise StorageError(f"{dest}: exists and is not a folder")
+                for name in [*sorted(manifest["files"]), MANIFEST]:
+                    os.replace(staging / name, dest / name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return manifest
+
+    def verify(self, version: str = LATEST) -> dict[str, Any]:
+        """The manifest of a version, after reading every file it lists from the store and checking its size
+        and sha256 (streamed: nothing is written); StorageError naming the first object that fails."""
+        manifest = self.manifest(version)
         for name, meta in sorted(manifest["files"].items()):
             key = self._key(manifest["version"], name)
             uri = f"s3://{self.bucket}/{key}"
+            sink = _HashingSink()
             try:
-                download_object(uri, dest / name, self.client)
-            except StorageError as exc:
-                if "no such object" in str(exc):
-                    raise StorageError(f"{uri}: listed in the manifest but missing from the store") from None
-                raise
-            got = file_sha256(dest / name)
-            if got != meta["sha256"]:
-                (dest / name).unlink(missing_ok=True)
+                self._call(uri, self.client.download_fileobj, Bucket=self.bucket, Key=key, Fileobj=sink)
+            except FileNotFoundError:
+                raise StorageError(f"{uri}: listed in the manifest but missing from the store") from None
+            got = sink.hash.hexdigest()
+            if sink.size != meta.get("size", sink.size) or got != meta["sha256"]:
                 raise StorageError(
-                    f"{uri}: checksum mismatch (sha256 {got[:12]}..., manifest {meta['sha256'][:12]}...)"
+                    f"{uri}: checksum mismatch (sha256 {got[:12]}..., {sink.size} bytes; manifest "
+                    f"{meta['sha256'][:12]}..., {meta.get('size')} bytes)"
                 )
-        # Last, and whole: its presence says every file above was verified.
-        atomic_write_text(dest / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
         return manifest
+
+
+def _now() -> str:
+    """UTC, ISO 8601 to the millisecond: versions published within one second still list in order."""
+    import datetime
+
+    now = datetime.datetime.now(datetime.UTC)
+    return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class _HashingSink:
+    """A write-only, non-seekable file object that hashes what it is given (boto3 then writes in order)."""
+
+    def __init__(self):
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.hash.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def seekable(self) -> bool:
+        return False

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.errors import ConfigError, NVAEError
+from common.errors import CheckpointError, ConfigError, NVAEError
 from common.files import atomic_path, file_sha256
 from model.config import PRESETS, NVAEConfig, get_preset
 from model.network import NVAE
@@ -442,6 +442,26 @@ def metadata_of(path: str | Path) -> dict[str, str]:
 
     proto = onnx.load(str(path), load_external_data=False)
     return {p.key: p.value for p in proto.metadata_props}
+
+
+def check_exported_from(onnx_path: str | Path, checkpoint: str | Path) -> None:
+    """CheckpointError unless the decoder at `onnx_path` was exported from the file `checkpoint`: its
+    `nvae.checkpoint_sha256` metadata, written at export, must be that file's sha256."""
+    try:
+        recorded = metadata_of(onnx_path).get("nvae.checkpoint_sha256", "")
+    except Exception as exc:  # not a file, not ONNX
+        raise CheckpointError(f"{onnx_path}: not an ONNX model ({type(exc).__name__})") from None
+    if not recorded:
+        raise CheckpointError(
+            f"{onnx_path}: records no checkpoint it was exported from (nvae.checkpoint_sha256); export it "
+            f"with `nvae export-onnx --checkpoint {checkpoint}`"
+        )
+    actual = file_sha256(checkpoint)
+    if recorded != actual:
+        raise CheckpointError(
+            f"{onnx_path} was exported from a checkpoint with sha256 {recorded[:12]}..., but {checkpoint} is "
+            f"{actual[:12]}...: publish the checkpoint it was exported from, or export this one"
+        )
 
 
 # --------------------------------------------------------------------------- GPU day

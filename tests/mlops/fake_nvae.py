@@ -31,6 +31,25 @@ def write(path: str, data: bytes) -> None:
     Path(path).write_bytes(data)
 
 
+def write_onnx(path: str | Path, doc: str, checkpoint: str | Path | None) -> None:
+    """A small real ONNX file (an Identity) whose metadata says it was exported from `checkpoint`, as `nvae
+    export-onnx` records it (none when None); `doc` (its doc string) varies its bytes."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["z"], ["images"])], "decoder",
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 4])],
+    )  # fmt: skip
+    proto = helper.make_model(graph, doc_string=doc)
+    if checkpoint is not None:
+        sha = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
+        helper.set_model_props(proto, {"nvae.checkpoint_sha256": sha})
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(path))
+
+
 def main(argv: list[str]) -> int:
     command = argv[0]
     with open(os.environ["FAKE_NVAE_LOG"], "a") as log:
@@ -55,8 +74,9 @@ def main(argv: list[str]) -> int:
         write(opt(argv, "--kl-plot"), d)
     elif command == "readjust-bn":
         write(opt(argv, "--out"), digest(argv, [opt(argv, "--checkpoint")]))
-    elif command == "export-onnx":
-        write(opt(argv, "--out"), digest(argv, [opt(argv, "--checkpoint")]))
+    elif command == "export-onnx":  # real ONNX bytes: `nvae model publish` reads its metadata
+        checkpoint = opt(argv, "--checkpoint")
+        write_onnx(opt(argv, "--out"), digest(argv, [checkpoint]).decode(), checkpoint)
     elif command == "sample":
         write(f"{opt(argv, '--out')}/samples.npz", digest(argv, [opt(argv, "--onnx")]))
     elif command == "model" and argv[1] == "publish":

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -122,7 +122,7 @@ def fake_repo(tmp_path):
     bindir.mkdir()
     fake = bindir / "nvae"
     fake.write_text(
-        f"#!{shutil.which('python3') or 'python3'}\n" + (Path(__file__).parent / "fake_nvae.py").read_text()
+        f"#!{sys.executable}\n" + (Path(__file__).parent / "fake_nvae.py").read_text()
     )
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     log = tmp_path / "calls.log"

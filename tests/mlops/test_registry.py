@@ -6,10 +6,13 @@ import pytest
 import torch
 
 from cli.main import main
+from common.files import file_sha256
 from common.registry import Registry, content_version
 from common.s3 import s3_client_from_env
 from model.checkpoint import save_checkpoint
 from model.network import NVAE
+
+from .fake_nvae import write_onnx
 
 
 @pytest.fixture
@@ -19,13 +22,18 @@ def reg(s3_env, request):
     return f"s3://nvae-registry/models/{request.node.name.replace('_', '-')[:40]}"
 
 
+def write_decoder(path, checkpoint, tag: str = "decoder", record: bool = True) -> None:
+    """A small real ONNX decoder that says it was exported from `checkpoint` (unless not `record`)."""
+    write_onnx(path, tag, checkpoint if record else None)
+
+
 @pytest.fixture
 def artifacts(tmp_path, make_tiny):
     torch.manual_seed(0)
     ckpt = tmp_path / "checkpoint.pt"
     save_checkpoint(ckpt, NVAE(make_tiny()), extra={"step": 40, "bn_readjust": {"temperature": 0.8}})
     onnx = tmp_path / "decoder.onnx"
-    onnx.write_bytes(b"onnx-bytes" * 1000)
+    write_decoder(onnx, ckpt)
     metrics = tmp_path / "metrics.json"
     metrics.write_text(json.dumps({"nll_bpd": 3.25, "iw_samples": 5, "num_images": 50}))
     manifest = tmp_path / "data-manifest.json"
@@ -52,7 +60,7 @@ def test_publish_is_content_addressed_written_once_and_moves_latest(reg, artifac
     assert json.loads(out.read_text()) == first
     assert "already published" in capsys.readouterr().out
     # Other weights: a new version, and latest follows; both are listed, oldest first.
-    artifacts["onnx"].write_bytes(b"other-onnx" * 1000)
+    write_decoder(artifacts["onnx"], artifacts["checkpoint"], tag="other")
     assert publish(reg, artifacts) == 0
     second = Registry(reg).manifest()
     assert second["version"] != first["version"]
@@ -95,7 +103,18 @@ def test_unknown_versions_missing_files_and_tampered_objects_are_one_line_exit_2
     client.put_object(Bucket="nvae-registry", Key=key, Body=b"tampered")
     assert main(["model", "pull", "--registry", reg, "--out", str(out)]) == 2
     assert f"s3://nvae-registry/{key}: checksum mismatch" in _one_line(capsys)
-    assert not (out / "decoder.onnx").exists() and not (out / "manifest.json").exists()  # nothing to serve
+    # nothing to serve, and nothing half-fetched: checkpoint.pt, fetched and verified before decoder.onnx
+    # failed, is not in --out either, and no staging folder is left
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    out.mkdir()
+    (out / "manifest.json").write_text("an older version's")
+    assert main(["model", "pull", "--registry", reg, "--out", str(out)]) == 2
+    assert "checksum mismatch" in _one_line(capsys)
+    assert [p.name for p in out.iterdir()] == ["manifest.json"] and "older" in (out / "manifest.json").read_text()
+    assert main(["model", "show", "--registry", reg]) == 2  # show reads the files too
+    assert f"s3://nvae-registry/{key}: checksum mismatch" in _one_line(capsys)
+    assert main(["model", "show", "--registry", reg, "--no-verify"]) == 0
+    assert json.loads(capsys.readouterr().out)["version"] == version
     client.delete_object(Bucket="nvae-registry", Key=key)
     assert main(["model", "pull", "--registry", reg, "--out", str(out)]) == 2
     assert "listed in the manifest but missing" in _one_line(capsys)
@@ -103,6 +122,33 @@ def test_unknown_versions_missing_files_and_tampered_objects_are_one_line_exit_2
     assert "no published versions" in capsys.readouterr().out
     assert main(["model", "pull", "--registry", "s3://nvae-registry/models/empty", "--out", str(out)]) == 2
     assert "nothing published yet" in _one_line(capsys)
+
+
+def test_show_verifies_the_files_in_the_store(reg, artifacts, capsys):
+    assert publish(reg, artifacts) == 0
+    capsys.readouterr()
+    assert main(["model", "show", "--registry", reg]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["files"]["checkpoint.pt"]["sha256"] == file_sha256(artifacts["checkpoint"])
+    assert "verified: 3 files match" in err
+
+
+def test_publish_refuses_a_decoder_exported_from_another_checkpoint(reg, artifacts, tmp_path, make_tiny, capsys):
+    other = tmp_path / "other.pt"
+    save_checkpoint(other, NVAE(make_tiny()), extra={"step": 41})
+    write_decoder(artifacts["onnx"], other)  # exported from other.pt, published with checkpoint.pt
+    capsys.readouterr()
+    assert publish(reg, artifacts) == 2
+    err = _one_line(capsys)
+    assert "was exported from a checkpoint with sha256" in err and str(artifacts["checkpoint"]) in err
+    write_decoder(artifacts["onnx"], other, record=False)
+    assert publish(reg, artifacts) == 2
+    assert "records no checkpoint it was exported from" in _one_line(capsys)
+    artifacts["onnx"].write_bytes(b"not onnx" * 100)
+    assert publish(reg, artifacts) == 2
+    assert "not an ONNX model" in _one_line(capsys)
+    with pytest.raises(Exception, match="nothing published yet"):
+        Registry(reg).resolve()  # nothing was written
 
 
 def test_an_interrupted_publish_is_never_listed(reg, artifacts):
