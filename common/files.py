@@ -56,7 +56,10 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     ends without an error, the file is flushed to disk and renamed over `path`. Otherwise it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    except OSError as exc:  # a folder that is read-only, or not a folder: name the user's file
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     os.close(fd)
     tmp = Path(name)
     try:
@@ -73,6 +76,29 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+PROBE_BYTES = 1 << 16  # written and synced by `check_writable`: a full disk refuses it
+
+
+def check_writable(path: str | Path) -> None:
+    """Before long work that ends by writing `path`: OSError naming `path` now if a file cannot be written
+    there (its folder cannot be made, is read-only or not a folder, or the disk is full). A probe file
+    of `PROBE_BYTES`, synced to disk, is written beside it and removed. The write itself is still checked."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+    try:
+        os.write(fd, b"\0" * PROBE_BYTES)
+        os.fsync(fd)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+    finally:
+        os.close(fd)
+        os.unlink(name)
 
 
 @contextlib.contextmanager

@@ -234,9 +234,12 @@ def evaluate_checkpoint(
     drawn with `seed`). Raises DataError when `data` holds another dataset (before any long work), and
     CheckpointError, writing nothing, when the bound is not finite.
     """
+    from common.files import check_writable
     from data.loaders import make_loader
     from data.recipes import default_eval_split
 
+    for target in (out, kl_plot) if kl_plot else (out,):
+        check_writable(target)  # a read-only or full folder is found now, not after the evaluation
     device = default_device(device)
     model, payload = load_for_inference(checkpoint, device)
     check_data_matches(model, data)  # before any long work

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from common.errors import CheckpointError, ConfigError, NVAEError
-from common.files import atomic_path, file_sha256
+from common.files import atomic_path, check_writable, file_sha256
 from model.config import PRESETS, NVAEConfig, get_preset
 from model.network import NVAE
 
@@ -183,6 +183,7 @@ def export_onnx(
         raise ConfigError(f"layout={layout!r}; choose one of: {', '.join(triton.LAYOUTS)}")
     if layout == "triton":
         triton.check_settings(model_name, max_batch_size)
+    check_writable(out if layout == "file" else Path(out) / model_name / "config.pbtxt")  # before the export
     checkpoint = Path(checkpoint)
     model, payload = load_model(checkpoint)
     readjust = payload.get("bn_readjust")

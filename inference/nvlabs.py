@@ -21,10 +21,11 @@ def import_nvlabs_file(
     naming found, whether the training state came along."""
     import tempfile
 
-    from common.files import file_sha256
+    from common.files import check_writable, file_sha256
     from model.checkpoint import FORMAT, VERSION, atomic_torch_save
 
     out = Path(out)
+    check_writable(out)  # before the download and the mapping
     if str(source).startswith("s3://"):
         from common.s3 import download_object
 
@@ -68,6 +69,7 @@ def import_nvlabs_file(
 
 def export_nvlabs_file(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     """Write our checkpoint in the authors' format (atomically). Returns dataset, args dataset, tensors."""
+    from common.files import check_writable
     from model.checkpoint import (
         atomic_torch_save,
         check_model_entries,
@@ -75,6 +77,7 @@ def export_nvlabs_file(checkpoint: str | Path, out: str | Path) -> dict[str, Any
         read_checkpoint,
     )
 
+    check_writable(out)
     payload = read_checkpoint(checkpoint)
     check_model_entries(payload, checkpoint)
     cfg = config_from_checkpoint(payload)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from common.errors import ConfigError
-from common.files import file_sha256
+from common.files import check_writable, file_sha256
 from common.progress import progress as progress_bar
 from inference.checkpoints import default_device, load_for_inference
 from model.checkpoint import save_checkpoint
@@ -83,6 +83,7 @@ def readjust_checkpoint(
 ) -> dict:
     """`readjust_bn` on a checkpoint, saved to `out` (atomically) with the source's training step and the
     settings under `bn_readjust`. Returns the settings: `readjust_bn`'s plus `source_checkpoint_sha256`."""
+    check_writable(out)  # before the sampling passes
     model, payload = load_for_inference(checkpoint, default_device(device))
     settings = readjust_bn(model, temperature, iters, batch, seed)
     settings["source_checkpoint_sha256"] = file_sha256(checkpoint)

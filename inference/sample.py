@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from common.errors import ConfigError, DataError
-from common.files import atomic_open
+from common.files import atomic_open, check_writable
 from data.images import image_grid, save_png, to_uint8
 from inference.checkpoints import default_device, load_for_inference
 from model.network import NVAE
@@ -154,6 +154,7 @@ def sample_to_dir(
     if reconstruct and not data:
         raise ConfigError("--reconstruct needs --data (a prepared dataset)")
     out, model, providers = Path(out), None, None
+    check_writable(out / "samples.npz")  # a read-only or full folder is found before any sampling
     if onnx:
         sampler = _open_sampler(open_onnx, onnx, n, decode, device)
         providers = sampler.providers

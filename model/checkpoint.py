@@ -67,15 +67,38 @@ def save_checkpoint(path: str | Path, model, extra: dict[str, Any] | None = None
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and check the envelope of a checkpoint (weights_only: no code runs on load)."""
+    payload = load_weights_only(path, map_location)
+    check_envelope(payload, path)
+    return payload
+
+
+def load_weights_only(
+    path: str | Path, map_location: str | torch.device = "cpu", allowed: tuple[type, ...] = ()
+) -> Any:
+    """`torch.load(weights_only=True)` with the globals in `allowed` admitted too; CheckpointError in one
+    line for a missing, unreadable or refused file (never torch's advice on weights_only)."""
+    import pickle
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's message for a refused global: "... Unsupported global: GLOBAL os.system ..." plus advice
+        found = str(exc).partition("GLOBAL ")[2].split()
+        if not found:  # not a pickle torch can read at all
+            raise CheckpointError(f"{path}: not a readable checkpoint (UnpicklingError)") from None
+        raise CheckpointError(
+            f"{path}: refused: it pickles {found[0]}, which a checkpoint never holds (only tensors, numbers, "
+            "strings" + (f" and {', '.join(t.__module__ + '.' + t.__name__ for t in allowed)}" if allowed else "")
+            + " are read)"
+        ) from None
     except Exception as exc:  # truncated zip, not a torch file, ...
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
-    check_envelope(payload, path)
-    return payload
+        first = (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:160]  # torch adds advice after
+        detail = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({detail})") from None
 
 
 def check_envelope(payload: Any, path: str | Path) -> None:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,24 +155,9 @@ def load_nvlabs_file(path: str | Path) -> dict[str, Any]:
 def _safe_load(path: str | Path) -> Any:
     """`torch.load(weights_only=True)` with `argparse.Namespace` allowed; CheckpointError in one line for a
     missing, unreadable or refused file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # torch's message for a refused global: "... Unsupported global: GLOBAL os.system ..." plus advice
-        found = str(exc).partition("GLOBAL ")[2].split()
-        if not found:  # not a pickle torch can read at all
-            raise CheckpointError(f"{path}: not a readable checkpoint (UnpicklingError)") from None
-        raise CheckpointError(
-            f"{path}: refused: it pickles {found[0]}, which an authors' checkpoint never holds (only tensors, "
-            "numbers, strings and an argparse.Namespace are read)"
-        ) from None
-    except Exception as exc:  # not a torch file, truncated
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
-    return payload
+    from model.checkpoint import load_weights_only
+
+    return load_weights_only(path, allowed=(argparse.Namespace,))
 
 
 def _checked_nvlabs(payload: Any, path: Path) -> dict[str, Any]:

@@ -54,6 +54,30 @@ def test_truncated_or_foreign_files_are_rejected(tmp_path, tiny_cfg):
     assert zipfile.is_zipfile(path)
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["evaluate", "--data", "@d", "--out", "@m.json"],
+        ["sample", "--out", "@s"],
+        ["export-onnx", "--out", "@d.onnx"],
+        ["readjust-bn", "--temperature", "0.8", "--out", "@b.pt"],
+    ],
+)
+def test_a_file_of_random_bytes_is_one_short_line_for_every_command(tmp_path, capsys, command):
+    from cli.main import main
+
+    path = tmp_path / "random.pt"
+    path.write_bytes(bytes(range(256)) * 20)
+    rest = [str(tmp_path / a[1:]) if a.startswith("@") else a for a in command[1:]]
+    try:
+        rc = main([command[0], "--checkpoint", str(path), *rest])
+    except SystemExit as exc:
+        rc = exc.code
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err, err
+    assert f"{path}: not a readable checkpoint" in err and "weights_only" not in err and len(err) < 200
+
+
 def test_failed_save_keeps_previous_checkpoint(tmp_path, tiny_cfg, monkeypatch):
     path = tmp_path / "c.pt"
     model = NVAE(tiny_cfg)
