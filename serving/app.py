@@ -9,7 +9,9 @@ Errors are `{"error": "<message>"}`: 400 for an input `serving.protocol` refuses
 token when `auth_token` is set, 404 for another model name, 408 for a body that does not arrive within
 `body_timeout_s`, 413 for a body above `max_body_bytes`, 429 when `max_concurrency` runs and `max_queue`
 waiters are all taken, 503 when a request passes its timeout, 500 for a bug (logged, counted, never the
-traceback). Every answer is counted in /metrics by endpoint and code.
+traceback). A client that goes away before its body has arrived gets nothing (it is gone) and is counted as
+499, nginx's "client closed request", with one log line. Every answer is counted in /metrics by endpoint and
+code.
 
 Authentication (optional): with `auth_token` set, inference and metadata need `Authorization: Bearer
 <token>` (compared in constant time); health, readiness and /metrics stay open for probes and scrapers.
@@ -41,6 +43,8 @@ from serving.protocol import (
 )
 
 log = logging.getLogger(__name__)
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's code for a client that closed the connection before the answer
 
 # Open without a token: liveness, readiness (server and model) and the Prometheus scrape.
 OPEN_PATHS = re.compile(r"/v2/health/(live|ready)|/v2/models/[^/]+(/versions/[^/]+)?/ready|/metrics")
@@ -95,9 +99,14 @@ def create_app(sampler: OnnxSampler, cfg: ServeConfig | None = None):
 
     @app.middleware("http")
     async def count(request: Request, call_next):  # outer: sees every answer, 500s included
+        from starlette.requests import ClientDisconnect
+
         start = time.perf_counter()
         try:
             response = await call_next(request)
+        except ClientDisconnect:  # the client went away mid-body: its fault, not ours, and nobody to answer
+            log.info("%s %s: the client disconnected before its body arrived", request.method, request.url.path)
+            response = Response(status_code=CLIENT_CLOSED_REQUEST)
         except Exception:  # noqa: BLE001 - a bug: log it, count it, answer without the traceback
             log.exception("%s %s failed", request.method, request.url.path)
             response = error("internal error (logged by the server)", 500)

@@ -278,3 +278,25 @@ def test_a_model_pulled_from_the_registry_reports_its_version(sampler, tmp_path)
     with BackgroundServer(create_app(pulled, LIMITS)) as srv:
         meta = httpx.get(srv.url + "/v2/models/nvae-decoder").json()
     assert meta["parameters"]["registry_version"] == "nvae-fmnist/0123456789abcdef"
+
+
+def test_a_client_that_disconnects_mid_body_is_a_499_not_a_500(sampler, caplog):
+    """The client sends its headers and part of the body, then goes away: counted as 499 (client closed
+    request), logged in one line without a traceback; the server goes on answering."""
+    import socket
+
+    with BackgroundServer(create_app(sampler, LIMITS)) as srv:
+        with socket.create_connection((srv.host, srv.port)) as s:
+            s.sendall(
+                f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                "Content-Length: 1000\r\n\r\n{\"inputs\": [".encode()
+            )
+            time.sleep(0.3)  # the server is reading the body
+        with httpx.Client(base_url=srv.url, timeout=30) as client:
+            deadline = time.monotonic() + 10
+            while 'code="499"' not in (text := client.get("/metrics").text) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert client.post(INFER, json=body(n=1)).status_code == 200
+    assert 'nvae_requests_total{code="499",endpoint="/v2/models/{name}/infer"}' in text
+    assert 'code="500"' not in text
+    assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
