@@ -45,6 +45,8 @@ from common.errors import ConfigError
 GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 RUNTIME = "torch-distributed"
 UID = 10001  # the images' user
+# The nodes' ServiceAccount (k8s/base/train-identity): no Role, and automountServiceAccountToken false.
+TRAIN_SERVICE_ACCOUNT = "nvae-train"
 NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 STORE_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 # The TrainJob API forms: "2.2" (runtimePatches, activeDeadlineSeconds: Trainer 2.2 and newer) and "2.0"
@@ -108,6 +110,7 @@ def trainjob_body(
         ),
     ]
     pod = {
+        "serviceAccountName": TRAIN_SERVICE_ACCOUNT,  # mounts no token: the nodes never call the API
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": UID,
@@ -162,7 +165,8 @@ def trainjob_body(
         spec["runtimePatches"] = [{"manager": "nvae-pipeline", "trainingRuntimeSpec": {"template": template}}]
     else:
         container = {"name": "node", "volumeMounts": pod["containers"][0]["volumeMounts"]}
-        override = {"tolerations": pod["tolerations"], "volumes": pod["volumes"], "containers": [container]}
+        override = {"serviceAccountName": TRAIN_SERVICE_ACCOUNT, "tolerations": pod["tolerations"],
+                    "volumes": pod["volumes"], "containers": [container]}  # fmt: skip
         spec["podTemplateOverrides"] = [
             {"targetJobs": [{"name": "node"}], "metadata": {"labels": store_label}, "spec": override}
         ]

@@ -308,6 +308,28 @@ _SPEC_FIELDS_2_1 = {"annotations", "initializer", "labels", "managedBy", "podTem
                     "suspend", "trainer"}  # fmt: skip
 
 
+# The fields of Trainer 2.2's runtimePatches pod patch (trainjob_types.go: PodSpecPatch, ContainerPatch); it has
+# no automountServiceAccountToken, so the nodes' account carries that (k8s/base/train-identity).
+_PATCH_SPEC_FIELDS = {"affinity", "containers", "imagePullSecrets", "initContainers", "nodeSelector",
+                      "schedulingGates", "securityContext", "serviceAccountName", "tolerations", "volumes"}  # fmt: skip
+_CONTAINER_PATCH_FIELDS = {"env", "name", "securityContext", "volumeMounts"}
+
+
+def test_the_trainer_2_2_form_patches_only_fields_runtime_patches_has_and_the_nodes_mount_no_token():
+    manifest = yaml.safe_load((REPO / "k8s/train/trainjob.yaml").read_text())
+    identity = yaml.safe_load((REPO / "k8s/base/train-identity/serviceaccount.yaml").read_text())
+    assert identity["kind"] == "ServiceAccount" and identity["automountServiceAccountToken"] is False
+    for doc in (_body(), manifest):
+        (patch,) = doc["spec"]["runtimePatches"]
+        (replicated,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+        pod = replicated["template"]["spec"]["template"]["spec"]
+        assert set(pod) <= _PATCH_SPEC_FIELDS, set(pod) - _PATCH_SPEC_FIELDS
+        assert all(set(c) <= _CONTAINER_PATCH_FIELDS for c in pod["containers"])
+        assert pod["serviceAccountName"] == identity["metadata"]["name"]
+    override = _body(trainer_api="2.0")["spec"]["podTemplateOverrides"][0]["spec"]
+    assert override["serviceAccountName"] == identity["metadata"]["name"]
+
+
 def test_the_trainer_2_0_form_uses_pod_template_overrides_with_only_their_fields():
     body = _body(trainer_api="2.0", deadline_s=7200)
     spec = body["spec"]
