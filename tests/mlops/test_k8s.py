@@ -406,15 +406,19 @@ def test_rbac_binds_the_pipeline_runner_to_its_role(built):
     }
 
 
-def _secret_refs(container: dict) -> set[str]:
+def _secret_refs(container: dict, pod: dict | None = None) -> set[str]:
+    """The Secrets a container reads: through its environment, and (given its pod) the Secret volumes it
+    mounts."""
     refs = {e["secretRef"]["name"] for e in container.get("envFrom", []) if "secretRef" in e}
-    return refs | {
-        e["valueFrom"]["secretKeyRef"]["name"] for e in container.get("env", []) if "valueFrom" in e
-    }
+    refs |= {e["valueFrom"]["secretKeyRef"]["name"] for e in container.get("env", []) if "valueFrom" in e}
+    if pod is not None:
+        mounted = {m["name"] for m in container.get("volumeMounts", [])}
+        refs |= {v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v and v["name"] in mounted}
+    return refs
 
 
-def _s3_secret_refs(container: dict) -> set[str]:
-    return {name for name in _secret_refs(container) if name.startswith("nvae-s3-")}
+def _s3_secret_refs(container: dict, pod: dict | None = None) -> set[str]:
+    return {name for name in _secret_refs(container, pod) if name.startswith("nvae-s3-")}
 
 
 @pytest.mark.parametrize("path", KUSTOMIZATIONS)
@@ -423,7 +427,12 @@ def test_only_minio_and_the_bucket_job_hold_the_root_keys(built, path):
     one; the root Secret only reaches MinIO and the bucket Job, which creates the two users."""
     for doc in built[path]:
         name = f"{doc['kind']}/{doc['metadata']['name']}"
-        refs = {r for c in _containers(doc) for r in _s3_secret_refs(c)}
+        refs = {
+            r
+            for pod in _pod_specs(doc)
+            for c in pod.get("initContainers", []) + pod.get("containers", [])
+            for r in _s3_secret_refs(c, pod)
+        }
         assert refs <= S3_SECRETS, f"{path}: {name} reads {refs}"
         if name == "StatefulSet/minio":
             assert refs == {"nvae-s3-credentials"}
@@ -442,6 +451,25 @@ def test_only_minio_and_the_bucket_job_hold_the_root_keys(built, path):
             assert "nvae-s3-credentials" not in refs, f"{path}: {name} must not hold the root keys"
     pipeline = (REPO / "pipelines/nvae_pipeline.py").read_text()
     assert 'S3_SECRET = "nvae-s3-pipeline"' in pipeline
+
+
+def test_minio_reads_its_root_keys_from_files_of_the_mounted_secret(built):
+    """MINIO_ROOT_USER_FILE and MINIO_ROOT_PASSWORD_FILE name files of the mounted root Secret: a wrong path
+    would start MinIO on its default keys (it ignores a missing file)."""
+    (minio,) = [d for d in built["base"] if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "minio"]
+    pod = minio["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert not {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"} & set(env)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    files = {}
+    for mount in container["volumeMounts"]:
+        secret = volumes.get(mount["name"], {}).get("secret")  # data: the volume claim template
+        if secret:
+            assert mount.get("readOnly") is True
+            files |= {f"{mount['mountPath']}/{i['path']}": (secret["secretName"], i["key"]) for i in secret["items"]}
+    assert files[env["MINIO_ROOT_USER_FILE"]["value"]] == ("nvae-s3-credentials", "AWS_ACCESS_KEY_ID")
+    assert files[env["MINIO_ROOT_PASSWORD_FILE"]["value"]] == ("nvae-s3-credentials", "AWS_SECRET_ACCESS_KEY")
 
 
 def test_bucket_job_creates_the_users_from_the_workloads_secrets(built):
