@@ -86,10 +86,12 @@ def check_writable(path: str | Path) -> None:
     there (its folder cannot be made, is read-only or not a folder, or the disk is full). A probe file
     of `PROBE_BYTES`, synced to disk, is written beside it and removed. The write itself is still checked."""
     path = Path(path)
+    made = [p for p in [path.parent, *path.parent.parents] if not p.exists()]  # deepest first
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
     except OSError as exc:
+        _remove_empty(made)
         raise OSError(exc.errno, exc.strerror, str(path)) from None
     try:
         os.write(fd, b"\0" * PROBE_BYTES)
@@ -99,6 +101,13 @@ def check_writable(path: str | Path) -> None:
     finally:
         os.close(fd)
         os.unlink(name)
+        _remove_empty(made)  # the write makes them again: a command that fails before it leaves nothing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 @contextlib.contextmanager
