@@ -130,10 +130,9 @@ class NVAEConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> NVAEConfig:
-        cfg = cls()
-        cfg = apply_overrides(cfg, values)
-        return cfg
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> NVAEConfig:
+        """The config a `to_dict` wrote (a checkpoint's, an export's): typed as written, checked by field."""
+        return apply_overrides(cls(), values, source=source)
 
     def validate(self) -> NVAEConfig:
         for f in fields(self):
@@ -198,18 +197,50 @@ def _coerce(name: str, type_name: str, value: Any) -> Any:
         raise ConfigError(f"{name}: expected {type_name}, got {value!r}") from None
 
 
-def apply_overrides(cfg: NVAEConfig, overrides: dict[str, Any]) -> NVAEConfig:
-    """Return a validated copy of `cfg` with `overrides` applied; unknown keys are rejected by name."""
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
+
+
+def _typed(name: str, type_name: str, value: Any) -> None:
+    """For a value read from a typed file (YAML, JSON): its type must be the field's before any conversion.
+    No boolean for a number, no string for a number or a flag; an integer is a number too."""
+    kind = _FIELD_TYPES[type_name]
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool) or (
+            isinstance(value, float) and value.is_integer()
+        )
+    elif kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        shown = json.dumps(value) if isinstance(value, bool | int | float | str | None) else type(value).__name__
+        raise ConfigError(f"{name}: expected {_TYPE_WORDS[type_name]}, got {shown}")
+
+
+def apply_overrides(cfg: NVAEConfig, overrides: dict[str, Any], source: str | None = None) -> NVAEConfig:
+    """Return a validated copy of `cfg` with `overrides` applied; unknown keys are rejected by name.
+
+    With `source` (the file the values were read from, typed: YAML or JSON), each value must already have its
+    field's type, and errors name the file; without it (`--set` strings), values are converted."""
     known = {f.name: f for f in fields(NVAEConfig)}
     updates = {}
-    for key, value in overrides.items():
-        name = key.replace("-", "_")
-        if name not in known:
-            close = [k for k in known if k.startswith(name[:3])]
-            hint = f" (did you mean: {', '.join(close)}?)" if close else ""
-            raise ConfigError(f"unknown config field {key!r}{hint}")
-        updates[name] = _coerce(name, str(known[name].type), value)
-    return dataclasses.replace(cfg, **updates).validate()
+    try:
+        for key, value in overrides.items():
+            name = str(key).replace("-", "_")
+            if name not in known:
+                close = [k for k in known if k.startswith(name[:3])]
+                hint = f" (did you mean: {', '.join(close)}?)" if close else ""
+                raise ConfigError(f"unknown config field {key!r}{hint}")
+            if source is not None:
+                _typed(name, str(known[name].type), value)
+            updates[name] = _coerce(name, str(known[name].type), value)
+        return dataclasses.replace(cfg, **updates).validate()
+    except ConfigError as exc:
+        if source is None:
+            raise
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def parse_set_args(items: list[str] | None) -> dict[str, str]:
@@ -229,8 +260,11 @@ def load_yaml_overrides(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except yaml.YAMLError as exc:  # one line: file, line and column, and what the parser found
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        what = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"{where}: not valid YAML: {what}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -349,7 +383,7 @@ def build_config(
     """Preset, then YAML file, then CLI overrides; validated at every layer."""
     cfg = get_preset(preset)
     if yaml_path is not None:
-        cfg = apply_overrides(cfg, load_yaml_overrides(yaml_path))
+        cfg = apply_overrides(cfg, load_yaml_overrides(yaml_path), source=str(yaml_path))
     if overrides:
         cfg = apply_overrides(cfg, overrides)
     return cfg

@@ -187,7 +187,7 @@ def _starting_point(path: str, config_file: str | None, overrides: dict[str, Any
     start = starting_point(path)
     cfg = start.config
     if config_file:
-        cfg = apply_overrides(cfg, load_yaml_overrides(config_file))
+        cfg = apply_overrides(cfg, load_yaml_overrides(config_file), source=str(config_file))
     log.info("starting from %s (%s); --preset is not used", path, cfg.dataset)
     return apply_overrides(cfg, overrides).validate(), start.state, start.training
 

@@ -63,3 +63,39 @@ def test_imagenet32_trains_with_the_authors_random_horizontal_flip():
 
     assert build_config("imagenet32", None, {}).flip is True
     assert build_config("mnist", None, {}).flip is False
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("batch_size: true\n", "batch_size: expected an integer, got true"),
+        ("num_bits: eight\n", 'num_bits: expected an integer, got "eight"'),
+        ("lr: '0.01'\n", 'lr: expected a number, got "0.01"'),
+        ("lr: false\n", "lr: expected a number, got false"),
+        ("binarize: 1\n", "binarize: expected true or false, got 1"),
+        ("dataset: 7\n", "dataset: expected a string, got 7"),
+        ("channels: [16]\n", "channels: expected an integer, got list"),
+    ],
+)
+def test_a_config_file_is_checked_for_types_before_values_and_names_itself(tmp_path, text, says):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        build_config("fmnist-cpu", path)
+    assert str(caught.value) == f"{path}: {says}"
+
+
+def test_a_config_file_takes_integers_for_numbers_and_set_strings_still_convert(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1\nwarmup_epochs: 2\nbinarize: false\n")
+    cfg = build_config("fmnist-cpu", path, {"batch_size": "8", "binarize": "true"})
+    assert cfg.lr == 1.0 and cfg.warmup_epochs == 2.0 and cfg.batch_size == 8 and cfg.binarize is True
+
+
+def test_a_yaml_syntax_error_is_one_line_with_line_and_column(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("channels: 16\nlr: [0.01\nbatch_size: 3\n")
+    with pytest.raises(ConfigError) as caught:
+        build_config("fmnist-cpu", path)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{path}:3:11: not valid YAML: ")
