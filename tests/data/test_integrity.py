@@ -118,3 +118,31 @@ def test_a_verified_file_is_not_hashed_again_even_in_a_new_process(copy, monkeyp
     (copy / "train.npy").touch()  # a new version of the file (its mtime): hashed again
     load_split(copy, "train")
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [
+        (lambda m: [m], "manifest: expected a JSON object, got list"),
+        (lambda m: {**m, "bits": "eight"}, 'bits: expected an integer from 1 to 8, got "eight"'),
+        (lambda m: {**m, "bits": True}, "bits: expected an integer from 1 to 8, got true"),
+        (lambda m: {**m, "shape": [28, 28]}, "shape: expected [height, width, channels]"),
+        (lambda m: {**m, "dataset": 3}, "dataset: expected a name, got 3"),
+        (lambda m: {**m, "binarize": "yes"}, 'binarize: expected true or false, got "yes"'),
+        (lambda m: {**m, "splits": {"test": "test.npy"}}, 'splits.test: expected a mapping with file'),
+        (lambda m: {**m, "splits": {"test": {**m["splits"]["test"], "count": False}}}, "splits.test.count"),
+    ],
+)
+def test_a_manifest_of_the_wrong_types_is_one_line_exit_2_naming_the_field(copy, tmp_path, capsys, damage, says):
+    _write_manifest(copy, damage(_manifest(copy)))
+    rc, err = _evaluate(capsys, copy, tmp_path)
+    line = err.strip()
+    assert rc == 2 and "\n" not in line, err
+    assert f"{copy / 'manifest.json'}: {says}" in line
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_a_manifest_that_is_not_json_is_one_line_with_its_position(copy, tmp_path, capsys):
+    (copy / "manifest.json").write_text('{"dataset": "fashion-mnist",\n "bits": 8,,}')
+    rc, err = _evaluate(capsys, copy, tmp_path)
+    assert rc == 2 and f"{copy / 'manifest.json'}:2:12: not valid JSON" in err.strip()
