@@ -28,13 +28,18 @@ def positive_int(name: str):
     return int_in(name, 1)
 
 
+# The highest sampling temperature the commands take, as the sampling server's default `max_temperature`:
+# NVAE samples well below 1; far above it the prior's latents grow until the decoder overflows float32.
+MAX_TEMPERATURE = 10.0
+
+
 def temperature(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"temperature must be a number, got {text!r}") from None
-    if not (0 < value < float("inf")):
-        raise argparse.ArgumentTypeError(f"temperature must be > 0 and finite, got {text}")
+    if not (0 < value <= MAX_TEMPERATURE):
+        raise argparse.ArgumentTypeError(f"temperature must be in (0, {MAX_TEMPERATURE:g}], got {text}")
     return value
 
 

@@ -159,17 +159,24 @@ class Registry:
     def pull(self, dest: str | Path, version: str = LATEST) -> dict[str, Any]:
         """Download a version's files and manifest into `dest`, each checked against its sha256.
 
-        The files land in a temporary folder beside `dest` and move into it only when every one has passed
-        (the manifest last), so a failure leaves `dest` as it was: nothing half-fetched or unverified. A
-        mismatch raises StorageError naming the object (permanent: retrying reads the same)."""
+        The files land in a staging folder inside `dest` (the same filesystem, and the one place a read-only
+        container lets us write: `dest` is often a mounted volume) and move into `dest` only when every one
+        has passed, the manifest last. A failure leaves `dest` as it was (a `dest` this call made is removed):
+        nothing half-fetched or unverified. A mismatch raises StorageError naming the object (permanent:
+        retrying reads the same)."""
         import os
         import shutil
         import tempfile
 
         manifest = self.manifest(version)
         dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.pull-", dir=dest.parent))
+        made = not dest.exists()
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=".pull-", dir=dest))
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(dest)) from None
+        done = False
         try:
             for name, meta in sorted(manifest["files"].items()):
                 key = self._key(manifest["version"], name)
@@ -187,15 +194,13 @@ class Registry:
                     )
             # Last, and whole: its presence says every file beside it was verified.
             atomic_write_text(staging / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
-            if not dest.exists():
-                os.replace(staging, dest)  # one rename: the whole version appears at once
-            else:
-                if not dest.is_dir():
-                    raise StorageError(f"{dest}: exists and is not a folder")
-                for name in [*sorted(manifest["files"]), MANIFEST]:
-                    os.replace(staging / name, dest / name)
+            for name in [*sorted(manifest["files"]), MANIFEST]:
+                os.replace(staging / name, dest / name)
+            done = True
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            if made and not done:
+                shutil.rmtree(dest, ignore_errors=True)
         return manifest
 
     def verify(self, version: str = LATEST) -> dict[str, Any]:

@@ -164,9 +164,18 @@ def sample_to_dir(
         decode = decode or "mean"
         draw = lambda t: sample_images(model, n, t, seed, decode=decode)  # noqa: E731
     arrays: dict[str, np.ndarray] = {"temperatures": np.asarray(temperatures, dtype=np.float32)}
-    written = []
-    for t in temperatures:
+    drawn = {}
+    for t in temperatures:  # every temperature first: a grid is written only when all of them are images
         images = draw(t)
+        finite = images.isfinite().all() if hasattr(images, "isfinite") else np.isfinite(images).all()
+        if not bool(finite):
+            raise ConfigError(
+                f"--temperature {t:g}: the decoder's output is not finite (the prior's latents overflow "
+                "float32 there); sample at a lower temperature"
+            )
+        drawn[t] = images
+    written = []
+    for t, images in drawn.items():
         arrays[f"images_t{t:g}"] = to_uint8(images)
         written.append(_save_grid(images, nrow, out / f"grid_t{t:g}.png"))
         if fix_scales:

@@ -91,3 +91,32 @@ def test_unreadable_inputs_are_data_errors(tmp_path):
     with pytest.raises(DataError, match="no kl_per_group"):
         plot_kl_file(binary, tmp_path / "kl.png")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.npz", "metrics.json"]
+
+
+def test_a_temperature_whose_samples_are_not_finite_writes_nothing(tmp_path, make_tiny, monkeypatch):
+    """Every temperature is drawn before any grid is written: the first (fine) one leaves no file when a later
+    one overflows."""
+    import inference.sample as sample_module
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "c.pt"
+    save_checkpoint(ckpt, NVAE(make_tiny()))
+    real = sample_module.sample_images
+
+    def overflowing(model, n, t, seed, **kw):
+        images = real(model, n, t, seed, **kw)
+        return images * float("inf") if t > 5 else images
+
+    monkeypatch.setattr(sample_module, "sample_images", overflowing)
+    with pytest.raises(ConfigError, match=r"--temperature 8: the decoder's output is not finite"):
+        sample_to_dir(tmp_path / "s", temperatures=[1.0, 8.0], checkpoint=ckpt, n=2)
+    assert not (tmp_path / "s").exists()
+
+
+def test_temperatures_above_the_servers_limit_are_refused_in_one_line(capsys):
+    from cli.main import main
+
+    with pytest.raises(SystemExit) as caught:
+        main(["sample", "--checkpoint", "c.pt", "--out", "s", "--temperature", "1e30"])
+    assert caught.value.code == 2
+    assert "temperature must be in (0, 10], got 1e30" in capsys.readouterr().err

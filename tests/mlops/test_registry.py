@@ -76,6 +76,14 @@ def test_pull_verifies_every_file(reg, artifacts, tmp_path, capsys):
     assert main(["model", "pull", "--registry", reg, "--out", str(tmp_path / "pulled")]) == 0
     pulled = tmp_path / "pulled"
     assert (pulled / "decoder.onnx").read_bytes() == artifacts["onnx"].read_bytes()
+    assert sorted(p.name for p in pulled.iterdir()) == ["checkpoint.pt", "decoder.onnx", "manifest.json", "metrics.json"]
+    # Into an existing folder (a mounted volume, in a container whose root is read-only): nothing is written
+    # beside it, and nothing of the staging is left in it.
+    volume = tmp_path / "mnt" / "models"
+    volume.mkdir(parents=True)
+    assert main(["model", "pull", "--registry", reg, "--out", str(volume)]) == 0
+    assert [p.name for p in (tmp_path / "mnt").iterdir()] == ["models"]
+    assert sorted(p.name for p in volume.iterdir()) == sorted(p.name for p in pulled.iterdir())
     assert json.loads((pulled / "manifest.json").read_text())["version"] == version
     assert main(["model", "pull", "--registry", reg, "--version", version, "--out", str(tmp_path / "v")]) == 0
 

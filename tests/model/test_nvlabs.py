@@ -172,13 +172,21 @@ def test_an_rgb_mixture_head_is_permuted_exactly_both_ways():
     ],
 )
 def test_a_file_that_does_not_fit_is_one_line_exit_2_and_no_output(tmp_path, capsys, authors, damage, says):
+    source, _ = _refused(tmp_path, capsys, authors, damage, says)
+    assert list(tmp_path.iterdir()) == [source]
+
+
+def _refused(tmp_path, capsys, authors, damage, says) -> tuple[Path, Path]:
+    """`damage` the authors' file, save it and import it: exit 2, one line saying `says`, nothing written.
+    Returns (the damaged file, the output path)."""
     damage(authors)
     source = _save(tmp_path, authors)
     out = tmp_path / "ours.pt"
     rc, _, err = _nvae(capsys, "import-nvlabs", str(source), "--out", str(out))
     assert rc == 2
     assert says in _one_line(err)
-    assert not out.exists() and list(tmp_path.iterdir()) == [source]
+    assert not out.exists()
+    return source, out
 
 
 def test_a_cifar10_file_with_a_normal_decoder_is_refused(authors):
@@ -284,13 +292,7 @@ def _misshape(p):
     ],
 )
 def test_a_training_state_that_does_not_fit_is_one_line_exit_2(tmp_path, capsys, authors, damage, says):
-    damage(authors)
-    source = _save(tmp_path, authors)
-    out = tmp_path / "ours.pt"
-    rc, _, err = _nvae(capsys, "import-nvlabs", str(source), "--out", str(out))
-    assert rc == 2
-    assert says in _one_line(err)
-    assert not out.exists()
+    source, out = _refused(tmp_path, capsys, authors, damage, says)
     # --weights-only leaves the state out unread, so the same file imports as weights
     rc, _, err = _nvae(capsys, "import-nvlabs", str(source), "--out", str(out), "--weights-only")
     assert rc == 0, err
