@@ -298,6 +298,6 @@ def test_cli_bad_inputs_fail_before_work(tmp_path, fmnist64, fmnist_ckpt, make_t
             main(argv)
         assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "--iw-samples must be >= 1" in err and "temperature must be > 0" in err
+    assert "--iw-samples must be >= 1" in err and "temperature must be in (0, 10]" in err
     assert main(["sample", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
