@@ -561,12 +561,10 @@ def training_state(
         raise CheckpointError(
             f"{where} holds {count} parameters, the state_dict {len(order)}: they are of different networks"
         )
-    expected = {"betas": (0.9, 0.999), "eps": cfg.adamax_eps, "weight_decay": cfg.weight_decay}
+    expected = {"betas": [0.9, 0.999], "eps": cfg.adamax_eps, "weight_decay": cfg.weight_decay}
     for key, want in expected.items():
         got = group.get(key)
-        if got is None or tuple(got if isinstance(got, (tuple, list)) else [got]) != tuple(
-            want if isinstance(want, tuple) else [want]
-        ):
+        if (list(got) if isinstance(got, tuple | list) else got) != want:
             raise CheckpointError(f"{where}: {key}={got!r}, the network's args give {want!r}")
     ours_index = {name: j for j, (name, _) in enumerate(model.named_parameters())}
     own = dict(model.named_parameters())
@@ -678,10 +676,8 @@ def export_nvlabs(cfg: NVAEConfig, state: dict[str, torch.Tensor], step: int = 0
     }
 
 
-# The entries of a checkpoint of ours that resume a run (with its model and config).
-RESUME_KEYS = ("optimizer", "scaler", "step", "epoch", "batch_in_epoch", "batches_per_epoch", "grad_accum",
-               "total_steps", "seed", "world_size", "precision", "skipped", "nonfinite_in_row", "rng",
-               "rng_cpu")  # fmt: skip
+# A checkpoint of ours less these (its envelope, config and weights) is the state that resumes its run.
+ENVELOPE_KEYS = ("format", "version", "config", "model")
 
 
 @dataclass
@@ -706,7 +702,7 @@ def starting_point(path: str | Path) -> StartingPoint:
         check_model_entries(payload, path)
         training = None
         if payload.get("optimizer") is not None:
-            training = {k: payload[k] for k in RESUME_KEYS if k in payload}
+            training = {k: v for k, v in payload.items() if k not in ENVELOPE_KEYS}
         return StartingPoint(config_from_checkpoint(payload), payload["model"], training)
     imported = import_nvlabs(_checked_nvlabs(payload, Path(path)), str(path))
     return StartingPoint(imported.config, imported.state, imported.training)

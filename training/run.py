@@ -165,7 +165,6 @@ def _train(request: TrainRequest, ctx) -> dict[str, Any]:
         grad_accum=request.grad_accum,
         init_state=init_state,
         continue_state=continue_state,
-        start_flag="--continue-from" if continue_state is not None else "--init-from",
     )
     log.info(
         "%d steps of %d x %d images per process (%d batches per epoch), %s",

@@ -105,7 +105,11 @@ class TrainOptions:
     # --continue-from`): the entries of a resume checkpoint (optimizer, scaler, step, ...), taken as if the
     # store held it. A checkpoint of the run itself in the store still wins.
     continue_state: dict[str, Any] | None = None
-    start_flag: str = "--init-from"  # how error messages name where `init_state` came from
+
+    @property
+    def start_flag(self) -> str:
+        """How messages name where `init_state` came from."""
+        return "--init-from" if self.continue_state is None else "--continue-from"
 
     @property
     def steps_per_epoch(self) -> float:
