@@ -10,6 +10,7 @@ where a file should be, a full disk) become one clear line on stderr and exit co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import logging
@@ -57,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     from common.errors import NVAEError
 
     try:
-        return int(args.func(args) or 0)
+        with _run_locks(args):
+            return int(args.func(args) or 0)
     except NVAEError as exc:
         print(f"nvae {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -66,6 +68,20 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"nvae {args.command}: error: {_os_error(exc)}", file=sys.stderr)
         return 2
+
+
+# The options that name what a command writes; a command whose output lies inside a training run holds that
+# run's lock while it runs (`common.files.run_locks`). `train` takes its own run's lock itself.
+_OUTPUT_OPTIONS = ("out", "kl_plot", "manifest_out")
+
+
+def _run_locks(args: argparse.Namespace):
+    from common.files import run_locks
+
+    if getattr(args, "locks_own_run", False):
+        return contextlib.nullcontext()
+    written = [getattr(args, name) for name in _OUTPUT_OPTIONS if getattr(args, name, None)]
+    return run_locks([p for p in written if isinstance(p, str) and "://" not in p], f"nvae {args.command}")
 
 
 def _os_error(exc: OSError) -> str:

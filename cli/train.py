@@ -175,7 +175,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "repeat on a retry; 75, 130 and 143 do not.",
     )
     _add_train_args(p)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, locks_own_run=True)  # training.train holds --out's lock
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:

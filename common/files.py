@@ -153,7 +153,10 @@ class FolderLock:
         from common.errors import NVAEError
 
         self.folder.mkdir(parents=True, exist_ok=True)
-        fh = open(self.folder / LOCK_NAME, "a+")
+        try:
+            fh = open(self.folder / LOCK_NAME, "a+")
+        except PermissionError:  # a run we may write into but whose lock file is another user's: flock reads
+            fh = open(self.folder / LOCK_NAME)
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -163,10 +166,11 @@ class FolderLock:
             raise NVAEError(
                 f"{self.folder} is in use by {holder}; wait for it to end, or use another folder"
             ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"PID {os.getpid()} ({self.what})\n")
-        fh.flush()
+        if fh.writable():
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"PID {os.getpid()} ({self.what})\n")
+            fh.flush()
         self._fh = fh
         return self
 
@@ -174,3 +178,24 @@ class FolderLock:
         if self._fh is not None:
             self._fh.close()  # closing releases the lock
             self._fh = None
+
+
+def enclosing_run(path: str | Path) -> Path | None:
+    """The run folder (one that holds `.nvae.lock`, as `nvae train` leaves it) that `path` is or lies in,
+    nearest first; None when it lies in no run."""
+    resolved = Path(path).resolve()
+    for folder in (resolved, *resolved.parents):
+        if (folder / LOCK_NAME).is_file():
+            return folder
+    return None
+
+
+@contextlib.contextmanager
+def run_locks(paths: list[str | Path], what: str) -> Iterator[None]:
+    """Hold the lock of every run that one of `paths` (what a command writes) lies in, for as long as the
+    block runs: a command that writes into a training run waits for no one and is refused, naming the holder,
+    while `nvae train` or another writer holds it. Paths outside any run take no lock and leave no file."""
+    with contextlib.ExitStack() as stack:
+        for folder in sorted({run for run in map(enclosing_run, paths) if run is not None}):
+            stack.enter_context(FolderLock(folder, what))
+        yield

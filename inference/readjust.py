@@ -52,6 +52,7 @@ def readjust_bn(
         for _ in bar:
             model.sample_logits(batch, temperature, generator=generator)
     model.eval()
+    _check_finite_statistics(model, temperature)
     seconds = time.perf_counter() - start
     log.info(
         "readjusted %d BN layers with %d x %d samples at t=%g in %.1f s",
@@ -69,6 +70,18 @@ def readjust_bn(
         "bn_layers": n_bn,
         "seconds": seconds,
     }
+
+
+def _check_finite_statistics(model: NVAE, temperature: float) -> None:
+    """ConfigError naming the first BN layer whose readjusted mean or variance is not finite: samples at this
+    temperature overflowed somewhere on the path, and such statistics would make every later sample NaN."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            if not (torch.isfinite(module.running_mean).all() and torch.isfinite(module.running_var).all()):
+                raise ConfigError(
+                    f"temperature={temperature:g}: the prior samples overflow (BN layer {name} has non-finite "
+                    "statistics after readjustment); nothing was written; use a lower --temperature"
+                )
 
 
 def readjust_checkpoint(

@@ -81,6 +81,23 @@ def test_readjust_touches_only_decoder_side_bn(model_and_data):
         assert changed == (id(m) in decoder_side)
 
 
+def test_readjust_with_overflowing_samples_writes_nothing(model_and_data, tmp_path, capsys):
+    """Samples that overflow on the sampling path would leave non-finite BN statistics, and every sample of
+    the readjusted checkpoint would be NaN: refused with one line, and no checkpoint is written."""
+    model, _ = model_and_data
+    path = [m for mod in (model.dec_groups, model.dec_up, model.postprocess) for m in mod.modules()]
+    with torch.no_grad():  # gains of e**100: float32 overflows on the first sampling pass
+        for conv in (m for m in path if getattr(m, "log_g", None) is not None):
+            conv.log_g.fill_(100.0)
+    save_checkpoint(tmp_path / "ckpt.pt", model)
+    out = tmp_path / "bn" / "checkpoint_bn.pt"
+    argv = ["readjust-bn", "--checkpoint", str(tmp_path / "ckpt.pt"), "--out", str(out), "--iters", "2"]
+    assert main([*argv, "--batch", "2", "--temperature", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "non-finite statistics" in err and "lower --temperature" in err, err
+    assert not out.exists()
+
+
 def test_inference_loops_normalise_each_weight_once(model_and_data, monkeypatch):
     """Evaluation, readjustment and sampling compute each conv's weight norm once per call, whatever the
     number of passes, and give the same numbers as a weight norm in every pass."""
