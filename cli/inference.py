@@ -162,7 +162,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--iw-samples", type=positive_int("--iw-samples"), default=1000, help="K (default 1000)")
     p.add_argument(
-        "--chunk", type=positive_int("--chunk"), help="samples per pass (default: fit ~256 images)"
+        "--chunk",
+        type=positive_int("--chunk"),
+        help="samples per pass (default: about 256 images per pass on CUDA, 64 on CPU); a pass that would need "
+        "more memory than is free (measured first) is refused before the work; the results do not depend on it",
     )
     p.add_argument("--batch-size", type=positive_int("--batch-size"), default=16, help="images per batch")
     p.add_argument("--limit", type=positive_int("--limit"), help="evaluate only the first N images")

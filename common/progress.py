@@ -1,5 +1,7 @@
 """Progress that reads well where it is read: a tqdm bar on a terminal; elsewhere (pod logs, kfp.local,
-CI, a file) one log line every 10 % or every 60 seconds, whichever comes first, and one at the end.
+CI, a file) one log line every 10 % or every 60 seconds, whichever comes first, and one at the end. The first
+line comes after 5 seconds at the latest (at the first update after them), so long work shows its rate and eta
+early.
 
 `NVAE_PROGRESS=bar|lines|off` overrides the choice.
 """
@@ -19,6 +21,7 @@ log = logging.getLogger("nvae.progress")
 
 EVERY_FRACTION = 0.1
 EVERY_SECONDS = 60.0
+FIRST_SECONDS = 5.0
 
 
 def progress(
@@ -51,7 +54,7 @@ def progress(
 
 class LineProgress:
     """Log `desc: n/total unit (p%), rate, eta, postfix` every `every_fraction` of the total or every
-    `every_seconds`, and once when closed."""
+    `every_seconds` (the first line after `first_seconds`), and once when closed."""
 
     def __init__(
         self,
@@ -64,12 +67,15 @@ class LineProgress:
         disable: bool = False,
         every_fraction: float = EVERY_FRACTION,
         every_seconds: float = EVERY_SECONDS,
+        first_seconds: float = FIRST_SECONDS,
         clock=time.monotonic,
     ):
         self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
         self.n = self.start_n = initial
         self.disable, self.clock = disable, clock
         self.every_fraction, self.every_seconds = every_fraction, every_seconds
+        self.first_seconds = first_seconds
+        self.emitted = False
         self.start = self.last_time = clock()
         self.last_n = initial
         self.postfix = ""
@@ -96,7 +102,7 @@ class LineProgress:
         if self.disable:
             return
         now = self.clock()
-        due = now - self.last_time >= self.every_seconds
+        due = now - self.last_time >= (self.every_seconds if self.emitted else self.first_seconds)
         if self.total:
             step = max(1, int(self.total * self.every_fraction))
             due = due or self.n // step > self.last_n // step
@@ -123,4 +129,4 @@ class LineProgress:
         if self.postfix:
             text += f", {self.postfix}"
         log.info("%s: %s", self.desc or "progress", text)
-        self.last_time, self.last_n = now, self.n
+        self.last_time, self.last_n, self.emitted = now, self.n, True

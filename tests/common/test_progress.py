@@ -63,3 +63,16 @@ def test_mode_from_the_environment(monkeypatch):
     monkeypatch.setenv("NVAE_PROGRESS", "fancy")
     with pytest.raises(ValueError, match="NVAE_PROGRESS"):
         progress(total=3)
+
+
+def test_the_first_line_comes_within_seconds(caplog):
+    """Work whose first tenth takes hours still shows its rate and eta after about five seconds."""
+    caplog.set_level(logging.INFO, logger="nvae.progress")
+    clock = Clock()
+    bar = LineProgress(total=10_000_000, desc="evaluate (K=1000)", unit="samples", clock=clock)
+    for _ in range(40):
+        clock.t += 2.0
+        bar.update(64)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("evaluate (K=1000): 192/10000000 samples (0%)") and "eta" in lines[0]
+    assert len(lines) == 2  # at 6 s, then a minute after it

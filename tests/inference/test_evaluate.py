@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cli.main import main
+from common.errors import ConfigError
 from inference.evaluate import evaluate, iw_batch
 from inference.readjust import readjust_bn
 from inference.sample import fixed_scale_rows, nearest_neighbours
@@ -52,6 +53,32 @@ def test_chunked_equals_sequential_for_the_same_draws(model_and_data):
     chunked = iw_batch(model, x, 6, 4, torch.Generator().manual_seed(3))
     assert torch.allclose(seq.log_px, chunked.log_px, atol=1e-3, rtol=1e-5)
     assert torch.allclose(seq.elbo, chunked.elbo, atol=1e-3, rtol=1e-5)
+
+
+def test_a_pass_that_cannot_fit_in_memory_is_refused_before_the_work(monkeypatch):
+    """One pass of chunk x batch images is measured (passes of 1 and 4 images) and refused, naming --chunk,
+    when it needs more than is available; a pass that fits goes ahead."""
+    import inference.evaluate as ev
+    from model.config import get_preset
+
+    torch.manual_seed(0)
+    model = NVAE(get_preset("fmnist-cpu")).eval()
+    x = torch.rand(16, 1, 28, 28)
+    need = ev.check_pass_memory(model, x, 64)
+    assert 64 * 16 * 2**20 < need < 64 * 16 * 20 * 2**20  # about 2-4 MiB per image measured here
+    monkeypatch.setattr(ev, "available_memory", lambda device: need // 10)
+    with pytest.raises(ConfigError, match=r"one pass of 64 samples x 16 images needs about .* lower --chunk"):
+        ev.check_pass_memory(model, x, 64)
+    with pytest.raises(ConfigError, match="lower --chunk"):
+        evaluate(model, [x], k=64, chunk=64, progress=False)
+    assert ev.check_pass_memory(model, x[:1], 4) == 0  # four images: nothing to measure
+
+
+def test_iw_progress_counts_every_pass(model_and_data):
+    model, x = model_and_data
+    seen = []
+    iw_batch(model, x, 10, 4, torch.Generator().manual_seed(0), on_chunk=seen.append)
+    assert seen == [4 * 6, 4 * 6, 2 * 6]
 
 
 def test_evaluate_reports_bits_per_dim_and_active_channels(model_and_data):
