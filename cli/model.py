@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from cli.store import exit_75_when_retryable
 from common.files import atomic_write_json
@@ -35,8 +34,11 @@ def model_card(checkpoint: str, metrics: str | None, data_manifest: str | None, 
         "run_id": run_id or None,
     }
     if metrics:
-        m = json.loads(Path(metrics).read_text())
-        card.update(nll_bpd=m.get("nll_bpd"), iw_samples=m.get("iw_samples"), eval_images=m.get("num_images"))
+        from common.errors import DataError
+        from common.schema import EvalMetrics, read_json
+
+        m = read_json(metrics, EvalMetrics, DataError, "metrics file")
+        card.update(nll_bpd=m.nll_bpd, iw_samples=m.iw_samples, eval_images=m.num_images)
     if data_manifest:
         card["data_manifest_sha256"] = file_sha256(data_manifest)
     return card

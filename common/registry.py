@@ -22,6 +22,7 @@ from typing import Any
 from common.errors import StorageError
 from common.files import atomic_write_text, file_sha256
 from common.s3 import download_object, is_retryable, one_line, parse_s3_uri, s3_client_from_env
+from common.schema import LatestPointer, RegistryManifest, check
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -82,23 +83,42 @@ class Registry:
             if not (len(version) == 16 and set(version) <= VERSION_CHARS):
                 raise StorageError(f"{version!r} is not a model version (16 hex digits) or 'latest'")
             return version
+        key = self._key(LATEST)
         try:
-            pointer = self._get_json(self._key(LATEST))
+            pointer = self._get_json(key)
         except FileNotFoundError:
             raise StorageError(f"{self.uri}: nothing published yet (no {LATEST} pointer)") from None
-        return str(pointer.get("version", ""))
+        return check(LatestPointer, pointer, f"s3://{self.bucket}/{key}", StorageError).version
 
     def manifest(self, version: str = LATEST) -> dict[str, Any]:
         """The manifest of a published version; StorageError naming the object when there is none."""
         version = self.resolve(version)
         key = self._key(version, MANIFEST)
         try:
-            return self._get_json(key)
+            return self._checked_manifest(version)
         except FileNotFoundError:
             known = ", ".join(m["version"] for m in self.list()) or "none"
             raise StorageError(
                 f"s3://{self.bucket}/{key}: no such model version {version!r} (published: {known})"
             ) from None
+
+    def _checked_manifest(self, version: str) -> dict[str, Any]:
+        """The manifest of `version` as stored, checked: its fields (`common.schema.RegistryManifest`: plain
+        file names, 64-hex digests), and its version, which must be its folder's and its files' content
+        version; FileNotFoundError when there is none."""
+        key = self._key(version, MANIFEST)
+        where = f"s3://{self.bucket}/{key}"
+        manifest = self._get_json(key)
+        checked = check(RegistryManifest, manifest, where, StorageError)
+        if MANIFEST in checked.files or LATEST in checked.files:
+            raise StorageError(f"{where}: files: {MANIFEST!r} and {LATEST!r} cannot be files of a version")
+        digests = {name: meta.sha256 for name, meta in checked.files.items()}
+        if checked.version != version or content_version(digests) != version:
+            raise StorageError(
+                f"{where}: version {checked.version!r} does not match its folder ({version!r}) or its files "
+                f"(content version {content_version(digests)!r}): the manifest was altered"
+            )
+        return manifest
 
     def list(self) -> list[dict[str, Any]]:
         """Every complete version (manifest written), oldest first."""
@@ -110,8 +130,10 @@ class Registry:
             page = self._call(self.uri, self.client.list_objects_v2, **kwargs)
             for common in page.get("CommonPrefixes", []):
                 version = common["Prefix"][len(self.prefix) + 1 :].strip("/")
+                if not (len(version) == 16 and set(version) <= VERSION_CHARS):
+                    continue  # not a version folder
                 try:
-                    found.append(self._get_json(self._key(version, MANIFEST)))
+                    found.append(self._checked_manifest(version))
                 except FileNotFoundError:
                     continue  # an interrupted publish: files without a manifest
             token = page.get("NextContinuationToken")
@@ -133,7 +155,7 @@ class Registry:
         digests = {name: file_sha256(path) for name, path in files.items()}
         version = content_version(digests)
         try:
-            existing = self._get_json(self._key(version, MANIFEST))
+            existing = self._checked_manifest(version)
         except FileNotFoundError:
             existing = None
         if existing is None:

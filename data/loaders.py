@@ -48,44 +48,13 @@ def read_manifest(prepared_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def _shown(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, bool | int | float | str | None) else type(value).__name__
-
-
 def check_manifest(manifest: Any, path: str | Path) -> None:
-    """The manifest's fields that readers rely on, checked for type before value (no boolean for a number,
-    no string for a mapping); DataError naming `path` and the field."""
+    """The manifest's fields that readers rely on (`common.schema.DataManifest`), checked for type before value
+    (no boolean for a number, no string for a mapping); DataError naming `path` and the field. Each entry's
+    sha256 is checked where its file is read (`verify_split`), naming the file."""
+    from common.schema import DataManifest, check
 
-    def need(ok: bool, field: str, what: str, value: Any) -> None:
-        if not ok:
-            raise DataError(f"{path}: {field}: expected {what}, got {_shown(value)}")
-
-    def integer(value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
-    need(isinstance(manifest, dict), "manifest", "a JSON object", manifest)
-    for key in ("dataset", "shape", "bits", "splits"):
-        if key not in manifest:
-            raise DataError(f"{path}: manifest has no {key!r} field")
-    need(isinstance(manifest["dataset"], str) and manifest["dataset"] != "", "dataset", "a name", manifest["dataset"])
-    shape = manifest["shape"]
-    need(isinstance(shape, list) and len(shape) == 3 and all(integer(v) and v > 0 for v in shape),
-         "shape", "[height, width, channels], three positive integers", shape)  # fmt: skip
-    bits = manifest["bits"]
-    need(integer(bits) and 1 <= bits <= 8, "bits", "an integer from 1 to 8", bits)
-    for flag in ("flip", "binarize"):
-        if flag in manifest:
-            need(isinstance(manifest[flag], bool), flag, "true or false", manifest[flag])
-    splits = manifest["splits"]
-    need(isinstance(splits, dict) and bool(splits), "splits", "a mapping of split names to entries", splits)
-    for name, entry in splits.items():
-        field = f"splits.{name}"
-        need(isinstance(entry, dict), field, "a mapping with file, count and sha256", entry)
-        need(isinstance(entry.get("file"), str) and entry["file"] != "", f"{field}.file", "a file name",
-             entry.get("file"))  # fmt: skip
-        need(integer(entry.get("count")) and entry["count"] >= 0, f"{field}.count", "an integer >= 0",
-             entry.get("count"))  # fmt: skip
-    # each entry's sha256 is checked where its file is read (verify_split), naming the file
+    check(DataManifest, manifest, str(path), DataError)
 
 
 def load_split(

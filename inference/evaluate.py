@@ -294,14 +294,11 @@ def plot_kl_per_group(metrics: dict[str, Any], path: str | Path) -> None:
 
 def plot_kl_file(metrics_path: str | Path, out: str | Path) -> Path:
     """`plot_kl_per_group` of a metrics file written by `evaluate_checkpoint`; returns the PNG's path. Raises
-    DataError when the file cannot be read or has no `kl_per_group`."""
-    try:
-        metrics = json.loads(Path(metrics_path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:  # missing, binary, not JSON
-        raise DataError(f"{metrics_path}: not a readable metrics file ({exc})") from None
-    if "kl_per_group" not in metrics:
-        raise DataError(f"{metrics_path}: no kl_per_group field (is it from `nvae evaluate`?)")
-    plot_kl_per_group(metrics, out)
+    DataError when the file cannot be read or is not such a file (`common.schema.EvalMetrics`)."""
+    from common.schema import EvalMetrics, read_json
+
+    metrics = read_json(metrics_path, EvalMetrics, DataError, "metrics file")
+    plot_kl_per_group(metrics.model_dump(), out)
     return Path(out)
 
 

@@ -109,6 +109,9 @@ def check_envelope(payload: Any, path: str | Path) -> None:
         raise CheckpointError(
             f"{path}: checkpoint version {payload.get('version')} (this code reads {VERSION})"
         )
+    from common.schema import CheckpointMeta, check
+
+    check(CheckpointMeta, payload, str(path), CheckpointError)  # the metadata's types and ranges
 
 
 def check_model_entries(payload: dict[str, Any], path: str | Path) -> None:

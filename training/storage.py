@@ -149,9 +149,16 @@ class S3CheckpointStore:
                 f"cannot read {self.location}{LATEST_NAME}: {exc}", is_retryable(exc)
             ) from None
         try:
-            return json.loads(body)
-        except json.JSONDecodeError as exc:
+            pointer = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise StorageError(f"{self.location}{LATEST_NAME} is not JSON: {exc}") from None
+        from common.schema import CheckpointPointer, check
+
+        where = f"{self.location}{LATEST_NAME}"
+        checked = check(CheckpointPointer, pointer, where, StorageError)
+        if not checked.key.startswith(self._key("checkpoint-")):  # never an object outside this store
+            raise StorageError(f"{where}: key: expected a checkpoint under {self.location}, got {checked.key!r}")
+        return pointer
 
     def download_latest(self, dest: str | Path) -> dict[str, Any] | None:
         """Download the checkpoint `latest.json` names to `dest`, checked against the SHA-256 it records;

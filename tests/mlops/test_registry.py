@@ -35,7 +35,9 @@ def artifacts(tmp_path, make_tiny):
     onnx = tmp_path / "decoder.onnx"
     write_decoder(onnx, ckpt)
     metrics = tmp_path / "metrics.json"
-    metrics.write_text(json.dumps({"nll_bpd": 3.25, "iw_samples": 5, "num_images": 50}))
+    metrics.write_text(
+        json.dumps({"nll_bpd": 3.25, "nelbo_bpd": 3.3, "iw_samples": 5, "num_images": 50, "kl_per_group": [2.0]})
+    )
     manifest = tmp_path / "data-manifest.json"
     manifest.write_text('{"dataset": "fashion-mnist"}')
     return {"onnx": onnx, "checkpoint": ckpt, "metrics": metrics, "data": manifest}
@@ -165,3 +167,52 @@ def test_an_interrupted_publish_is_never_listed(reg, artifacts):
         Bucket="nvae-registry", Key=reg.split("/", 3)[3] + "/00000000deadbeef/decoder.onnx", Body=b"x"
     )
     assert Registry(reg).list() == []
+
+
+def _store_manifest(reg, version, manifest) -> None:
+    registry = Registry(reg)
+    registry.client.put_object(Bucket=registry.bucket, Key=f"{registry.prefix}/{version}/manifest.json",
+                               Body=json.dumps(manifest).encode())  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("alter", "says"),
+    [
+        (lambda m: {**m, "files": {"../../escaped": m["files"]["decoder.onnx"]}},
+         "files.../../escaped: expected a mapping of plain file names"),
+        (lambda m: {**m, "files": {**m["files"], "decoder.onnx": {**m["files"]["decoder.onnx"], "size": "12"}}},
+         'files.decoder.onnx.size: expected an integer >= 0, got "12"'),
+        (lambda m: {**m, "files": {**m["files"], "decoder.onnx": {**m["files"]["decoder.onnx"], "sha256": "0" * 64}}},
+         "the manifest was altered"),
+        (lambda m: {**m, "version": True}, "version: expected 16 hex digits, got true"),
+        (lambda m: [m], "manifest: expected a JSON object, got list"),
+    ],
+    ids=["file-outside", "size-string", "digest-changed", "version-bool", "not-an-object"],
+)  # fmt: skip
+def test_altered_manifest(reg, artifacts, tmp_path, capsys, alter, says):
+    """A version's manifest of the wrong shape, or altered, is refused before any file is written: it is checked
+    against the schema and against its folder and files' content version before pull, show or list trust it: a name that leaves --out, a string size, a changed digest."""
+    assert publish(reg, artifacts) == 0
+    version = Registry(reg).resolve()
+    _store_manifest(reg, version, alter(Registry(reg).manifest()))
+    capsys.readouterr()
+    for argv in (["pull", "--out", str(tmp_path / "pulled")], ["show"], ["list"]):
+        assert main(["model", *argv[:1], "--registry", reg, *argv[1:]]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{version}/manifest.json: " in err and says in err, err
+    assert not (tmp_path / "pulled").exists() and not (tmp_path / "escaped").exists()
+
+
+def test_a_latest_pointer_of_the_wrong_type_is_one_line(reg, artifacts, capsys):
+    assert publish(reg, artifacts) == 0
+    registry = Registry(reg)
+    registry.client.put_object(Bucket=registry.bucket, Key=f"{registry.prefix}/latest", Body=b'{"version": 7}')
+    capsys.readouterr()
+    assert main(["model", "show", "--registry", reg]) == 2
+    assert capsys.readouterr().err.strip().endswith("/latest: version: expected 16 hex digits, got 7")
+
+
+def test_publish_refuses_metrics_of_the_wrong_types(reg, artifacts, capsys):
+    artifacts["metrics"].write_text(json.dumps({**json.loads(artifacts["metrics"].read_text()), "nll_bpd": "3.2"}))
+    assert publish(reg, artifacts) == 2
+    assert capsys.readouterr().err.strip().endswith('metrics.json: nll_bpd: expected a finite number, got "3.2"')

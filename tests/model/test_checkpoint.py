@@ -4,6 +4,7 @@ import zipfile
 import pytest
 import torch
 
+from cli.main import main
 from common.errors import CheckpointError
 from model.checkpoint import load_model, read_checkpoint, save_checkpoint
 from model.network import NVAE
@@ -64,7 +65,6 @@ def test_truncated_or_foreign_files_are_rejected(tmp_path, tiny_cfg):
     ],
 )
 def test_a_file_of_random_bytes_is_one_short_line_for_every_command(tmp_path, capsys, command):
-    from cli.main import main
 
     path = tmp_path / "random.pt"
     path.write_bytes(bytes(range(256)) * 20)
@@ -92,3 +92,23 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, tiny_cfg, monkeypatch):
         save_checkpoint(path, model, extra={"step": 2})
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        ({"step": "40"}, 'step: expected an integer >= 0, got "40"'),
+        ({"step": True}, "step: expected an integer >= 0, got true"),
+        ({"step": -1}, "step: expected an integer >= 0, got -1"),
+        ({"bn_readjust": {"temperature": -0.7}}, "bn_readjust.temperature: expected a finite number > 0, got -0.7"),
+        ({"bn_readjust": "0.7"}, 'bn_readjust: expected the settings of `nvae readjust-bn`, got "0.7"'),
+        ({"grad_accum": 0}, "grad_accum: expected an integer > 0, got 0"),
+    ],
+)  # fmt: skip
+def test_checkpoint_metadata_of_the_wrong_type_is_one_line_naming_the_field(tmp_path, tiny_cfg, capsys, extra, says):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, NVAE(tiny_cfg), extra=extra)
+    assert main(["export-onnx", "--checkpoint", str(path), "--out", str(tmp_path / "d.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"nvae export-onnx: error: {path}: {says}"
+    assert not (tmp_path / "d.onnx").exists()

@@ -1,5 +1,7 @@
 """Checkpoint stores: local atomic file, S3-API bucket with a `latest.json` pointer written last."""
 
+import json
+
 import pytest
 import torch
 
@@ -137,3 +139,24 @@ def test_training_resumes_exactly_from_s3(tmp_path, s3_env, tiny_cfg):
     a = torch.load(tmp_path / "local" / "checkpoint.pt", weights_only=True)["model"]
     b = open_store(uri).load_latest()["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    ("pointer", "says"),
+    [
+        ({"key": "runs/p/checkpoint-0000000002.pt", "step": "2"}, 'latest.json: step: expected an integer >= 0, got "2"'),
+        ({"key": "elsewhere/secret.pt"}, "latest.json: key: expected a checkpoint under s3://"),
+        ({"sha256": "abc"}, 'latest.json: sha256: expected 64 hex digits, got "abc"'),
+    ],
+    ids=["step-string", "key-outside", "short-hash"],
+)  # fmt: skip
+def test_a_pointer_of_the_wrong_shape_is_refused_before_any_download(s3_env, pointer, says):
+    """`latest.json` is what another step (a TrainJob node, the next pipeline step) hands us: checked against
+    its schema, and its key must lie in this store, before anything is fetched."""
+    bucket = s3_env["make_bucket"]("ckpt-bad-pointer")
+    store = open_store(f"s3://{bucket}/runs/p")
+    store.save(_payload(2), 2)
+    good = json.loads(store.client.get_object(Bucket=bucket, Key="runs/p/latest.json")["Body"].read())
+    store.client.put_object(Bucket=bucket, Key="runs/p/latest.json", Body=json.dumps({**good, **pointer}).encode())
+    with pytest.raises(StorageError, match=says.replace(".", r"\.")):
+        store.load_latest()

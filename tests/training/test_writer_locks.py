@@ -47,7 +47,8 @@ def test_a_writer_into_a_finished_run_takes_its_lock_and_a_plain_folder_gets_non
     with FolderLock(run, "nvae train"):
         pass  # the run ended: its lock file stays, unheld
     metrics = tmp_path / "m.json"
-    metrics.write_text(json.dumps({"kl_per_group": [1.0, 0.5], "dataset": "x", "split": "test"}))
+    metrics.write_text(json.dumps({"kl_per_group": [1.0, 0.5], "num_images": 2, "iw_samples": 1,
+                                   "nll_bpd": 1.0, "nelbo_bpd": 1.1}))  # fmt: skip
     assert main(["plot-kl", "--metrics", str(metrics), "--out", str(run / "kl.png")]) == 0
     assert "(nvae plot-kl)" in (run / LOCK_NAME).read_text()  # it was the writer while it ran
     plain = tmp_path / "plain"
