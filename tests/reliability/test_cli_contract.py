@@ -67,7 +67,10 @@ def test_unwritable_outputs_are_one_line(tmp_path, ckpt, fmnist64, blocked, caps
             {"format": "nvae-pipeline-checkpoint", "version": 1, "model": {}, "config": "[1, 2]"},
             "JSON object",
         ),
-        ({"format": "nvae-pipeline-checkpoint", "version": 1, "model": {}, "config": 7}, "no 'config' entry"),
+        (
+            {"format": "nvae-pipeline-checkpoint", "version": 1, "model": {}, "config": 7},
+            "config: expected the config, a JSON object as text, got 7",
+        ),
         (
             {"format": "nvae-pipeline-checkpoint", "version": 1, "model": {"w": "text"}, "config": "{}"},
             "'model'",
