@@ -1,7 +1,8 @@
 """Progress that reads well where it is read: a tqdm bar on a terminal; elsewhere (pod logs, kfp.local,
 CI, a file) one log line every 10 % or every 60 seconds, whichever comes first, and one at the end. The first
-line comes after 5 seconds at the latest (at the first update after them), so long work shows its rate and eta
-early.
+line comes at the first update after 5 seconds that follows a second update, so long work shows its rate and
+eta early. Rates leave out the first item (a first training step or pass includes warm-up, which would make the
+eta many times too long).
 
 `NVAE_PROGRESS=bar|lines|off` overrides the choice.
 """
@@ -76,6 +77,8 @@ class LineProgress:
         self.every_fraction, self.every_seconds = every_fraction, every_seconds
         self.first_seconds = first_seconds
         self.emitted = False
+        self.first_time: float | None = None
+        self.first_n = initial
         self.start = self.last_time = clock()
         self.last_n = initial
         self.postfix = ""
@@ -102,7 +105,11 @@ class LineProgress:
         if self.disable:
             return
         now = self.clock()
-        due = now - self.last_time >= (self.every_seconds if self.emitted else self.first_seconds)
+        if self.first_time is None:  # the end of the first item, which often includes warm-up
+            self.first_time, self.first_n = now, self.n
+        due = now - self.last_time >= self.every_seconds or (
+            not self.emitted and now - self.start >= self.first_seconds and self.n > self.first_n
+        )
         if self.total:
             step = max(1, int(self.total * self.every_fraction))
             due = due or self.n // step > self.last_n // step
@@ -118,7 +125,10 @@ class LineProgress:
 
     def _emit(self, now: float) -> None:
         elapsed = max(now - self.start, 1e-9)
-        rate = (self.n - self.start_n) / elapsed
+        if self.first_time is not None and self.n > self.first_n and now > self.first_time:
+            rate = (self.n - self.first_n) / (now - self.first_time)  # past the first item's warm-up
+        else:
+            rate = (self.n - self.start_n) / elapsed
         parts = [f"{self.n}/{self.total}" if self.total else f"{self.n}", self.unit]
         text = " ".join(parts)
         if self.total:

@@ -76,3 +76,17 @@ def test_the_first_line_comes_within_seconds(caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0].startswith("evaluate (K=1000): 192/10000000 samples (0%)") and "eta" in lines[0]
     assert len(lines) == 2  # at 6 s, then a minute after it
+
+
+def test_the_first_item_s_warm_up_is_left_out_of_the_rate(caplog):
+    """A first training step of 7 s (warm-up) and then 0.5 s steps: the early line says 2 step/s, not 0.27."""
+    caplog.set_level(logging.INFO, logger="nvae.progress")
+    clock = Clock()
+    bar = LineProgress(total=1000, desc="train", unit="step", clock=clock)
+    clock.t = 7.0
+    bar.update(1)  # past 5 s, but a rate needs a second step
+    assert caplog.records == []
+    clock.t = 7.5
+    bar.update(1)
+    line = caplog.records[0].getMessage()
+    assert line.startswith("train: 2/1000 step (0%), 2 step/s, 8 s, eta 499 s"), line
