@@ -1,0 +1,202 @@
+"""Equal CPU budget, the authors' train() against our training step: which reaches the better test NLL?
+
+Each run trains one side alone for --budget seconds from its own freshly built network (the seed's), on the
+same data law as bench/train_parity.py (Fashion-MNIST training images in a seeded order, one Bernoulli draw per
+pixel; the authors' side padded to 32x32), with its own posterior noise. The run's length in steps is set from
+that side's measured time per step (a calibration of --calibrate steps on a throw-away copy first), so that the
+KL warm-up spans 30 % of each run's own steps, as a user of either code would set it. Then both are evaluated by
+the same estimator (`inference.evaluate.evaluate`, the authors' network imported by `model.nvlabs`): the IW
+bound with K=--k on the first --images test images, binarized once with a fixed seed, the same on both sides.
+
+    python bench/train_budget.py --official /tmp/nvae-official --budget 660 --seeds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.train_parity import NETWORK, Ours, Theirs, batches, fashion_mnist  # noqa: E402
+
+TEST_BINARIZE_SEED = 20200708
+
+
+def _test_images(n: int):
+    import torch
+
+    from bench.train_parity import FASHION_MNIST
+    from data.sources import read_idx_source
+
+    source = read_idx_source(FASHION_MNIST, None)
+    images = next(iter(source.splits["test"])).load()[:n]
+    x = torch.from_numpy(images.copy()).float().div_(255).reshape(-1, 1, 28, 28)
+    return (torch.rand(x.shape, generator=torch.Generator().manual_seed(TEST_BINARIZE_SEED)) < x).float()
+
+
+def _build(mods, values: dict, seed: int, workdir: Path):
+    """Their network under `seed` and ours with the same weights (both fresh)."""
+    import torch
+
+    from bench.nvlabs_parity import _COMMON
+    from model.network import NVAE
+    from model.nvlabs import import_nvlabs, load_nvlabs_file
+
+    args = argparse.Namespace(**{**_COMMON, **values})
+    torch.manual_seed(seed)
+    arch = mods["utils"].get_arch_cells(args.arch_instance)
+    theirs = mods["model"].AutoEncoder(args, None, arch)
+    path = workdir / "theirs.pt"
+    torch.save({"epoch": 0, "state_dict": theirs.state_dict(), "args": args, "global_step": 0,
+                "arch_instance": arch}, path)  # fmt: skip
+    imported = import_nvlabs(load_nvlabs_file(path), str(path), training=False)
+    torch.manual_seed(seed + 1)
+    ours = NVAE(imported.config).to(memory_format=torch.channels_last)
+    ours.load_state_dict(imported.state, strict=False)
+    return theirs, args, ours
+
+
+def _as_ours(mods, their_net, args, workdir: Path):
+    """The authors' trained network as ours (their format, imported), for the shared evaluator."""
+    import torch
+
+    from model.network import NVAE
+    from model.nvlabs import import_nvlabs, load_nvlabs_file
+
+    path = workdir / "trained.pt"
+    torch.save({"epoch": 0, "state_dict": their_net.state_dict(), "args": args, "global_step": 0,
+                "arch_instance": mods["utils"].get_arch_cells(args.arch_instance)}, path)  # fmt: skip
+    imported = import_nvlabs(load_nvlabs_file(path), str(path), training=False)
+    net = NVAE(imported.config)
+    net.load_state_dict(imported.state, strict=False)
+    return net
+
+
+def _side(side: str, mods, queue, values, seed, steps, images, per_epoch, workdir):
+    """A trainer for `side` ("theirs" or "ours") of `steps` steps, from the seed's fresh network."""
+    their_net, args, our_net = _build(mods, values, seed, workdir)
+    if side == "theirs":
+        trainer = Theirs(mods, their_net, args, steps, int(args.warmup_epochs * per_epoch))
+        pad = our_net.cfg.pad
+
+        def step(x):
+            import torch.nn.functional as F
+
+            queue.clear()  # their own noise: Normal.sample draws when the queue is empty
+            return trainer.train_py.train(
+                [(F.pad(x, (pad,) * 4), None)], trainer.net, trainer.opt, trainer.scaler, trainer.global_step,
+                trainer.warmup_iters, _quiet(), _quiet(),
+            )  # fmt: skip
+
+        def advance(x):
+            trainer.recorder.step = {}
+            _, trainer.global_step = step(x)
+            return trainer.recorder.step["loss"]
+
+        return advance, lambda: _as_ours(mods, their_net, args, workdir)
+    trainer = Ours(our_net, steps, per_epoch)  # no shared noise given: the network draws its own
+    return (lambda x: _our_step(trainer, x)), lambda: our_net
+
+
+def _our_step(trainer: Ours, x) -> float:
+    from training.train import learning_rate, training_step
+
+    lr = learning_rate(trainer.cfg, trainer.step_no, trainer.total, trainer.per_epoch)
+    result = training_step(trainer.objective, trainer.opt, trainer.scaler, iter([x]), trainer.step_no, trainer.total,
+                           lr, channels_last=True)  # fmt: skip
+    trainer.step_no += 1
+    return float(result.terms.loss)
+
+
+def _quiet():
+    from bench.train_parity import _Quiet
+
+    return _Quiet()
+
+
+def run(mods, queue, side: str, seed: int, budget: float, calibrate: int, values, images, test, k, workdir):
+    import torch
+
+    from inference.evaluate import evaluate
+
+    per_epoch = 60_000 // values["batch_size"]
+    # Calibration: time per step of this side, on a throw-away copy (its first steps include warm-up).
+    advance, _ = _side(side, mods, queue, values, seed, 10_000, images, per_epoch, workdir)
+    stream = batches(images, values["batch_size"], calibrate + 2, seed + 3)
+    for x in (next(stream), next(stream)):
+        advance(x)
+    t0 = time.perf_counter()
+    for x in stream:
+        advance(x)
+    per_step = (time.perf_counter() - t0) / calibrate
+    steps = max(1, int(budget / per_step))
+    torch.manual_seed(seed + 2)  # the posterior noise of the real run
+    advance, trained = _side(side, mods, queue, values, seed, steps, images, per_epoch, workdir)
+    losses, t0 = [], time.perf_counter()
+    for x in batches(images, values["batch_size"], steps, seed + 3):
+        losses.append(advance(x))
+    seconds = time.perf_counter() - t0
+    net = trained().eval()
+    with torch.no_grad():
+        metrics = evaluate(
+            net, [test[i : i + 50] for i in range(0, test.size(0), 50)], k, seed=0, progress=False
+        )
+    return {"side": side, "seed": seed, "steps": steps, "seconds": seconds, "img_per_s": steps * values["batch_size"] / seconds,
+            "train_loss_last50": statistics.fmean(losses[-50:]), "test_nll_nats": metrics["nll_nats"],
+            "test_nll_stderr": metrics["nll_nats_stderr"]}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--official", required=True)
+    p.add_argument("--budget", type=float, default=660.0, help="training seconds per run")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--calibrate", type=int, default=10)
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--images", type=int, default=1000)
+    p.add_argument("--groups", type=int, default=NETWORK["num_groups_per_scale"])
+    p.add_argument("--json")
+    a = p.parse_args(argv)
+
+    from bench.nvlabs_parity import RECIPES, _authors, _noise_queue
+
+    values = {**RECIPES["mnist"], **NETWORK, "num_groups_per_scale": a.groups}
+    mods = _authors(Path(a.official).resolve())
+    queue = _noise_queue(mods)
+    images, test = fashion_mnist(), _test_images(a.images)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in range(a.seeds):
+            for side in ("theirs", "ours"):
+                rows.append(
+                    run(mods, queue, side, seed, a.budget, a.calibrate, values, images, test, a.k, Path(tmp))
+                )
+                print(json.dumps(rows[-1]), flush=True)
+    print(
+        f"\n| code | steps | img/s | train loss, mean of the last 50 steps | test IW NLL (K={a.k}, {a.images} images) |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    for side, name in (("theirs", "authors"), ("ours", "ours")):
+        got = [r for r in rows if r["side"] == side]
+
+        def cell(key, fmt, got=got):
+            values_ = [r[key] for r in got]
+            spread = statistics.stdev(values_) if len(values_) > 1 else 0.0
+            return f"{statistics.fmean(values_):{fmt}} ± {spread:{fmt}}"
+
+        print(f"| {name} | {cell('steps', '.0f')} | {cell('img_per_s', '.1f')} | {cell('train_loss_last50', '.2f')} | "
+              f"{cell('test_nll_nats', '.2f')} nats |")  # fmt: skip
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
