@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.train_parity import NETWORK, Ours, Theirs, batches, fashion_mnist  # noqa: E402
+from bench.train_parity import NETWORK, Ours, Theirs, batches, fashion_mnist, imported_weights  # noqa: E402
 
 TEST_BINARIZE_SEED = 20200708
 
@@ -47,16 +47,11 @@ def _build(mods, values: dict, seed: int, workdir: Path):
 
     from bench.nvlabs_parity import _COMMON
     from model.network import NVAE
-    from model.nvlabs import import_nvlabs, load_nvlabs_file
 
     args = argparse.Namespace(**{**_COMMON, **values})
     torch.manual_seed(seed)
-    arch = mods["utils"].get_arch_cells(args.arch_instance)
-    theirs = mods["model"].AutoEncoder(args, None, arch)
-    path = workdir / "theirs.pt"
-    torch.save({"epoch": 0, "state_dict": theirs.state_dict(), "args": args, "global_step": 0,
-                "arch_instance": arch}, path)  # fmt: skip
-    imported = import_nvlabs(load_nvlabs_file(path), str(path), training=False)
+    theirs = mods["model"].AutoEncoder(args, None, mods["utils"].get_arch_cells(args.arch_instance))
+    imported = imported_weights(mods, theirs, args, workdir)
     torch.manual_seed(seed + 1)
     ours = NVAE(imported.config).to(memory_format=torch.channels_last)
     ours.load_state_dict(imported.state, strict=False)
@@ -64,61 +59,29 @@ def _build(mods, values: dict, seed: int, workdir: Path):
 
 
 def _as_ours(mods, their_net, args, workdir: Path):
-    """The authors' trained network as ours (their format, imported), for the shared evaluator."""
-    import torch
-
+    """The authors' trained network as ours, for the shared evaluator."""
     from model.network import NVAE
-    from model.nvlabs import import_nvlabs, load_nvlabs_file
 
-    path = workdir / "trained.pt"
-    torch.save({"epoch": 0, "state_dict": their_net.state_dict(), "args": args, "global_step": 0,
-                "arch_instance": mods["utils"].get_arch_cells(args.arch_instance)}, path)  # fmt: skip
-    imported = import_nvlabs(load_nvlabs_file(path), str(path), training=False)
+    imported = imported_weights(mods, their_net, args, workdir)
     net = NVAE(imported.config)
     net.load_state_dict(imported.state, strict=False)
     return net
 
 
 def _side(side: str, mods, queue, values, seed, steps, images, per_epoch, workdir):
-    """A trainer for `side` ("theirs" or "ours") of `steps` steps, from the seed's fresh network."""
+    """A trainer for `side` ("theirs" or "ours") of `steps` steps from the seed's fresh network, drawing its
+    own noise: (one step on a batch -> its loss, the trained network as ours)."""
+    import torch.nn.functional as F
+
     their_net, args, our_net = _build(mods, values, seed, workdir)
     if side == "theirs":
         trainer = Theirs(mods, their_net, args, steps, int(args.warmup_epochs * per_epoch))
-        pad = our_net.cfg.pad
-
-        def step(x):
-            import torch.nn.functional as F
-
-            queue.clear()  # their own noise: Normal.sample draws when the queue is empty
-            return trainer.train_py.train(
-                [(F.pad(x, (pad,) * 4), None)], trainer.net, trainer.opt, trainer.scaler, trainer.global_step,
-                trainer.warmup_iters, _quiet(), _quiet(),
-            )  # fmt: skip
-
-        def advance(x):
-            trainer.recorder.step = {}
-            _, trainer.global_step = step(x)
-            return trainer.recorder.step["loss"]
-
-        return advance, lambda: _as_ours(mods, their_net, args, workdir)
-    trainer = Ours(our_net, steps, per_epoch)  # no shared noise given: the network draws its own
-    return (lambda x: _our_step(trainer, x)), lambda: our_net
-
-
-def _our_step(trainer: Ours, x) -> float:
-    from training.train import learning_rate, training_step
-
-    lr = learning_rate(trainer.cfg, trainer.step_no, trainer.total, trainer.per_epoch)
-    result = training_step(trainer.objective, trainer.opt, trainer.scaler, iter([x]), trainer.step_no, trainer.total,
-                           lr, channels_last=True)  # fmt: skip
-    trainer.step_no += 1
-    return float(result.terms.loss)
-
-
-def _quiet():
-    from bench.train_parity import _Quiet
-
-    return _Quiet()
+        pad = (our_net.cfg.pad,) * 4
+        return (lambda x: trainer.step(F.pad(x, pad), queue)["loss"]), lambda: _as_ours(
+            mods, their_net, args, workdir
+        )
+    trainer = Ours(our_net, steps, per_epoch)
+    return (lambda x: trainer.step(x)["loss"]), lambda: our_net
 
 
 def run(mods, queue, side: str, seed: int, budget: float, calibrate: int, values, images, test, k, workdir):

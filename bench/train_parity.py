@@ -173,13 +173,15 @@ class Theirs:
         self.global_step = 0
         args.num_total_iter = total_steps
 
-    def step(self, x_padded, eps, queue) -> dict:
+    def step(self, x_padded, queue, eps=None) -> dict:
+        """One call of their train() on one batch; with `eps`, their posterior noise (else they draw it)."""
         import numpy as np
 
         self.recorder.step = {}
-        queue[:] = [e.clone() for e in eps]
-        first = self.global_step == 0
-        if first:  # their first call of spectral_norm_parallel iterates 10x; theirs start from our vectors
+        queue[:] = [e.clone() for e in eps] if eps is not None else []
+        # Their first spectral_norm_parallel iterates 10x only on vectors it draws itself; given ours, do the same.
+        first = self.global_step == 0 and bool(self.net.sr_u)
+        if first:
             self.net.num_power_iter *= 10
         _, self.global_step = self.train_py.train(
             [(x_padded, None)],
@@ -226,10 +228,11 @@ class Ours:
 
         net.forward = with_shared_noise
 
-    def step(self, x, eps) -> dict:
+    def step(self, x, eps=None) -> dict:
+        """One `training_step` on one batch; with `eps`, its posterior noise (else the network draws it)."""
         from training.train import learning_rate, training_step
 
-        self.eps = [list(eps)]
+        self.eps = [list(eps)] if eps is not None else []
         lr = learning_rate(self.cfg, self.step_no, self.total, self.per_epoch)
         result = training_step(self.objective, self.opt, self.scaler, iter([x]), self.step_no, self.total, lr,
                                channels_last=True)  # fmt: skip
@@ -289,6 +292,21 @@ def batches(images, batch: int, steps: int, seed: int):
         yield (torch.rand(x.shape, generator=g) < x).float()
 
 
+def imported_weights(mods, their_net, args, workdir: Path):
+    """Their network's weights as ours: saved in their format and imported by `model.nvlabs` (`Imported`)."""
+    import torch
+
+    from model.nvlabs import import_nvlabs, load_nvlabs_file
+
+    path = workdir / "theirs.pt"
+    torch.save({"epoch": 0, "state_dict": their_net.state_dict(), "args": args, "global_step": 0,
+                "arch_instance": mods["utils"].get_arch_cells(args.arch_instance)}, path)  # fmt: skip
+    try:
+        return import_nvlabs(load_nvlabs_file(path), str(path), training=False)
+    finally:
+        path.unlink()
+
+
 def run_pair(mods, queue, seed: int, steps: int, values: dict, workdir: Path, images) -> dict:
     """One seed on both sides in lockstep; `mods` and `queue` from `bench.nvlabs_parity` (once a process)."""
     import torch
@@ -296,18 +314,14 @@ def run_pair(mods, queue, seed: int, steps: int, values: dict, workdir: Path, im
 
     from bench.nvlabs_parity import _COMMON
     from model.network import NVAE
-    from model.nvlabs import import_nvlabs, load_nvlabs_file, weight_map
+    from model.nvlabs import weight_map
 
     args = argparse.Namespace(**{**_COMMON, **values})
     torch.manual_seed(seed)
     their_net = mods["model"].AutoEncoder(args, None, mods["utils"].get_arch_cells(args.arch_instance))
     per_epoch = 60_000 // args.batch_size
     args.num_total_iter = steps
-    path = workdir / f"theirs-{seed}.pt"
-    torch.save({"epoch": 0, "state_dict": their_net.state_dict(), "args": args, "global_step": 0,
-                "arch_instance": mods["utils"].get_arch_cells(args.arch_instance)}, path)  # fmt: skip
-    imported = import_nvlabs(load_nvlabs_file(path), str(path), training=False)
-    path.unlink()
+    imported = imported_weights(mods, their_net, args, workdir)
     torch.manual_seed(seed + 1)  # our spectral vectors' first draw
     our_net = NVAE(imported.config).to(memory_format=torch.channels_last)  # as `nvae train` on CPU
     missing = our_net.load_state_dict(imported.state, strict=False)
@@ -321,7 +335,7 @@ def run_pair(mods, queue, seed: int, steps: int, values: dict, workdir: Path, im
     for x in batches(images, args.batch_size, steps, seed + 3):
         eps = [torch.randn((x.size(0), *s), generator=noise) for s in our_net.latent_shapes()]
         t0 = time.perf_counter()
-        records["theirs"].append(theirs.step(F.pad(x, (pad,) * 4), eps, queue))
+        records["theirs"].append(theirs.step(F.pad(x, (pad,) * 4), queue, eps))
         t1 = time.perf_counter()
         records["ours"].append(ours.step(x, eps))
         records["seconds"]["theirs"] += t1 - t0

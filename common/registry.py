@@ -112,11 +112,11 @@ class Registry:
         checked = check(RegistryManifest, manifest, where, StorageError)
         if MANIFEST in checked.files or LATEST in checked.files:
             raise StorageError(f"{where}: files: {MANIFEST!r} and {LATEST!r} cannot be files of a version")
-        digests = {name: meta.sha256 for name, meta in checked.files.items()}
-        if checked.version != version or content_version(digests) != version:
+        of_files = content_version({name: meta.sha256 for name, meta in checked.files.items()})
+        if checked.version != version or of_files != version:
             raise StorageError(
                 f"{where}: version {checked.version!r} does not match its folder ({version!r}) or its files "
-                f"(content version {content_version(digests)!r}): the manifest was altered"
+                f"(content version {of_files!r}): the manifest was altered"
             )
         return manifest
 

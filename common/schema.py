@@ -178,9 +178,9 @@ def _unwrap(annotation: Any) -> Any:
             annotation = typing.get_args(annotation)[0]
         elif origin in (typing.Union, types.UnionType):
             rest = [a for a in typing.get_args(annotation) if a is not type(None)]
-            annotation = rest[0] if len(rest) == 1 else annotation
             if len(rest) != 1:
                 return annotation
+            annotation = rest[0]
         else:
             return annotation
 
@@ -228,8 +228,6 @@ def message(exc: ValidationError, model: type[Record], data: Any, source: str) -
     field = ".".join(str(p) for p in loc[:depth]) or model.NAME
     if error["type"] == "missing":
         return f"{source}: {field}: missing (expected {what or 'a value'})"
-    if error["type"] == "extra_forbidden":
-        return f"{source}: {field}: unknown field"
     expected = what or _KINDS.get(error["type"], error["msg"][0].lower() + error["msg"][1:])
     try:
         value = _value_at(data, loc[:depth])
