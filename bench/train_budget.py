@@ -4,7 +4,8 @@ Each run trains one side alone for --budget seconds from its own freshly built n
 same data law as bench/train_parity.py (Fashion-MNIST training images in a seeded order, one Bernoulli draw per
 pixel; the authors' side padded to 32x32), with its own posterior noise. The run's length in steps is set from
 that side's measured time per step (a calibration of --calibrate steps on a throw-away copy first), so that the
-KL warm-up spans 30 % of each run's own steps, as a user of either code would set it. Then both are evaluated by
+KL warm-up spans 30 % of each run's own steps, as a user of either code would set it; the budget is also a hard
+stop, so no side trains longer than --budget seconds. Then both are evaluated by
 the same estimator (`inference.evaluate.evaluate`, the authors' network imported by `model.nvlabs`): the IW
 bound with K=--k on the first --images test images, binarized once with a fixed seed, the same on both sides.
 
@@ -102,16 +103,21 @@ def run(mods, queue, side: str, seed: int, budget: float, calibrate: int, values
     steps = max(1, int(budget / per_step))
     torch.manual_seed(seed + 2)  # the posterior noise of the real run
     advance, trained = _side(side, mods, queue, values, seed, steps, images, per_epoch, workdir)
+    # The calibrated length sets the KL warm-up; the budget itself is a hard stop, so that a side whose steps
+    # slow down later never trains longer than the other.
     losses, t0 = [], time.perf_counter()
     for x in batches(images, values["batch_size"], steps, seed + 3):
         losses.append(advance(x))
+        if time.perf_counter() - t0 >= budget:
+            break
     seconds = time.perf_counter() - t0
     net = trained().eval()
     with torch.no_grad():
         metrics = evaluate(
             net, [test[i : i + 50] for i in range(0, test.size(0), 50)], k, seed=0, progress=False
         )
-    return {"side": side, "seed": seed, "steps": steps, "seconds": seconds, "img_per_s": steps * values["batch_size"] / seconds,
+    return {"side": side, "seed": seed, "steps": len(losses), "planned_steps": steps, "seconds": seconds,
+            "img_per_s": len(losses) * values["batch_size"] / seconds,
             "train_loss_last50": statistics.fmean(losses[-50:]), "test_nll_nats": metrics["nll_nats"],
             "test_nll_stderr": metrics["nll_nats_stderr"]}  # fmt: skip
 
@@ -121,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--official", required=True)
     p.add_argument("--budget", type=float, default=660.0, help="training seconds per run")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--calibrate", type=int, default=10)
+    p.add_argument("--calibrate", type=int, default=20)
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--groups", type=int, default=NETWORK["num_groups_per_scale"])
