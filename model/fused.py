@@ -30,18 +30,31 @@ class _FastELU(torch.autograd.Function):
     """ELU (alpha 1) from vectorised kernels, `max(x, 0) + (exp(min(x, 0)) - 1)`, in place of PyTorch's CPU
     `elu`, which goes through a scalar `expm1`. Positive inputs pass exactly; negative ones differ from `expm1`
     by at most ~6e-8. The gradient is ELU's, from the saved output as PyTorch's own (1 for x > 0,
-    y + 1 = exp(x) otherwise), so it keeps one tensor per call, as `F.elu` does."""
+    y + 1 = exp(x) otherwise), so it keeps one tensor per call, as `F.elu` does.
+
+    bf16 and fp16 inputs are computed in float32 and rounded once, as `F.elu` computes them: in their own
+    precision `exp(x) - 1` cancels for small |x| (bf16 gives 0 for x = -0.001, and -0.0117 for -0.01). Their
+    gradient comes from the saved input, as F.elu's does: y + 1 from a rounded y cancels near y = -1."""
 
     @staticmethod
     def forward(ctx, x):
+        if x.dtype in _LOW_PRECISION:
+            xf = x.float()
+            ctx.save_for_backward(x)
+            return (xf.clamp(min=0) + (xf.clamp(max=0).exp() - 1)).to(x.dtype)
         y = x.clamp(min=0) + (x.clamp(max=0).exp() - 1)
         ctx.save_for_backward(y)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        (y,) = ctx.saved_tensors
-        return grad * (y.clamp(max=0) + 1)
+        (saved,) = ctx.saved_tensors
+        if saved.dtype in _LOW_PRECISION:  # the input: exp(x) from the rounded y + 1 would cancel near y = -1
+            return (grad.float() * saved.float().clamp(max=0).exp()).to(grad.dtype)
+        return grad * (saved.clamp(max=0) + 1)
+
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def elu(x: torch.Tensor) -> torch.Tensor:

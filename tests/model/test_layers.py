@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -266,6 +267,38 @@ def test_the_cpu_elu_equals_pytorchs_in_value_and_gradient():
     assert torch.allclose(d_ours, d_ref, rtol=1e-6, atol=1e-7)
     x64 = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(elu, (x64,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_the_cpu_elu_matches_pytorchs_in_each_precision_and_layout(dtype, layout):
+    """Under autocast a conv hands ELU bf16 (or fp16) maps: the fast ELU must round as F.elu does, not lose the
+    small negative values to cancellation, and keep the layout."""
+    import torch.nn.functional as F
+
+    from model.fused import elu
+
+    torch.manual_seed(0)
+    base = torch.cat([torch.randn(2, 8, 6, 6) * 3, -torch.logspace(-4, 0, 576).reshape(2, 8, 6, 6)])
+    x = base.to(dtype).contiguous(memory_format=layout).requires_grad_()
+    g = torch.randn(x.shape).to(dtype)
+    ours, ref = elu(x), F.elu(x)
+    assert ours.dtype == dtype and ours.is_contiguous(memory_format=layout)
+    ulp = {torch.float32: 1e-7, torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
+    # Within one rounding of the exact value, relative, where F.elu is too (x = -1e-4 included).
+    exact = F.elu(x.detach().double())
+    assert ((ours.double() - exact).abs() <= ulp * exact.abs() + 1e-7).all()
+    assert ((ref.double() - exact).abs() <= ulp * exact.abs() + 1e-7).all()
+    (d_ours,) = torch.autograd.grad(ours, x, g)
+    (d_ref,) = torch.autograd.grad(ref, x, g)
+    torch.testing.assert_close(d_ours, d_ref, rtol=2 * ulp, atol=1e-7)
+    # The same through autocast, from a float32 conv's low-precision output (where it sits in the model).
+    if dtype is not torch.float32:
+        conv = torch.nn.Conv2d(8, 8, 3, padding=1).to(memory_format=layout)
+        with torch.autocast("cpu", dtype=dtype):
+            h = conv(base[:2].contiguous(memory_format=layout))
+            assert h.dtype == dtype
+            torch.testing.assert_close(elu(h), F.elu(h), rtol=ulp, atol=1e-7)
 
 
 def _onednn_dw_grad_weight(x, g, k, p):
