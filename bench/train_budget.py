@@ -85,22 +85,25 @@ def _side(side: str, mods, queue, values, seed, steps, images, per_epoch, workdi
     return (lambda x: trainer.step(x)["loss"]), lambda: our_net
 
 
-def run(mods, queue, side: str, seed: int, budget: float, calibrate: int, values, images, test, k, workdir):
+def run(mods, queue, side: str, seed: int, budget: float, calibrate: int, values, images, test, k, workdir,
+        fixed_steps: int | None = None):  # fmt: skip
     import torch
 
     from inference.evaluate import evaluate
 
     per_epoch = 60_000 // values["batch_size"]
-    # Calibration: time per step of this side, on a throw-away copy (its first steps include warm-up).
-    advance, _ = _side(side, mods, queue, values, seed, 10_000, images, per_epoch, workdir)
-    stream = batches(images, values["batch_size"], calibrate + 2, seed + 3)
-    for x in (next(stream), next(stream)):
-        advance(x)
-    t0 = time.perf_counter()
-    for x in stream:
-        advance(x)
-    per_step = (time.perf_counter() - t0) / calibrate
-    steps = max(1, int(budget / per_step))
+    if fixed_steps:  # a set length, no time limit
+        steps, budget = fixed_steps, float("inf")
+    else:  # calibration: time per step of this side, on a throw-away copy (its first steps include warm-up)
+        advance, _ = _side(side, mods, queue, values, seed, 10_000, images, per_epoch, workdir)
+        stream = batches(images, values["batch_size"], calibrate + 2, seed + 3)
+        for x in (next(stream), next(stream)):
+            advance(x)
+        t0 = time.perf_counter()
+        for x in stream:
+            advance(x)
+        per_step = (time.perf_counter() - t0) / calibrate
+        steps = max(1, int(budget / per_step))
     torch.manual_seed(seed + 2)  # the posterior noise of the real run
     advance, trained = _side(side, mods, queue, values, seed, steps, images, per_epoch, workdir)
     # The calibrated length sets the KL warm-up; the budget itself is a hard stop, so that a side whose steps
@@ -119,6 +122,7 @@ def run(mods, queue, side: str, seed: int, budget: float, calibrate: int, values
     return {"side": side, "seed": seed, "steps": len(losses), "planned_steps": steps, "seconds": seconds,
             "img_per_s": len(losses) * values["batch_size"] / seconds,
             "train_loss_last50": statistics.fmean(losses[-50:]), "test_nll_nats": metrics["nll_nats"],
+            "loss_per_50": [statistics.fmean(losses[i : i + 50]) for i in range(0, len(losses), 50)],
             "test_nll_stderr": metrics["nll_nats_stderr"]}  # fmt: skip
 
 
@@ -127,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--official", required=True)
     p.add_argument("--budget", type=float, default=660.0, help="training seconds per run")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--sides", nargs="+", choices=("theirs", "ours"), default=["theirs", "ours"],
+                   help="run only these sides (e.g. to repeat one run that was disturbed)")  # fmt: skip
+    p.add_argument("--seed-list", type=int, nargs="+", help="these seeds instead of 0..--seeds-1")
+    p.add_argument(
+        "--steps", type=int, help="train this many steps on each side instead of for --budget seconds"
+    )
     p.add_argument("--calibrate", type=int, default=20)
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--images", type=int, default=1000)
@@ -142,11 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     images, test = fashion_mnist(), _test_images(a.images)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in range(a.seeds):
-            for side in ("theirs", "ours"):
-                rows.append(
-                    run(mods, queue, side, seed, a.budget, a.calibrate, values, images, test, a.k, Path(tmp))
-                )
+        for seed in a.seed_list or range(a.seeds):
+            for side in a.sides:
+                setting = (a.budget, a.calibrate, values, images, test, a.k, Path(tmp), a.steps)
+                rows.append(run(mods, queue, side, seed, *setting))
                 print(json.dumps(rows[-1]), flush=True)
     print(
         f"\n| code | steps | img/s | train loss, mean of the last 50 steps | test IW NLL (K={a.k}, {a.images} images) |"
@@ -154,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|---:|---:|")
     for side, name in (("theirs", "authors"), ("ours", "ours")):
         got = [r for r in rows if r["side"] == side]
+        if not got:
+            continue
 
         def cell(key, fmt, got=got):
             values_ = [r[key] for r in got]

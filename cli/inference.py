@@ -1,5 +1,5 @@
-"""`nvae evaluate`, `readjust-bn`, `sample`, `nearest`, `plot-kl` and `export-onnx`: a few lines each over
-`inference` (and `serving.onnx_sampler` for `sample --onnx`)."""
+"""`nvae evaluate`, `readjust-bn`, `sample`, `nearest`, `plot-kl`, `export-onnx`, `fid-stats` and `fid`: a few
+lines each over `inference` (and `serving.onnx_sampler` for `sample --onnx` and `fid --onnx`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from common.argtypes import positive_int, temperature
+from common.argtypes import int_in, positive_int, temperature
 
 # Parsed options passed under their own names (the library's keyword arguments are named after the flags).
 _EVALUATE_OPTIONS = (
@@ -36,6 +36,20 @@ _SAMPLE_OPTIONS = (
     "device",
 )
 _EXPORT_OPTIONS = ("fp16", "opset", "decode", "exporter", "layout", "model_name", "max_batch_size")
+_FID_OPTIONS = (
+    "inception_sha256",
+    "checkpoint",
+    "onnx",
+    "stats",
+    "data",
+    "n",
+    "temperature",
+    "readjust_iters",
+    "readjust_batch",
+    "batch_size",
+    "seed",
+    "device",
+)
 # The metadata `nvae export-onnx` prints.
 _SHOWN_METADATA = (
     "nvae.preset",
@@ -142,6 +156,57 @@ def _export_report(result) -> list[str]:
             f"  parity vs PyTorch (onnxruntime CPU, batch 2): max |diff| = {result.max_abs_diff:.2e}"
         )
     return lines
+
+
+# ------------------------------------------------------------------------------------------ fid, fid-stats
+def cmd_fid_stats(args: argparse.Namespace) -> int:
+    from inference.checkpoints import default_device
+    from inference.fid import dataset_statistics, load_inception
+
+    net = load_inception(args.inception, args.inception_sha256, default_device(args.device))
+    ref = dataset_statistics(
+        args.data, net, out=args.out, max_images=args.max_images, batch_size=args.batch_size, seed=args.seed
+    )
+    print(f"FID statistics of {ref.describe()}: {'reused' if ref.reused else 'written'} {ref.path}")
+    return 0
+
+
+def cmd_fid(args: argparse.Namespace) -> int:
+    from inference.fid import fid_to_file
+
+    m = fid_to_file(
+        args.out, inception=args.inception, open_onnx=_open_onnx, readjust=args.readjust_bn,
+        **_options(args, _FID_OPTIONS),
+    )  # fmt: skip
+    if m["fid"] is None:
+        print(f"FID not computed (--n 0) -> {args.out}")
+        return 0
+    bn = f"BN readjusted at t={m['fid_bn_temperature']:g}" if m["fid_bn_readjusted"] else "training BN"
+    ref = m["fid_reference"]
+    print(f"FID {m['fid']:.3f} ({m['fid_samples']} samples at t={m['fid_temperature']:g}, {bn}; against "
+          f"{ref['dataset']}, {ref['images']} images; {m['fid_images_per_s']:.1f} img/s) -> {args.out}")  # fmt: skip
+    return 0
+
+
+def _inception_options(p: argparse.ArgumentParser) -> None:
+    from inference.fid import WEIGHTS_NAME, WEIGHTS_SHA256, WEIGHTS_URL
+
+    p.add_argument(
+        "--inception",
+        required=True,
+        metavar="WEIGHTS",
+        help=f"pytorch-fid's Inception weights {WEIGHTS_NAME} (from {WEIGHTS_URL}): a path, or s3://bucket/key "
+        "(endpoint and keys from AWS_* variables; kept in the cache after the first download); never "
+        "downloaded from the internet",
+    )
+    p.add_argument(
+        "--inception-sha256",
+        default=WEIGHTS_SHA256,
+        metavar="HEX",
+        help="the weights' expected SHA-256 (default: pytorch-fid's file); statistics record it, and FID "
+        "refuses statistics of other weights",
+    )
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -301,3 +366,59 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime-vs-PyTorch check")
     p.set_defaults(func=cmd_export_onnx)
+
+    p = sub.add_parser(
+        "fid-stats",
+        help="FID reference statistics of a prepared dataset (Inception pool features: mean, covariance)",
+        description="Compute the mean and covariance of the FID Inception features of a prepared dataset's "
+        "training images (and valid for celebahq256 and omniglot, as the authors do), up to --max-images "
+        "of them, not binarized. The file records the dataset's SHA-256, the weights' SHA-256 and the count; "
+        "asked again for the same, it is reused.",
+    )
+    p.add_argument("--data", required=True, help="directory written by `nvae prepare`")
+    _inception_options(p)
+    p.add_argument(
+        "--max-images",
+        type=positive_int("--max-images"),
+        default=50_000,
+        help="images to use (default 50000, the authors'); a seeded subset when the splits hold more",
+    )
+    p.add_argument("--batch-size", type=positive_int("--batch-size"), default=50)
+    p.add_argument("--seed", type=int, default=0, help="picks the subset when --max-images is smaller")
+    p.add_argument(
+        "--out",
+        help="statistics file (.npz; default: in $XDG_CACHE_HOME/nvae/fid, ~/.cache/nvae/fid)",
+    )
+    p.set_defaults(func=cmd_fid_stats)
+
+    p = sub.add_parser(
+        "fid",
+        help="FID of samples from a checkpoint or an ONNX decoder, against a dataset's statistics",
+        description="Draw --n samples at --temperature (the mean image of the pixel distribution, as the "
+        "authors' evaluate_fid does), optionally after BN readjustment at that temperature, and compute their "
+        "FID against statistics from `nvae fid-stats` (--stats) or of a prepared dataset (--data: computed "
+        "once and cached). Statistics of another dataset or of other Inception weights are refused.",
+    )
+    p.add_argument("--checkpoint")
+    p.add_argument("--onnx", help="ONNX decoder from `nvae export-onnx` (decode=mean)")
+    p.add_argument("--stats", help="statistics file from `nvae fid-stats`")
+    p.add_argument("--data", help="prepared dataset: its statistics (cached), and a check of --stats")
+    _inception_options(p)
+    p.add_argument(
+        "--n",
+        type=int_in("--n", 0),
+        default=50_000,
+        help="samples (default 50000, the authors'); 0 writes a record that FID was not computed",
+    )
+    p.add_argument("--temperature", type=temperature, default=1.0)
+    p.add_argument(
+        "--readjust-bn",
+        action="store_true",
+        help="re-estimate BN statistics at --temperature first (checkpoints only; an ONNX decoder has its own)",
+    )
+    p.add_argument("--readjust-iters", type=positive_int("--readjust-iters"), default=500)
+    p.add_argument("--readjust-batch", type=positive_int("--readjust-batch"), default=2)
+    p.add_argument("--batch-size", type=positive_int("--batch-size"), default=100, help="samples per batch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="metrics JSON (fid, samples, temperature, BN readjustment)")
+    p.set_defaults(func=cmd_fid)

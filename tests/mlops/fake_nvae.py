@@ -60,18 +60,29 @@ def main(argv: list[str]) -> int:
     elif command == "train":
         out, d = opt(argv, "--out"), digest(argv, [opt(argv, "--data")])
         write(f"{out}/checkpoint.pt", d)
-        for name in ("train_summary.json", "train_metrics.jsonl", "eval_metrics.jsonl", "samples/step-00000001.png"):
+        for name in (
+            "train_summary.json",
+            "train_metrics.jsonl",
+            "eval_metrics.jsonl",
+            "samples/step-00000001.png",
+        ):
             write(f"{out}/{name}", d)
         # DVCLive's layout: a summary of the last values, one TSV per metric, the sample grids
         loss = 1.5 + int(d[:4], 16) / 65536  # differs whenever the command line or the data do
-        summary = {"train": {"loss": loss, "nelbo_bpd": 3.9, "kl": 40.0}, "step": 1, "eval": {"active_fraction": 0.5}}
+        summary = {
+            "train": {"loss": loss, "nelbo_bpd": 3.9, "kl": 40.0},
+            "step": 1,
+            "eval": {"active_fraction": 0.5},
+        }
         write(f"{out}/dvclive/metrics.json", json.dumps(summary).encode())
         write(f"{out}/dvclive/plots/metrics/train/loss.tsv", f"step\tloss\n0\t2.0\n1\t{loss}\n".encode())
         write(f"{out}/dvclive/plots/images/samples/step-00000001.png", d)
     elif command == "evaluate":
         d = digest(argv, [opt(argv, "--checkpoint"), opt(argv, "--data")])
         metrics = {"nll_bpd": 3.5, "nelbo_bpd": 3.6, "num_images": 8, "iw_samples": 2, "kl_per_group": [1.0]}
-        write(opt(argv, "--out"), json.dumps({**metrics, "digest": d.decode()}).encode())  # what publish reads
+        write(
+            opt(argv, "--out"), json.dumps({**metrics, "digest": d.decode()}).encode()
+        )  # what publish reads
         write(opt(argv, "--kl-plot"), d)
     elif command == "readjust-bn":
         write(opt(argv, "--out"), digest(argv, [opt(argv, "--checkpoint")]))
@@ -80,6 +91,11 @@ def main(argv: list[str]) -> int:
         write_onnx(opt(argv, "--out"), digest(argv, [checkpoint]).decode(), checkpoint)
     elif command == "sample":
         write(f"{opt(argv, '--out')}/samples.npz", digest(argv, [opt(argv, "--onnx")]))
+    elif command == "fid":
+        d = digest(argv, [opt(argv, "--onnx"), opt(argv, "--data")])
+        n = int(opt(argv, "--n"))
+        metrics = {"fid": 10 + int(d[:4], 16) / 65536 if n else None, "fid_samples": n}
+        write(opt(argv, "--out"), json.dumps(metrics).encode())
     elif command == "model" and argv[1] == "publish":
         inputs = [opt(argv, f) for f in ("--onnx", "--checkpoint", "--metrics", "--data-manifest")]
         write(opt(argv, "--manifest-out"), digest(argv, inputs))

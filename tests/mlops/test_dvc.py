@@ -18,7 +18,7 @@ import yaml
 
 from .conftest import CODE, REPO, git_repo, run, tool, tool_env
 
-STAGES = ["prepare", "train", "evaluate", "readjust_bn", "export_onnx", "sample", "publish"]
+STAGES = ["prepare", "train", "evaluate", "readjust_bn", "export_onnx", "sample", "fid", "publish"]
 EDGES = {
     ("prepare", "train"),
     ("prepare", "evaluate"),
@@ -26,6 +26,8 @@ EDGES = {
     ("train", "readjust_bn"),
     ("readjust_bn", "export_onnx"),
     ("export_onnx", "sample"),
+    ("prepare", "fid"),
+    ("export_onnx", "fid"),
     ("prepare", "publish"),
     ("evaluate", "publish"),
     ("readjust_bn", "publish"),
@@ -121,9 +123,7 @@ def fake_repo(tmp_path):
     bindir = tmp_path / "bin"
     bindir.mkdir()
     fake = bindir / "nvae"
-    fake.write_text(
-        f"#!{sys.executable}\n" + (Path(__file__).parent / "fake_nvae.py").read_text()
-    )
+    fake.write_text(f"#!{sys.executable}\n" + (Path(__file__).parent / "fake_nvae.py").read_text())
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     log = tmp_path / "calls.log"
     env = tool_env(FAKE_NVAE_LOG=str(log))
@@ -154,9 +154,26 @@ def _status_stages(repo: Path, env: dict) -> set[str]:
 
 def test_repro_runs_every_stage_once_then_nothing(fake_repo):
     repo, env, log = fake_repo
-    assert _repro(repo, env, log) == "prepare train evaluate readjust-bn export-onnx sample model".split()
+    assert _repro(repo, env, log) == "prepare train evaluate readjust-bn export-onnx sample fid model".split()
     assert _repro(repo, env, log) == []
     assert _status_stages(repo, env) == set()
+
+
+def test_fid_is_off_by_default_then_runs_on_the_decoder_and_reports_a_metric(fake_repo):
+    repo, env, log = fake_repo
+    _repro(repo, env, log)
+    (call,) = [line for line in log.read_text().splitlines() if line.startswith("fid ")]
+    assert "--onnx outputs/model/decoder.onnx --data outputs/data" in call and "--n 0" in call
+    _set_param(repo, "fid.inception", "/models/pt_inception-2015-12-05-6726825d.pth")
+    _set_param(repo, "fid.n", 500)
+    assert _repro(repo, env, log) == ["fid"]
+    (call,) = [line for line in log.read_text().splitlines() if line.startswith("fid ")]
+    assert "--inception /models/pt_inception-2015-12-05-6726825d.pth --n 500 --temperature 0.7" in call
+    shown = run([tool("dvc"), "metrics", "show", "--json"], cwd=repo, env=env).stdout
+    assert '"fid"' in shown and "outputs/eval/fid.json" in shown
+    assert _repro(repo, env, log) == []
+    _set_param(repo, "sample.temperature", 0.9)  # a new decoder: new samples, a new FID
+    assert _repro(repo, env, log) == ["readjust-bn", "export-onnx", "sample", "fid", "model"]
 
 
 # (parameter, new value, stages `dvc status` reports, nvae commands `dvc repro` then runs), applied in turn;
@@ -164,8 +181,18 @@ def test_repro_runs_every_stage_once_then_nothing(fake_repo):
 CHANGES = [
     ("evaluate.iw_samples", 8, {"evaluate"}, ["evaluate", "model"]),
     ("sample.n", 4, {"sample"}, ["sample"]),
-    ("sample.temperature", 0.9, {"readjust_bn", "sample"}, ["readjust-bn", "export-onnx", "sample", "model"]),
-    ("train.steps", 7, {"train"}, ["train", "evaluate", "readjust-bn", "export-onnx", "sample", "model"]),
+    (
+        "sample.temperature",
+        0.9,
+        {"readjust_bn", "sample", "fid"},
+        ["readjust-bn", "export-onnx", "sample", "fid", "model"],
+    ),
+    (
+        "train.steps",
+        7,
+        {"train"},
+        ["train", "evaluate", "readjust-bn", "export-onnx", "sample", "fid", "model"],
+    ),
 ]
 
 

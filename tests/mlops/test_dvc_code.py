@@ -136,9 +136,10 @@ def test_a_change_in_the_network_makes_the_stages_that_run_it_stale(fake_repo): 
         "readjust_bn",
         "export_onnx",
         "sample",
+        "fid",
         "publish",
     }
-    assert _repro(repo, env, log) == "train evaluate readjust-bn export-onnx sample model".split()
+    assert _repro(repo, env, log) == "train evaluate readjust-bn export-onnx sample fid model".split()
     with (repo / "data" / "loaders.py").open("a") as fh:
         fh.write("\n# a change in a loader\n")
     assert "prepare" in _status_stages(repo, env) and "readjust_bn" not in _status_stages(repo, env)

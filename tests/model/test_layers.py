@@ -422,6 +422,40 @@ def test_two_bn_swish_conv_blocks_match_the_plain_chain():
                     torch.testing.assert_close(ba, bb, msg=name)
 
 
+def test_two_bn_swish_conv_blocks_match_the_plain_chain_in_float32_where_the_compiled_kernels_run(monkeypatch):
+    """fp64 never reaches the compiled depthwise weight-gradient kernel (float32 only); this does, in both
+    layouts, on the small-map path (4x4), oneDNN's (8x8) and the compiled kernel's (from 2**19 elements)."""
+    from model import kernels
+
+    compiled = []
+    original = kernels.dw_grad_weight
+
+    def counting(*args):
+        out = original(*args)
+        compiled.append(out is not None)
+        return out
+
+    monkeypatch.setattr(kernels, "dw_grad_weight", counting)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        for batch, c, size in ((4, 16, 4), (4, 16, 8), (8, 64, 32)):
+            fused, plain = _two_block_chains(c=c, dtype=torch.float32, weight_norm=True)
+            x = (torch.randn(batch, c, size, size) * 2 + 1).contiguous(memory_format=layout)
+            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            ya, yb = fused(xa), plain(xb)
+            assert ya.grad_fn.name() == "_TwoBNSwishConvFunctionBackward"
+            torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+            g = torch.randn_like(ya)
+            (ya * g).sum().backward()
+            (yb * g).sum().backward()
+            torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
+            # Rounding is relative to the block's gradients: log_g's (about 1e-3) come from cancelling sums of
+            # the weight's (about 20), and carry its rounding.
+            scale = max(p.grad.abs().max().item() for p in plain.parameters())
+            for (name, pa), pb in zip(fused.named_parameters(), plain.parameters(), strict=True):
+                torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-6 * scale, msg=f"{size} {name}")
+    assert any(compiled) == kernels.enabled()  # the compiled kernel ran wherever a compiler is
+
+
 def test_two_bn_swish_conv_blocks_gradcheck_and_memory():
     fused, plain = _two_block_chains(c=3)
     for bn in (fused[0], fused[2]):
