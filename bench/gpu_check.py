@@ -2,7 +2,8 @@
 
 Sections (each independent; a failure is recorded, not fatal): training steps in fp32/bf16/fp16 (GradScaler),
 each with the authors' published img/s per V100 (paper Table 6) beside it; the `gpu`-marked tests; DALI GPU
-preparation vs CPU; onnxruntime-gpu parity and ms/image.
+preparation vs CPU; onnxruntime-gpu parity and ms/image; the FID Inception network on CUDA (parity with CPU,
+images/s; needs pytorch-fid, from .whl/ where the machine lacks it).
 
     python bench/gpu_check.py --out OUTDIR [--quick]
 """
@@ -271,6 +272,30 @@ def main() -> None:
     @section(results, "onnx_gpu")
     def _onnx():
         return onnx_gpu_check(out)
+
+    @section(results, "fid_gpu")
+    def _fid():
+        """The FID Inception network (pytorch-fid's, random weights: the same cost) on CUDA against CPU, and its
+        images/s on CUDA (the part of `nvae fid` that dominates on CPU)."""
+        import torch
+
+        from inference import fid
+
+        with tempfile.TemporaryDirectory() as tmp:
+            weights = Path(tmp) / "inception.pth"
+            sha = fid.write_random_weights(weights)
+            cpu, gpu = fid.load_inception(weights, sha, "cpu"), fid.load_inception(weights, sha, "cuda")
+        x = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        ref = fid.features(cpu, x)
+        diff = float(abs(fid.features(gpu, x) - ref).max() / max(abs(ref).max(), 1e-12))
+        batch = torch.rand(100, 3, 64, 64)
+        fid.features(gpu, batch)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(5):
+            fid.features(gpu, batch)
+        torch.cuda.synchronize()
+        return {"max_rel_diff_gpu_vs_cpu": diff, "s_per_1000_images": round((time.perf_counter() - t) * 2, 2)}
 
     (out / "gpu_check.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out / 'gpu_check.json'}")

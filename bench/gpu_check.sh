@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every CUDA path of the project in one run (< 8 minutes on one H200): the CUDA libraries torch, DALI and
 # onnxruntime each load, fp32/bf16/fp16 training steps, the gpu-marked tests, DALI GPU preparation vs CPU,
-# onnxruntime-gpu parity and ms/image.
+# onnxruntime-gpu parity and ms/image, the FID Inception network on CUDA.
 # Usage, on a machine with a CUDA GPU: bash bench/gpu_check.sh OUTDIR
 #   -> OUTDIR/gpu_check.json, OUTDIR/cuda_libs.json, OUTDIR/*.log
 # Wheels the machine lacks (nvidia-dali-cuda130, onnxruntime-gpu, ...) are installed from .whl/ when it holds them.

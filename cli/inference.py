@@ -371,7 +371,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "fid-stats",
         help="FID reference statistics of a prepared dataset (Inception pool features: mean, covariance)",
         description="Compute the mean and covariance of the FID Inception features of a prepared dataset's "
-        "training images (and valid for celebahq256 and omniglot, as the authors do), up to --max-images "
+        "training images (and test images too for celebahq256 and omniglot, as the authors), up to --max-images "
         "of them, not binarized. The file records the dataset's SHA-256, the weights' SHA-256 and the count; "
         "asked again for the same, it is reused.",
     )

@@ -38,9 +38,10 @@ DIMS = 2048  # the final average pool: the features FID is defined on
 STATS_FORMAT = "nvae-fid-statistics"
 STATS_VERSION = 1
 DEFAULT_MAX_IMAGES = 50_000  # the authors' reference set and sample count
-# The authors' reference statistics use the training split, plus the validation split for these (their
-# scripts/precompute_fid_statistics.py).
-WITH_VALID = frozenset({"celebahq256", "omniglot"})
+# The authors' reference statistics use the training split, and for these also their validation loader's
+# images (scripts/precompute_fid_statistics.py chains the two): CelebA HQ's 3k held out and OMNIGLOT's test
+# data, our `test` split of both.
+WITH_HELD_OUT = frozenset({"celebahq256", "omniglot"})
 
 
 def cache_dir() -> Path:
@@ -94,7 +95,7 @@ def fetch_weights(weights: str | Path, sha256: str = WEIGHTS_SHA256) -> Path:
     else:
         path = Path(weights)
         if not path.is_file():
-            raise _missing_weights(str(weights))
+            raise _missing_weights(str(weights) or "--inception (empty)")
     actual = file_sha256(path)
     if actual != sha256:
         hint = (
@@ -224,10 +225,10 @@ class Reference:
 
 
 def reference_splits(manifest: dict) -> list[str]:
-    """The splits the authors' reference statistics use: train, and valid too for celebahq256 and omniglot."""
+    """The splits the authors' reference statistics use: train, and test too for celebahq256 and omniglot."""
     splits = ["train"] if "train" in manifest["splits"] else []
-    if manifest["dataset"] in WITH_VALID and "valid" in manifest["splits"]:
-        splits.append("valid")
+    if manifest["dataset"] in WITH_HELD_OUT and "test" in manifest["splits"]:
+        splits.append("test")
     if not splits:
         raise DataError(
             f"prepared {manifest['dataset']} has no train split ({', '.join(manifest['splits'])})"
@@ -323,10 +324,13 @@ def dataset_statistics(
     """Reference statistics of prepared `data` (`reference_splits`, up to `max_images` images, not binarized:
     the authors compute FID on the gray values) at `out`, default `cache_dir()/<dataset>-<hashes>.npz`.
     A file there for the same dataset, network and count is reused, not recomputed."""
+    from common.files import check_writable
     from data.loaders import read_manifest
 
     manifest = read_manifest(data)
     meta = reference_meta(manifest, inception.sha256, max_images)
+    if meta["images"] < sum(int(manifest["splits"][s]["count"]) for s in meta["splits"]):
+        meta["subset_seed"] = seed  # a subset: which one is part of what the statistics are
     path = Path(out) if out else cache_dir() / _stats_name(meta)
     if path.is_file():
         try:
@@ -336,6 +340,7 @@ def dataset_statistics(
         if found is not None and found.meta == meta:
             found.reused = True
             return found
+    check_writable(path)  # before the work, not after it
     max_value = 2 ** int(manifest["bits"]) - 1
 
     def batches():
@@ -388,6 +393,8 @@ class Samples:
     image_shape: tuple[int, ...]
     source: str  # "checkpoint" or "onnx"
     bn: dict[str, Any] = field(default_factory=dict)  # bn_readjusted, bn_temperature
+    # Work before the first draw (BN readjustment), after the checks.
+    prepare: Callable[[], None] = lambda: None
 
 
 def checkpoint_samples(
@@ -410,7 +417,6 @@ def checkpoint_samples(
     model, payload = load_for_inference(checkpoint, default_device(device))
     done = payload.get("bn_readjust") or {}
     if readjust:
-        readjust_bn(model, temperature, readjust_iters, readjust_batch, seed)
         bn = {"bn_readjusted": True, "bn_temperature": temperature}
     elif done.get("temperature") is not None:
         bn = {"bn_readjusted": True, "bn_temperature": float(done["temperature"])}
@@ -422,9 +428,13 @@ def checkpoint_samples(
     def draw(n: int, s: int) -> torch.Tensor:
         return sample_images(model, n, temperature, s, decode="mean", batch_size=n)
 
+    def prepare() -> None:
+        if readjust:
+            readjust_bn(model, temperature, readjust_iters, readjust_batch, seed)
+
     cfg = model.cfg
     shape = (cfg.in_channels, cfg.data_size, cfg.data_size)
-    return Samples(draw, cfg.dataset, shape, "checkpoint", bn)
+    return Samples(draw, cfg.dataset, shape, "checkpoint", bn, prepare)
 
 
 def onnx_samples(sampler, temperature: float, *, readjust: bool = False) -> Samples:
@@ -463,6 +473,7 @@ def sample_fid(
                     inception_sha256=inception.sha256, data_meta=data_meta)  # fmt: skip
     if n < 2:
         raise ConfigError(f"--n {n}: FID needs at least 2 samples")
+    samples.prepare()
     t0 = time.perf_counter()
     sizes = [min(batch_size, n - i) for i in range(0, n, batch_size)]
 
@@ -543,6 +554,13 @@ def fid_to_file(
     else:
         source = checkpoint_samples(checkpoint, temperature, readjust=readjust, readjust_iters=readjust_iters,
                                     readjust_batch=readjust_batch, device=device, seed=seed)  # fmt: skip
+    if data is not None:  # before hours of statistics of the wrong images
+        h, w, c = data_meta["shape"]
+        if data_meta["dataset"] != source.dataset or (c, h, w) != tuple(source.image_shape):
+            raise ConfigError(
+                f"{data} holds {data_meta['dataset']!r} {(c, h, w)} images, but the model makes "
+                f"{source.dataset!r} {tuple(source.image_shape)}"
+            )
     if stats:
         reference = read_reference(stats)
     else:

@@ -188,6 +188,14 @@ def test_cli_fid_of_a_checkpoint_writes_metrics(tmp_path, fmnist64, weights, ref
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "statistics of 'mnist'" in err and len(err.splitlines()) == 1
     assert not out.exists()
+    # Prepared data of another shape is refused before its statistics are computed.
+    small = tmp_path / "small.pt"
+    save_checkpoint(small, NVAE(make_tiny()))  # fashion-mnist at 12x12
+    with mock.patch.object(fid, "dataset_statistics", side_effect=AssertionError("computed")):
+        rc = main(["fid", "--checkpoint", str(small), "--data", str(fmnist64), *common, "--n", "4",
+                   "--readjust-bn", "--out", str(out)])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "(1, 28, 28) images, but the model makes 'fashion-mnist' (1, 12, 12)" in err
 
 
 def test_cli_missing_weights_is_one_line(tmp_path, fmnist64, capsys):
