@@ -29,6 +29,7 @@ from common.errors import DataError
 from common.files import atomic_path, file_sha256
 from common.progress import progress as progress_bar
 from data.dali_ops import ArrayPipeline, ImagePipeline, resolve_device
+from data.more_sources import read_lsun_source, read_omniglot_source, read_stacked_mnist_source
 from data.recipes import Recipe, get_recipe
 from data.remote import fetch_source, is_s3_uri
 from data.sources import (
@@ -116,7 +117,9 @@ def prepare(
         return manifest
     if max_pixels < 1 or max_file_mb < 1:
         raise DataError(f"max_pixels={max_pixels} and max_file_mb={max_file_mb} must be >= 1")
-    src = _read_source(recipe, source, limit, max_file_mb << 20, source_format)  # checked before writing
+    src = _read_source(
+        recipe, source, limit, max_file_mb << 20, source_format, side, max_pixels
+    )  # checked first
     total = sum(_split_count(src, s) for s in src.splits)
     _check_free_space(out.parent, total * side * side * recipe.channels)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -183,6 +186,10 @@ def _stored_size(recipe: Recipe, size: int | None) -> int:
     if recipe.size is None:
         if size is None:
             raise DataError(f"dataset {recipe.name!r} needs a size (--size N, the stored side in pixels)")
+        if recipe.sizes and size not in recipe.sizes:
+            raise DataError(
+                f"size={size} is not a size of {recipe.name!r}; choose one of: {', '.join(map(str, recipe.sizes))}"
+            )
         if not 4 <= size <= 4096:
             raise DataError(f"size={size} is out of range; choose 4..4096")
         return size
@@ -197,7 +204,10 @@ def check_source(dataset: str, source: str | Path, source_format: str = "auto") 
     """Raise DataError unless `source` reads as `dataset`'s raw data (its first image of each split)."""
     recipe = get_recipe(dataset)
     _check_format(recipe, source_format)
-    _read_source(recipe, source, 1, source_format=source_format)
+    # The side only shapes the decoded images, read later; a check reads no image data.
+    _read_source(
+        recipe, source, 1, source_format=source_format, size=recipe.size or min(recipe.sizes, default=32)
+    )
 
 
 def _check_format(recipe: Recipe, source_format: str) -> None:
@@ -230,13 +240,21 @@ def _read_source(
     limit: int | None,
     max_bytes: int = DEFAULT_MAX_FILE_MB << 20,
     source_format: str = "auto",
+    size: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> ArraySource | ImageSource:
     if recipe.source_kind == "idx":
         return read_idx_source(source, limit, max_bytes)
     if recipe.source_kind == "cifar10":
         return read_cifar10_source(source, limit)
-    if recipe.source_kind == "imagenet32":
-        return read_imagenet32_source(source, limit, source_format)
+    if recipe.source_kind in ("imagenet32", "imagenet64"):
+        return read_imagenet32_source(source, limit, source_format, side=recipe.size or 32)
+    if recipe.source_kind == "stacked-idx":
+        return read_stacked_mnist_source(source, limit, max_bytes)
+    if recipe.source_kind == "omniglot":
+        return read_omniglot_source(source, limit, max_bytes)
+    if recipe.source_kind == "lsun":
+        return read_lsun_source(source, recipe.name, size, limit, max_bytes, max_pixels)
     return read_image_source(source, recipe, limit)
 
 
@@ -415,6 +433,8 @@ def _manifest(
     }
     if isinstance(src, ArraySource) and src.format:
         source["format"] = src.format
+    if isinstance(src, ArraySource):
+        source.update(src.params)
     if len(files) <= INLINE_SOURCE_LIMIT:
         source["files"] = [{"path": f.path, "bytes": f.bytes, "sha256": f.sha256} for f in files]
     return {

@@ -12,7 +12,9 @@ from typing import Any, Literal
 
 from common.errors import DataError
 
-SourceKind = Literal["idx", "cifar10", "imagenet32", "images"]
+SourceKind = Literal[
+    "idx", "stacked-idx", "omniglot", "cifar10", "imagenet32", "imagenet64", "lsun", "images"
+]
 SplitRule = Literal["files", "partition", "fraction", "subdirs"]
 
 # CelebA "aligned" images are 178x218 (W x H). NVAE and Glow crop the box (left=15, top=40, right=163,
@@ -33,7 +35,8 @@ class Recipe:
 
     `size` is the stored side (H = W); None means it comes from the caller (`--size`). `crop_rel` is a
     (top, left, height, width) box relative to the decoded image, applied before resizing. `formats`: the
-    source formats of a dataset offered in several (`--format`), the authors' first.
+    source formats of a dataset offered in several (`--format`), the authors' first. `sizes`: for a dataset
+    whose side comes from the caller, the sides allowed (empty: any).
     """
 
     name: str
@@ -48,11 +51,13 @@ class Recipe:
     description: str = ""
     eval_split: str = "test"  # the split the authors report on (`nvae evaluate` default)
     formats: tuple[str, ...] = ()
+    sizes: tuple[int, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["crop_rel"] = list(self.crop_rel) if self.crop_rel else None
         d["formats"] = list(self.formats)
+        d["sizes"] = list(self.sizes)
         return d
 
 
@@ -82,6 +87,29 @@ RECIPES: dict[str, Recipe] = {
             description="idx files as for MNIST; 60k/10k, kept 8-bit grayscale",
         ),
         Recipe(
+            "stacked-mnist",
+            "stacked-idx",
+            28,
+            3,
+            8,
+            flip=False,
+            binarize=False,  # the authors' stacked-MNIST transforms: pad and scale, no binarization
+            split_rule="files",
+            description="MNIST's idx files, three digits per image as its R, G and B channels (seeded "
+            "permutations, the authors' rule); 120k/20k, kept 8-bit",
+        ),
+        Recipe(
+            "omniglot",
+            "omniglot",
+            28,
+            1,
+            8,
+            flip=False,
+            binarize=True,
+            split_rule="files",
+            description="Burda et al.'s chardata.mat ('data' and 'testdata'); 24,345/8,070, binarized when used",
+        ),
+        Recipe(
             "cifar10",
             "cifar10",
             32,
@@ -105,6 +133,40 @@ RECIPES: dict[str, Recipe] = {
             "*-r05-s-*-of-*.tfrecords), or --format npz for Chrabaszcz et al.'s train_data_batch_*.npz and "
             "val_data.npz; 1.28M/50k",
             formats=("tfrecord", "npz"),
+        ),
+        Recipe(
+            "imagenet64",
+            "imagenet64",
+            64,
+            3,
+            8,
+            flip=True,
+            binarize=False,
+            split_rule="files",
+            description="the authors' Glow TFRecords (imagenet-oord-tfr.tar: train/, validation/ "
+            "*-r06-s-*-of-*.tfrecords), or --format npz for Chrabaszcz et al.'s 64x64 train_data_batch_*.npz and "
+            "val_data.npz; 1.28M/50k",
+            formats=("tfrecord", "npz"),
+        ),
+        *(
+            Recipe(
+                name,
+                "lsun",
+                None,
+                3,
+                8,
+                flip=True,
+                binarize=False,
+                split_rule="files",
+                description=f"LSUN's {category}_train_lmdb and {category}_val_lmdb (val as test), resized "
+                "(shorter side) and centre-cropped to --size 64, 128 or 256",
+                sizes=(64, 128, 256),
+            )
+            for name, category in (
+                ("lsun-bedroom", "bedroom"),
+                ("lsun-church", "church_outdoor"),
+                ("lsun-tower", "tower"),
+            )
         ),
         Recipe(
             "celeba64",

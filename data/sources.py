@@ -62,12 +62,14 @@ class ArrayChunk:
 
 @dataclass
 class ArraySource:
-    """An already-decoded source: per split, the chunks in order, plus the files they came from and, for a
-    dataset offered in several formats, the one read."""
+    """An already-decoded source: per split, the chunks in order, plus the files they came from, for a
+    dataset offered in several formats the one read, and what else the manifest should record of how the
+    images were made (`params`)."""
 
     splits: dict[str, list[ArrayChunk]]
     files: list[SourceFile] = field(default_factory=list)
     format: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -325,42 +327,47 @@ def _load_npz_images(path: Path, side: int = 32) -> np.ndarray:
     return np.ascontiguousarray(data.reshape(-1, 3, side, side).transpose(0, 2, 3, 1))
 
 
-def read_imagenet32_source(source: str | Path, limit: int | None, source_format: str = "auto") -> ArraySource:
-    """Downsampled ImageNet 32x32 from a directory, in one of two formats (`source_format`):
+def read_imagenet32_source(
+    source: str | Path, limit: int | None, source_format: str = "auto", side: int = 32
+) -> ArraySource:
+    """Downsampled ImageNet 32x32 (or 64x64, `side`) from a directory, in one of two formats (`source_format`):
 
     - 'tfrecord', the authors': van den Oord et al.'s images as Glow's TFRecords (imagenet-oord-tfr.tar),
-      train/train-r05-s-<k>-of-2000.tfrecords and validation/validation-r05-s-<k>-of-0080.tfrecords;
+      train/train-r05-s-<k>-of-2000.tfrecords and validation/validation-r05-s-<k>-of-0080.tfrecords (r06 at 64);
     - 'npz': Chrabaszcz et al.'s batches train_data_batch_<k>.npz and val_data.npz (downsampled otherwise);
     - 'auto': whichever of the two the directory holds.
     """
     root = source_root(source)
     if not root.is_dir():
-        raise DataError(f"{root}: expected a directory holding ImageNet 32 TFRecords or npz batches")
+        raise DataError(f"{root}: expected a directory holding ImageNet {side} TFRecords or npz batches")
     if source_format == "auto":
-        source_format = _imagenet32_format(root)
+        source_format = _imagenet32_format(root, side)
     if source_format == "tfrecord":
-        return read_imagenet32_tfrecords(root, limit)
+        return read_imagenet32_tfrecords(root, limit, side)
     if source_format == "npz":
-        return read_imagenet32_npz(root, limit)
-    raise DataError(f"unknown ImageNet 32 format {source_format!r}; choose one of: auto, tfrecord, npz")
+        return read_imagenet32_npz(root, limit, side)
+    raise DataError(f"unknown ImageNet {side} format {source_format!r}; choose one of: auto, tfrecord, npz")
 
 
-def _imagenet32_format(root: Path) -> str:
-    tfrecord = has_glow_shards(root, 32)
+def _imagenet32_format(root: Path, side: int = 32) -> str:
+    tfrecord = has_glow_shards(root, side)
     npz = any(_NPZ_TRAIN.fullmatch(p.name) for p in root.iterdir())
     if tfrecord and npz:
-        raise DataError(f"{root}: holds both TFRecords and npz batches of ImageNet 32; choose with --format")
-    if not (tfrecord or npz):
         raise DataError(
-            f"{root}: no ImageNet 32 found: expected Glow's TFRecords (train/train-r05-s-*-of-*.tfrecords and "
-            "validation/validation-r05-s-*-of-*.tfrecords, from imagenet-oord-tfr.tar; the authors' data) or "
+            f"{root}: holds both TFRecords and npz batches of ImageNet {side}; choose with --format"
+        )
+    if not (tfrecord or npz):
+        res = f"r{side.bit_length() - 1:02d}"
+        raise DataError(
+            f"{root}: no ImageNet {side} found: expected Glow's TFRecords (train/train-{res}-s-*-of-*.tfrecords and "
+            f"validation/validation-{res}-s-*-of-*.tfrecords, from imagenet-oord-tfr.tar; the authors' data) or "
             "Chrabaszcz et al.'s npz batches (train_data_batch_*.npz and val_data.npz)"
         )
     return "tfrecord" if tfrecord else "npz"
 
 
-def read_imagenet32_npz(root: Path, limit: int | None) -> ArraySource:
-    """Chrabaszcz et al.'s ImageNet 32x32: train_data_batch_<k>.npz (k = 1..10) and val_data.npz."""
+def read_imagenet32_npz(root: Path, limit: int | None, side: int = 32) -> ArraySource:
+    """Chrabaszcz et al.'s ImageNet 32x32 (or 64x64): train_data_batch_<k>.npz (k = 1..10) and val_data.npz."""
 
     def batch_key(p: Path) -> int:
         return int(re.findall(r"\d+", p.stem)[-1])
@@ -377,13 +384,13 @@ def read_imagenet32_npz(root: Path, limit: int | None) -> ArraySource:
         chunks, remaining = [], limit
         for p in paths:
             p = inside(root, p)
-            count = _npz_data_count(p)
+            count = _npz_data_count(p, side)
             files.append(describe_file(root, p))
             if remaining is not None:
                 count = min(count, remaining)
                 remaining -= count
             if count:
-                chunks.append(ArrayChunk(count, lambda p=p, c=count: _load_npz_images(p)[:c], p.name))
+                chunks.append(ArrayChunk(count, lambda p=p, c=count: _load_npz_images(p, side)[:c], p.name))
         splits[split] = chunks
     return ArraySource(splits, files, format="npz")
 

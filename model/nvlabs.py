@@ -63,8 +63,9 @@ RES_MBCONV = {
     "ar_nn": [""],
 }
 
-# The authors' dataset name -> (our dataset name, image channels, stored side, network side). Their MNIST and
-# OMNIGLOT loaders pad 28x28 images to 32x32 and crop the likelihood back; every other set is square RGB.
+# The authors' dataset name -> (our dataset name, image channels, stored side, network side). Their MNIST,
+# OMNIGLOT and stacked-MNIST loaders pad 28x28 images to 32x32 and crop the likelihood back; every other set
+# is square RGB.
 DATASETS: dict[str, tuple[str, int, int, int]] = {
     "mnist": ("mnist", 1, 28, 32),
     "omniglot": ("omniglot", 1, 28, 32),
@@ -74,10 +75,11 @@ DATASETS: dict[str, tuple[str, int, int, int]] = {
     "imagenet_32": ("imagenet32", 3, 32, 32),
     "imagenet_64": ("imagenet64", 3, 64, 64),
     "ffhq": ("ffhq256", 3, 256, 256),
-    "lsun_bedroom_128": ("lsun_bedroom_128", 3, 128, 128),
-    "lsun_bedroom_256": ("lsun_bedroom_256", 3, 256, 256),
-    "lsun_church_64": ("lsun_church_64", 3, 64, 64),
-    "lsun_church_128": ("lsun_church_128", 3, 128, 128),
+    "stacked_mnist": ("stacked-mnist", 3, 28, 32),
+    "lsun_bedroom_128": ("lsun-bedroom", 3, 128, 128),
+    "lsun_bedroom_256": ("lsun-bedroom", 3, 256, 256),
+    "lsun_church_64": ("lsun-church", 3, 64, 64),
+    "lsun_church_128": ("lsun-church", 3, 128, 128),
 }
 BINARY = {"mnist", "omniglot"}  # Bernoulli likelihood on dynamically binarized images
 
@@ -222,7 +224,11 @@ def config_from_args(args: argparse.Namespace, arch_instance: Any = None) -> NVA
         ("dataset", "image_size", image_size),
         ("dataset", "binarize", dataset in BINARY),
         ("dataset", "likelihood", "bernoulli" if dataset in BINARY else "dmol"),
-        ("dataset", "flip", dataset not in BINARY),
+        (
+            "dataset",
+            "flip",
+            dataset not in BINARY | {"stacked_mnist"},
+        ),  # their stacked-MNIST loader never flips
         ("dataset", "dmol_edge", "released"),
     ]
     values += [(flag, field, _flag(args, flag)) for flag, field in ARGS_TO_CONFIG.items()]

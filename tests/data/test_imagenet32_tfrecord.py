@@ -7,13 +7,13 @@ from __future__ import annotations
 import argparse
 import gc
 import io
-import struct
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from glow_records import bytes_feature, example, glow_example, int64_feature, record
 
 import cli.data
 import cli.main
@@ -21,64 +21,9 @@ from common.errors import DataError
 from data.loaders import epoch_plan, load_split, make_loader, read_manifest
 from data.prepare import check_source, prepare
 from data.recipes import get_recipe
-from data.tfrecord import crc32c, masked_crc32c
+from data.tfrecord import crc32c
 
 TRAIN_SHARDS, TEST_SHARDS = (5, 4, 6), (3, 4)  # images per shard
-
-# ------------------------------------------------------------------------------- writing the format
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        out.append(low | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field (wire type 2)."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _int64_feature(values: list[int]) -> bytes:  # Feature.int64_list (3) -> Int64List.value (1), packed
-    return _field(3, _field(1, b"".join(_varint(v & (2**64 - 1)) for v in values)))
-
-
-def _bytes_feature(value: bytes) -> bytes:  # Feature.bytes_list (1) -> BytesList.value (1)
-    return _field(1, _field(1, value))
-
-
-def example(features: dict[str, bytes]) -> bytes:
-    """A serialized tf.train.Example: Example.features (1) -> Features.feature (1), map<string, Feature>."""
-    entries = b"".join(
-        _field(1, _field(1, key.encode()) + _field(2, value)) for key, value in features.items()
-    )
-    return _field(1, entries)
-
-
-def glow_example(image: np.ndarray, label: int = 0, shape: list[int] | None = None) -> bytes:
-    """One record as Glow's generate_tfr writes it: 'shape' [H, W, C], raw HWC uint8 'data', 'label'."""
-    shape = list(image.shape) if shape is None else shape
-    return example(
-        {
-            "shape": _int64_feature(shape),
-            "data": _bytes_feature(image.tobytes()),
-            "label": _int64_feature([label]),
-        }
-    )
-
-
-def record(payload: bytes) -> bytes:
-    """One TFRecord: uint64 length, masked CRC-32C of it, payload, masked CRC-32C of the payload."""
-    length = struct.pack("<Q", len(payload))
-    return (
-        length
-        + struct.pack("<I", masked_crc32c(length))
-        + payload
-        + struct.pack("<I", masked_crc32c(payload))
-    )
 
 
 def shard_path(root: Path, folder: str, k: int, total: int, res_log2: int = 5) -> Path:
@@ -249,9 +194,9 @@ def test_a_corrupt_shard_is_named(glow, tmp_path: Path, own_tempdir: Path, damag
     elif damage == "not-protobuf":
         path.write_bytes(raw[:size] + record(b"\xff\xfe not a protobuf message") + raw[size:])
     elif damage == "no-shape":
-        path.write_bytes(raw[:size] + record(example({"data": _bytes_feature(image.tobytes())})) + raw[size:])
+        path.write_bytes(raw[:size] + record(example({"data": bytes_feature(image.tobytes())})) + raw[size:])
     elif damage == "no-data":
-        path.write_bytes(raw[:size] + record(example({"shape": _int64_feature([32, 32, 3])})) + raw[size:])
+        path.write_bytes(raw[:size] + record(example({"shape": int64_feature([32, 32, 3])})) + raw[size:])
     else:
         path.unlink()
     with pytest.raises(DataError, match=message):

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model.fused import _DepthwiseConv
@@ -102,6 +103,43 @@ def test_skip_paths_shapes_and_offsets():
     assert [c.out_channels for c in DownSkip(6, 10).convs] == [2, 2, 2, 4]
     up = UpSkip(8)
     assert up(x).shape == (2, 4, 12, 12) and up.conv.bias is None
+
+
+@pytest.mark.parametrize("side", [6, 32])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_down_skip_is_the_four_stride_2_convs(side: int, channels_last: bool) -> None:
+    """Subsampled stride-1 convs compute the factorized reduce: the same outputs and gradients, to float32
+    rounding, as 1x1 stride-2 convs on the shifted maps."""
+    torch.manual_seed(0)
+    down = DownSkip(24, 32)
+    x = torch.randn(3, 24, side, side)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    y = down(x)
+    y.square().sum().backward()
+    grads = [x.grad, *(p.grad for p in down.parameters())]
+    x_ref = x.detach().clone().requires_grad_()
+    a = F.silu(x_ref)
+    shifted = (a, a[:, :, 1:, 1:], a[:, :, :, 1:], a[:, :, 1:, :])
+    weights = [(c.effective_weight(), c.bias) for c in down.convs]
+    for c in down.convs:
+        c.zero_grad()
+    ref = torch.cat([F.conv2d(s, w, b, stride=2) for s, (w, b) in zip(shifted, weights, strict=True)], 1)
+    ref.square().sum().backward()
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads, [x_ref.grad, *(p.grad for p in down.parameters())], strict=True):
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()  # relative to the gradient's scale
+
+
+def test_down_skip_trains_on_few_channels_at_64_pixels_channels_last() -> None:
+    """Eight channels at 64x64, channels-last: oneDNN's AVX-512 stride-2 1x1 weight gradient corrupts the heap
+    there (a crash of the whole process); the subsampled convs do not reach that kernel."""
+    down = DownSkip(8, 8)
+    x = torch.randn(2, 8, 64, 64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    for _ in range(3):
+        down(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
 def test_squeeze_excite_hidden_width_and_gating():
