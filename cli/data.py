@@ -34,8 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--source",
         required=True,
         metavar="PATH",
-        help="raw data: a directory (idx files, CIFAR batches, ImageNet 32 TFRecords or npz batches, images), "
-        "the CIFAR .tar.gz, or "
+        help="raw data: a directory (idx files, CIFAR batches, ImageNet TFRecords or npz batches, LSUN LMDBs, "
+        "images), the CIFAR .tar.gz, OMNIGLOT's chardata.mat, or "
         "s3://bucket/prefix (endpoint and keys from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)",
     )
     p.add_argument(
@@ -60,7 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="stored side in pixels; required for image-folder, fixed by the recipe otherwise",
+        help="stored side in pixels; required for image-folder (any) and LSUN (64, 128 or 256), fixed by the "
+        "recipe otherwise",
     )
     p.add_argument(
         "--limit",
