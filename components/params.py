@@ -115,6 +115,21 @@ class PipelineParams:
     )
     readjust_iters: int = _param(500, "Batches of prior samples for BN readjustment (>= 1).", low=1)
     num_samples: int = _param(64, "Images in the sample grid (>= 1).", low=1)
+    fid_samples: int = _param(
+        0,
+        "Samples for FID (pytorch-fid's Inception network) from the BN-readjusted model at `temperature`, "
+        "against the prepared training set's statistics (one cached step per dataset); 0: no FID steps "
+        "(>= 0; 50000 for reported numbers).",
+        low=0,
+    )
+    fid_inception: str = _param(
+        "",
+        "pytorch-fid's Inception weights (pt_inception-2015-12-05-6726825d.pth, checked by its SHA-256): "
+        "s3://bucket/key, or a path on a mounted volume; needed when fid_samples > 0.",
+    )
+    fid_inception_sha256: str = _param(
+        "", "SHA-256 of other Inception weights in fid_inception, 64 hex digits; empty: pytorch-fid's file."
+    )
     import_checkpoint: str = _param(
         "",
         "An authors' NVAE checkpoint (NVlabs/NVAE train.py, such as their released models): s3://bucket/key, "
@@ -230,11 +245,28 @@ def validate_pipeline_args(**values: Any) -> None:
         raise ConfigError(
             f"nodes={nodes} needs a checkpoint_store: the TrainJob's nodes share data and checkpoints through it"
         )
-    source = v["import_checkpoint"]
-    if source and not source.startswith(("s3://", "/")):
+    _check_object(v, "import_checkpoint")
+    _check_object(v, "fid_inception")
+    digest = v["fid_inception_sha256"]
+    if digest and (len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower())):
+        raise ConfigError(f"fid_inception_sha256={digest!r}: expected 64 hex digits, or empty")
+    if v["fid_samples"] > 0 and not v["fid_inception"]:
+        from inference.fid import WEIGHTS_URL
+
         raise ConfigError(
-            f"import_checkpoint={source!r}: expected s3://bucket/key, an absolute path, or empty"
+            f"fid_samples={v['fid_samples']} needs fid_inception: pytorch-fid's Inception weights as "
+            f"s3://bucket/key or a path (download {WEIGHTS_URL} once and upload it to the store)"
         )
+    cfg = build_config(v["preset"], None, parse_set_args(split_overrides(v["overrides"])[1::2]))
+    if v["dataset"] != "image-folder" and cfg.dataset != v["dataset"]:
+        raise ConfigError(f"preset {v['preset']!r} is for dataset {cfg.dataset!r}, not {v['dataset']!r}")
+
+
+def _check_object(v: dict[str, Any], name: str) -> None:
+    """Parameter `name` is empty, an absolute path, or s3://bucket/key naming one object; ConfigError if not."""
+    source = v[name]
+    if source and not source.startswith(("s3://", "/")):
+        raise ConfigError(f"{name}={source!r}: expected s3://bucket/key, an absolute path, or empty")
     if source.startswith("s3://"):
         from common.errors import StorageError
         from common.s3 import parse_s3_uri
@@ -242,9 +274,6 @@ def validate_pipeline_args(**values: Any) -> None:
         try:
             key = parse_s3_uri(source)[1]
         except StorageError as exc:
-            raise ConfigError(f"import_checkpoint: {exc}") from None
+            raise ConfigError(f"{name}: {exc}") from None
         if not key or source.endswith("/"):
-            raise ConfigError(f"import_checkpoint={source!r} names no object; expected s3://bucket/key")
-    cfg = build_config(v["preset"], None, parse_set_args(split_overrides(v["overrides"])[1::2]))
-    if v["dataset"] != "image-folder" and cfg.dataset != v["dataset"]:
-        raise ConfigError(f"preset {v['preset']!r} is for dataset {cfg.dataset!r}, not {v['dataset']!r}")
+            raise ConfigError(f"{name}={source!r} names no object; expected s3://bucket/key")

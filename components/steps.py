@@ -38,6 +38,9 @@ def validate_params(
     temperature: float,
     readjust_iters: int,
     num_samples: int,
+    fid_samples: int,
+    fid_inception: str,
+    fid_inception_sha256: str,
     import_checkpoint: str,
     cpu_image: str,
     gpu_image: str,
@@ -294,6 +297,60 @@ def sample(
     write_text(grid.path, page)
 
 
+def fid_stats(
+    data: Input[Dataset],
+    inception: str,
+    inception_sha256: str,
+    gpus: str,
+    accelerator: str,
+    stats: Output[Artifact],
+):
+    """FID reference statistics of the prepared training set (pytorch-fid's Inception features; the authors'
+    splits, up to 50,000 images). Its inputs are the prepared data and the weights: KFP's cache keeps one per
+    dataset, and the statistics record both SHA-256s, so FID refuses any other pairing. `gpus` (the plan's
+    count, a string) and `accelerator` are also the pod's resources."""
+    from components.runtime import run_cli
+
+    print(f"FID statistics on {f'{gpus} x {accelerator}' if int(gpus) else 'the CPU'}")
+    argv = ["fid-stats", "--data", data.path, "--inception", inception, "--out", stats.path]
+    argv += ["--inception-sha256", inception_sha256] if inception_sha256 else []
+    run_cli(argv + ["--device", "cuda" if int(gpus) else "cpu"])  # the plan's count, a string
+
+
+def fid(
+    model: Input[Model],
+    stats: Input[Artifact],
+    data: Input[Dataset],
+    inception: str,
+    inception_sha256: str,
+    num_samples: int,
+    temperature: float,
+    seed: int,
+    gpus: str,
+    accelerator: str,
+    metrics: Output[Metrics],
+    results: Output[Artifact],
+):
+    """FID of `num_samples` mean images from the BN-readjusted model at `temperature` (as the authors'
+    evaluate_fid) against the training set's statistics: metrics, and results/fid.json with the settings."""
+    import os
+
+    from components.runtime import numeric_items, read_json, run_cli
+
+    print(f"FID on {f'{gpus} x {accelerator}' if int(gpus) else 'the CPU'}")
+    os.makedirs(results.path, exist_ok=True)
+    out_json = results.path + "/fid.json"
+    argv = ["fid", "--checkpoint", model.path + "/checkpoint.pt", "--stats", stats.path, "--data", data.path]
+    argv += ["--inception", inception, "--n", str(num_samples), "--temperature", str(temperature)]
+    argv += ["--inception-sha256", inception_sha256] if inception_sha256 else []
+    device = "cuda" if int(gpus) else "cpu"  # the plan's count, a string
+    run_cli(argv + ["--seed", str(seed), "--device", device, "--out", out_json])
+    values = read_json(out_json)
+    for key, value in numeric_items(values, ["fid", "fid_samples", "fid_temperature"]):
+        metrics.log_metric(key, value)
+    metrics.log_metric("fid_bn_readjusted", float(bool(values.get("fid_bn_readjusted"))))
+
+
 def register(
     onnx_model: Input[Model],
     model: Input[Model],
@@ -332,6 +389,8 @@ _STEPS = {
     "readjust_bn": (readjust_bn, "cpu"),
     "export_onnx": (export_onnx, "cpu"),
     "sample": (sample, "cpu"),
+    "fid_stats": (fid_stats, "cpu"),
+    "fid": (fid, "cpu"),
     "register": (register, "cpu"),
 }
 

@@ -1,4 +1,5 @@
-"""The NVAE pipeline: validate -> prepare -> train -> evaluate / readjust BN -> export ONNX -> sample.
+"""The NVAE pipeline: validate -> prepare -> train -> evaluate / readjust BN -> export ONNX -> sample, and FID
+when asked.
 
 `build_pipeline(images)` makes the DAG with its components in `images`; `compile_pipeline` writes the spec
 uploaded to Kubeflow; `run_local` executes the same DAG with `kfp.local` (in this process's Python, or every
@@ -141,6 +142,38 @@ def build_pipeline(images: Images = DEFAULT_IMAGES):
         smp.set_display_name("sample (onnxruntime)").set_cpu_request("1").set_memory_request("2G")
         _gpu_step(smp, plan["sample_image"], p.accelerator, plan["sample_gpus"])
 
+        with dsl.If(p.fid_samples > 0, name="fid"):
+            # The plan's GPU count and the accelerator are also the steps' inputs: that brings them into the
+            # condition's sub-DAG, where the pod spec reads them (a value used only in a pod spec is not
+            # passed into a sub-DAG).
+            stats = comp.fid_stats(
+                data=prep.outputs["data"],
+                inception=p.fid_inception,
+                inception_sha256=p.fid_inception_sha256,
+                gpus=plan["eval_gpus"],
+                accelerator=p.accelerator,
+            )
+            stats.set_display_name("FID statistics (training set)")
+            stats.set_cpu_request("2").set_memory_request("8G")
+            _gpu_step(stats, plan["eval_image"], p.accelerator, plan["eval_gpus"])
+            score = comp.fid(
+                model=adj.outputs["readjusted"],
+                stats=stats.outputs["stats"],
+                data=prep.outputs["data"],
+                inception=p.fid_inception,
+                inception_sha256=p.fid_inception_sha256,
+                num_samples=p.fid_samples,
+                temperature=p.temperature,
+                seed=p.seed,
+                gpus=plan["eval_gpus"],
+                accelerator=p.accelerator,
+            )
+            score.set_display_name("FID (samples vs training set)")
+            score.set_cpu_request("2").set_memory_request("8G")
+            _gpu_step(score, plan["eval_image"], p.accelerator, plan["eval_gpus"])
+            for task in (stats, score):  # the weights may be in the store
+                _store_client(task)
+
         with dsl.If(p.registry != "", name="publish"):
             reg = comp.register(
                 onnx_model=onnx.outputs["onnx_model"],
@@ -253,6 +286,7 @@ def find_local_outputs(root: Path) -> dict[str, str]:
         "checkpoint": "train/model/checkpoint.pt",
         "readjusted": "readjust-bn/readjusted/checkpoint.pt",
         "samples": "sample/samples/samples.npz",
+        "fid": "fid/results/fid.json",
     }
     for key, rel in patterns.items():
         path = run / rel

@@ -77,7 +77,7 @@ if [ "$engine" = podman ]; then
 fi
 
 # The cpu image's torch: the lock's, or --torch-version's wheel installed with its sha256.
-torch_requirement=""
+torch_requirement="" torchvision_requirement=""
 if [ -n "$torch_version" ] && [[ " ${kinds[*]} " == *" cpu "* ]]; then
   [ "$engine" = podman ] || { echo "images.sh: --torch-version needs podman (a local wheel)" >&2; exit 2; }
   pyver=$(python3 k8s/images/lockfiles.py python cpu) abi=cp$(python3 k8s/images/lockfiles.py python cpu | tr -d .)
@@ -97,6 +97,27 @@ if [ -n "$torch_version" ] && [[ " ${kinds[*]} " == *" cpu "* ]]; then
   fi
   torch_requirement="torch==$torch_version --hash=sha256:$(sha256sum "$wheel" | cut -d' ' -f1)"
   echo "images: the cpu image's torch: $(basename "$wheel")" >&2
+  # The lock's torchvision pins the lock's torch: the one built for this torch (torch 2.N pairs with
+  # torchvision 0.(N+15)), its newest patch release found locally (a find-links folder or a local index's
+  # files), else downloaded from --torch-index.
+  minor=$(cut -d. -f2 <<<"${torch_version%%+*}")
+  tv="0.$((minor + 15))"
+  dirs="$find_links"
+  for url in $extra_index; do d=$(dirname "${url#file://}")/files; [ -d "$d" ] && dirs="$dirs $d"; done
+  vwheel=$(for dir in $dirs; do ls "$dir/torchvision-$tv".*"-$abi-$abi-"*x86_64.whl 2>/dev/null || true; done | sort -V | tail -1)
+  if [ -z "$vwheel" ]; then
+    vwheels=$(mktemp -d)
+    trap 'rm -rf "${wheels:-}" "$vwheels"' EXIT
+    echo "images: downloading torchvision==$tv.* (${torch_index:-PyPI})" >&2
+    python3 -m pip download -q --no-deps --only-binary=:all: --implementation cp --python-version "$pyver" \
+      --platform manylinux_2_28_x86_64 ${torch_index:+--index-url "$torch_index"} -d "$vwheels" "torchvision==$tv.*"
+    vwheel=$(ls "$vwheels"/torchvision-*.whl)
+  fi
+  vdir=$(dirname "$vwheel")
+  [[ " $find_links " == *" $vdir "* ]] || { args+=(-v "$vdir:$vdir:ro"); find_links="$find_links $vdir"; }
+  tv_version=$(basename "$vwheel" | cut -d- -f2)
+  torchvision_requirement="torchvision==$tv_version --hash=sha256:$(sha256sum "$vwheel" | cut -d' ' -f1)"
+  echo "images: the cpu image's torchvision: $(basename "$vwheel")" >&2
 fi
 args+=(--build-arg "PIP_EXTRA_INDEX_URL=${extra_index# }" --build-arg "PIP_FIND_LINKS=${find_links# }")
 
@@ -116,7 +137,8 @@ fi
 for kind in "${kinds[@]}"; do
   image="$registry/nvae-$kind:$tag"
   build=("${args[@]}")
-  [ "$kind" = cpu ] && build+=(--build-arg "TORCH_REQUIREMENT=$torch_requirement")
+  [ "$kind" = cpu ] && build+=(--build-arg "TORCH_REQUIREMENT=$torch_requirement" \
+    --build-arg "TORCHVISION_REQUIREMENT=$torchvision_requirement")
   if [ "$engine" = podman ]; then ignore=(--ignorefile "k8s/images/$kind.Dockerfile.dockerignore"); else ignore=(); fi
   echo "images: building $image with $engine" >&2
   before=$(dangling)

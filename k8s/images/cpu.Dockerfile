@@ -9,12 +9,14 @@
 # --debian-base makes one from Debian packages where no registry is reachable), TORCH_REQUIREMENT (empty: the
 # lock's torch; else a requirement line with its hash, e.g. `torch==2.13.0+cpu --hash=sha256:...` for a
 # CPU-only wheel found through PIP_FIND_LINKS: a 2 GB image instead of 7 GB; the CUDA packages only the
-# lock's torch needs are then left out), PIP_EXTRA_INDEX_URL / PIP_FIND_LINKS (local mirrors).
+# lock's torch needs are then left out), TORCHVISION_REQUIREMENT (with TORCH_REQUIREMENT: the torchvision built
+# for that torch, as a line with its hash), PIP_EXTRA_INDEX_URL / PIP_FIND_LINKS (local mirrors).
 ARG BASE_IMAGE=python:3.11.13-slim-bookworm
 
 # --- build: a virtual environment with the project and its runtime extras ------------------------------------
 FROM ${BASE_IMAGE} AS build
 ARG TORCH_REQUIREMENT=
+ARG TORCHVISION_REQUIREMENT=
 ARG PIP_EXTRA_INDEX_URL=
 ARG PIP_FIND_LINKS=
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -25,6 +27,7 @@ WORKDIR /src
 # sdists built against the locked backend (PEP 517, no isolation: nothing unlocked is fetched).
 COPY k8s/images/lockfiles.py k8s/images/locks/cpu.txt ./lock/
 RUN python3 lock/lockfiles.py prepare lock/cpu.txt lock --torch "${TORCH_REQUIREMENT}" \
+      --torchvision "${TORCHVISION_REQUIREMENT}" \
  && export PIP_EXTRA_INDEX_URL="${PIP_EXTRA_INDEX_URL}" PIP_FIND_LINKS="${PIP_FIND_LINKS}" \
  && pip install --require-hashes --no-deps -r lock/build.txt \
  && pip install --require-hashes --no-deps --no-build-isolation --use-pep517 -r lock/runtime.txt \
@@ -40,7 +43,7 @@ COPY cli ./cli
 COPY components ./components
 COPY pipelines ./pipelines
 RUN pip install --no-deps --no-build-isolation . \
- && cd /tmp && python -c "import kfp, torch, nvidia.dali, onnxruntime, cli.main"
+ && cd /tmp && python -c "import kfp, torch, nvidia.dali, onnxruntime, pytorch_fid, scipy, lmdb, cli.main"
 
 # --- runtime: the environment only, as a non-root user -------------------------------------------------------
 FROM ${BASE_IMAGE}

@@ -41,7 +41,7 @@ COPY cli ./cli
 COPY components ./components
 COPY pipelines ./pipelines
 RUN pip install --no-deps --no-build-isolation . \
- && cd /tmp && python -c "import kfp, torch, nvidia.dali, onnxruntime, cli.main"
+ && cd /tmp && python -c "import kfp, torch, nvidia.dali, onnxruntime, pytorch_fid, scipy, lmdb, cli.main"
 
 # --- runtime -------------------------------------------------------------------------------------------------
 FROM ${BASE_IMAGE}

