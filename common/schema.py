@@ -47,6 +47,9 @@ class SplitEntry(Record):
     # Checked where the file is read (`data.loaders.verify_split`, naming the file), so that --no-verify still
     # reads a manifest without one.
     sha256: Any = None
+    # A split stored whole along the longer side (`data.strips`): its index file, checked as `file` is.
+    index: Name | None = Field(None, description="a file name")
+    index_sha256: Any = None
 
 
 class DataManifest(Record):

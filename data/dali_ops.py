@@ -99,6 +99,14 @@ class ArrayPipeline:
         (out,) = self._pipe.run()
         return _to_numpy(out)
 
+    def ragged(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """The same on a list of uint8 (H, W, C) images of differing sizes (DALI batches are ragged)."""
+        self._pipe.feed_input("images", [np.ascontiguousarray(a) for a in images])
+        (out,) = self._pipe.run()
+        if hasattr(out, "as_cpu"):
+            out = out.as_cpu()
+        return [np.array(out[i]) for i in range(len(images))]
+
 
 @dataclass(frozen=True)
 class DecodeFailure:

@@ -7,6 +7,8 @@ epoch). Per-sample randomness is keyed by the sample's index in the split:
 - order: a permutation of the split drawn from (seed, epoch) when training, the stored order otherwise;
 - sharding: rank r takes positions r, r + W, r + 2W, ... of that order, so ranks are disjoint each epoch;
 - flips (training only): one coin per sample from (seed, epoch);
+- crops (training only, in a split stored whole along the longer side, `data.strips`): one uniform offset per
+  sample from (seed, epoch), as `RandomCrop`;
 - binarization: `x > u` with u ~ U[0, 1) per pixel, drawn from (seed, epoch, sample) when training and from
   (EVAL_BINARIZE_SEED, sample) otherwise, so every evaluation sees the same binarized test set.
 
@@ -28,9 +30,10 @@ import torch
 
 from common.errors import DataError
 from data.prepare import MANIFEST_NAME
+from data.strips import StripSplit, check_strips
 
 EVAL_BINARIZE_SEED = 20200708  # fixed: binarized test sets are identical across runs and seeds
-_FLIP_STREAM, _NOISE_STREAM, _ORDER_STREAM = 1, 2, 3
+_FLIP_STREAM, _NOISE_STREAM, _ORDER_STREAM, _CROP_STREAM = 1, 2, 3, 4
 
 
 def read_manifest(prepared_dir: str | Path) -> dict[str, Any]:
@@ -63,10 +66,11 @@ def load_split(
     *,
     manifest: dict[str, Any] | None = None,
     verify: bool | None = None,
-) -> np.ndarray:
+) -> np.ndarray | StripSplit:
     """Memory-map one prepared split as uint8 (N, H, W, C), checked against the manifest: its file inside the
     prepared folder, its bytes against the recorded SHA-256 (`verify_split`; `verify` None: unless
-    NVAE_NO_VERIFY=1, which `--no-verify` sets), its dtype and shape."""
+    NVAE_NO_VERIFY=1, which `--no-verify` sets), its dtype and shape. A split stored whole along the longer
+    side (an `index` in its entry) comes as a `StripSplit`, its index file checked the same way."""
     manifest = manifest or read_manifest(prepared_dir)
     splits = manifest["splits"]
     if not isinstance(splits, dict) or split not in splits:
@@ -78,18 +82,31 @@ def load_split(
             f"{Path(prepared_dir) / MANIFEST_NAME}: splits.{split} must be a mapping with a 'file' name"
         )
     path = _inside(Path(prepared_dir), entry["file"], f"splits.{split}.file")
-    if verify if verify is not None else os.environ.get(NO_VERIFY_ENV) != "1":
+    verify = verify if verify is not None else os.environ.get(NO_VERIFY_ENV) != "1"
+    if verify:
         verify_split(path, entry.get("sha256"), f"splits.{split}")
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except FileNotFoundError:
-        raise DataError(f"{path}: split file is missing") from None
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable .npy array: {exc}") from None
+    array = _load_npy(path)
+    if entry.get("index") is not None:
+        index_path = _inside(Path(prepared_dir), entry["index"], f"splits.{split}.index")
+        if verify:
+            verify_split(index_path, entry.get("index_sha256"), f"splits.{split}.index")
+        index = np.array(_load_npy(index_path))
+        side, width, channels = manifest["shape"]
+        check_strips(array, index, entry["count"], side, channels, index_path)
+        return StripSplit(array, index, side, channels)
     expected = (splits[split]["count"], *manifest["shape"])
     if array.dtype != np.uint8 or array.shape != expected:
         raise DataError(f"{path}: holds {array.dtype} {array.shape}; the manifest says uint8 {expected}")
     return array
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise DataError(f"{path}: split file is missing") from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable .npy array: {exc}") from None
 
 
 NO_VERIFY_ENV = "NVAE_NO_VERIFY"  # "1": read prepared splits without checking their SHA-256
@@ -215,6 +232,7 @@ class EpochPlan:
 
     indices: np.ndarray  # (n,) sample indices this rank sees this epoch, in order
     flips: np.ndarray | None  # (N,) bool over the whole split, or None
+    crops: np.ndarray | None  # (N,) float in [0, 1) over the whole split: where each square sits, or None
     batch_size: int
     num_batches: int
     train: bool
@@ -238,6 +256,7 @@ def epoch_plan(
     drop_last: bool = True,
     flip: bool = False,
     binarize: bool = False,
+    crop: bool = False,
 ) -> EpochPlan:
     """The order, sharding and augmentation coins of one epoch for one rank (see the module docstring)."""
     if batch_size < 1:
@@ -255,7 +274,8 @@ def epoch_plan(
     flips = None
     if train and flip:
         flips = np.random.default_rng([seed, epoch, _FLIP_STREAM]).random(num_samples) < 0.5
-    return EpochPlan(indices, flips, batch_size, num_batches, train, seed, epoch, binarize)
+    crops = np.random.default_rng([seed, epoch, _CROP_STREAM]).random(num_samples) if train and crop else None
+    return EpochPlan(indices, flips, crops, batch_size, num_batches, train, seed, epoch, binarize)
 
 
 def binarize_noise(plan: EpochPlan, indices: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -267,12 +287,18 @@ def binarize_noise(plan: EpochPlan, indices: np.ndarray, shape: tuple[int, ...])
     return noise
 
 
-def gather(images: np.ndarray, plan: EpochPlan, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def gather(
+    images: np.ndarray | StripSplit, plan: EpochPlan, b: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Batch b as uint8 (B, H, W, C), its flip flags (B,) and binarization noise (B, H, W, C) or None."""
     idx = plan.batch_indices(b)
     order = np.argsort(idx, kind="stable")  # sorted reads are kinder to a memory map
     batch = np.empty((len(idx), *images.shape[1:]), np.uint8)
-    batch[order] = images[idx[order]]
+    if isinstance(images, StripSplit):
+        crops = plan.crops[idx[order]] if plan.crops is not None else None
+        batch[order] = images.crop(idx[order], crops)
+    else:
+        batch[order] = images[idx[order]]
     flags = plan.flips[idx] if plan.flips is not None else np.zeros(len(idx), bool)
     noise = binarize_noise(plan, idx, images.shape[1:]) if plan.binarize else None
     return batch, flags, noise
@@ -408,6 +434,7 @@ def make_loader(
         "drop_last": drop_last,
         "flip": dataset.flip if flip is None else flip,
         "binarize": binarize,
+        "crop": isinstance(dataset.images, StripSplit),
     }
     plan = epoch_plan(len(dataset), epoch=epoch, **plan_args)
     return PreparedLoader(

@@ -144,44 +144,73 @@ def read_omniglot_source(
 
 # LSUN's scene categories come as LMDBs, `<category>_train_lmdb` and `<category>_val_lmdb` (the unpacked
 # `<category>_train_lmdb.zip` of LSUN's download script), each holding encoded images (WebP) under sorted keys.
-# The authors read them with torchvision's LSUN class (in key order), `Image.open(...).convert('RGB')`, and
-# evaluate on the val LMDB after `Resize(size)` and `CenterCrop(size)`; we store every split that way.
+# The authors read them with torchvision's LSUN class (in key order), `Image.open(...).convert('RGB')`, train
+# after `Resize(size)` and `RandomCrop(size)` and evaluate on the val LMDB after `Resize(size)` and
+# `CenterCrop(size)`. The test split is stored centre-cropped; the training split is stored resized but whole
+# (`data.strips`), so that training takes a new random crop along the longer side each epoch.
 LSUN_CATEGORIES = {"lsun-bedroom": "bedroom", "lsun-church": "church_outdoor", "lsun-tower": "tower"}
 LSUN_SPLITS = {"train": "train", "test": "val"}
 LSUN_CHUNK_IMAGES = 1 << 12
 
 
-def resize_center_crop(image, size: int):
-    """torchvision's `Resize(size)` then `CenterCrop(size)` on a PIL image, as its PIL path computes them: the
-    shorter side becomes `size` (the longer `int(size * long / short)`), bilinear; then the central square,
-    its offsets rounded."""
+def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) after torchvision's `Resize(size)`: the shorter side becomes `size`, the longer
+    `int(size * long / short)`."""
+    if min(width, height) == size:
+        return width, height
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def resize_shorter(image, size: int):
+    """torchvision's `Resize(size)` on a PIL image, as its PIL path computes it (bilinear)."""
     from PIL import Image
 
+    new = resized_size(*image.size, size)
+    return image if new == image.size else image.resize(new, Image.BILINEAR)
+
+
+def resize_center_crop(image, size: int):
+    """torchvision's `Resize(size)` then `CenterCrop(size)` on a PIL image: `resize_shorter`, then the central
+    square, its offsets rounded."""
+    from data.strips import centre_offset
+
+    image = resize_shorter(image, size)
     w, h = image.size
-    short, long = (w, h) if w <= h else (h, w)
-    if short != size:
-        new_long = int(size * long / short)
-        new_w, new_h = (size, new_long) if w <= h else (new_long, size)
-        image = image.resize((new_w, new_h), Image.BILINEAR)
-    w, h = image.size
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    top, left = centre_offset(h, size), centre_offset(w, size)
     return image.crop((left, top, left + size, top + size))
 
 
-def decode_lsun(data: bytes, size: int, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """One LSUN record -> uint8 (size, size, 3); DataError naming the record when it does not decode."""
+def _open_record(data: bytes, name: str, max_pixels: int):
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.width * img.height > max_pixels:
-                raise DataError(
-                    f"{name}: image of {img.width}x{img.height} pixels, over the limit of {max_pixels} (--max-pixels)"
-                )
-            rgb = img.convert("RGB")
+        img = Image.open(io.BytesIO(data))
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"{name}: not a decodable image: {exc}") from None
-    return np.asarray(resize_center_crop(rgb, size), dtype=np.uint8)
+    if img.width * img.height > max_pixels:
+        img.close()
+        raise DataError(
+            f"{name}: image of {img.width}x{img.height} pixels, over the limit of {max_pixels} (--max-pixels)"
+        )
+    return img
+
+
+def decode_lsun(
+    data: bytes, size: int, name: str, max_pixels: int = DEFAULT_MAX_PIXELS, crop: bool = True
+) -> np.ndarray:
+    """One LSUN record -> uint8 (size, size, 3), centre-cropped, or with `crop` False the resized image whole
+    (H, W, 3), min(H, W) = size; DataError naming the record when it does not decode."""
+    from PIL import Image
+
+    with _open_record(data, name, max_pixels) as img:
+        try:
+            rgb = img.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise DataError(f"{name}: not a decodable image: {exc}") from None
+    image = resize_center_crop(rgb, size) if crop else resize_shorter(rgb, size)
+    return np.asarray(image, dtype=np.uint8)
 
 
 def _open_lmdb(path: Path):
@@ -209,9 +238,13 @@ def lmdb_keys(path: Path) -> list[bytes]:
         env.close()
 
 
-def _decode_records(path: Path, keys: list[bytes], size: int, max_bytes: int, max_pixels: int) -> np.ndarray:
+def _decode_records(
+    path: Path, keys: list[bytes], size: int, max_bytes: int, max_pixels: int, crop: bool = True
+) -> np.ndarray | list[np.ndarray]:
+    """The records `keys` decoded: uint8 (N, size, size, 3) centre squares, or with `crop` False a list of the
+    resized images whole."""
     env = _open_lmdb(path)
-    out = np.empty((len(keys), size, size, 3), np.uint8)
+    out: np.ndarray | list = np.empty((len(keys), size, size, 3), np.uint8) if crop else [None] * len(keys)
     try:
         with env.begin(write=False, buffers=True) as txn:
             for i, key in enumerate(keys):
@@ -223,7 +256,7 @@ def _decode_records(path: Path, keys: list[bytes], size: int, max_bytes: int, ma
                     raise DataError(
                         f"{name}: record of {len(value) >> 20} MiB, over --max-file-mb {max_bytes >> 20}"
                     )
-                out[i] = decode_lsun(bytes(value), size, name, max_pixels)
+                out[i] = decode_lsun(bytes(value), size, name, max_pixels, crop)
     finally:
         env.close()
     return out
@@ -238,13 +271,15 @@ def read_lsun_source(
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> ArraySource:
     """One LSUN category from a folder holding its `<category>_train_lmdb` and `<category>_val_lmdb` (val is our
-    test split), each image resized and centre-cropped to `size`."""
+    test split), each image resized to a shorter side of `size`: test images centre-cropped to `size`, training
+    images kept whole (`ArraySource.whole`) for a random crop each epoch."""
     category = LSUN_CATEGORIES[dataset]
     root = source_root(source)
     if not root.is_dir():
         raise DataError(f"{root}: expected a folder holding {category}_train_lmdb and {category}_val_lmdb")
     splits: dict[str, list[ArrayChunk]] = {}
     files: list[SourceFile] = []
+    whole: dict[str, list[tuple[int, int]]] = {}
     for split, theirs in LSUN_SPLITS.items():
         folder = root / f"{category}_{theirs}_lmdb"
         if not folder.is_dir():
@@ -256,26 +291,37 @@ def read_lsun_source(
         if not keys:
             raise DataError(f"{folder}: the LMDB holds no records")
         data = inside(root, folder / "data.mdb")
-        files.append(SourceFile(relative_name(root, data), data.stat().st_size, _lmdb_digest(folder, keys)))
+        crop = split != "train"
+        digest, sizes = _lmdb_digest(folder, keys, None if crop else (size, max_pixels))
+        files.append(SourceFile(relative_name(root, data), data.stat().st_size, digest))
+        if not crop:
+            whole[split] = sizes
         splits[split] = [
             ArrayChunk(
                 len(part),
-                lambda p=folder, k=part: _decode_records(p, k, size, max_bytes, max_pixels),
+                lambda p=folder, k=part, c=crop: _decode_records(p, k, size, max_bytes, max_pixels, c),
                 f"{folder.name} [{i}:{i + len(part)}]",
             )
             for i in range(0, len(keys), LSUN_CHUNK_IMAGES)
             for part in [keys[i : i + LSUN_CHUNK_IMAGES]]
         ]
-    params = {"lsun_category": category, "transform": f"resize shorter side to {size}, centre crop {size}"}
-    return ArraySource(splits, files, params=params)
+    params = {
+        "lsun_category": category,
+        "transform": f"train: resize shorter side to {size}, stored whole, a random {size} crop each epoch; "
+        f"test: resize shorter side to {size}, centre crop {size}",
+    }
+    return ArraySource(splits, files, params=params, whole=whole)
 
 
-def _lmdb_digest(path: Path, keys: list[bytes]) -> str:
+def _lmdb_digest(
+    path: Path, keys: list[bytes], sizes_at: tuple[int, int] | None = None
+) -> tuple[str, list[tuple[int, int]]]:
     """SHA-256 over the records read (key length, key, value length, value, in order): the LMDB file itself
-    holds free pages and changes when rewritten with the same records."""
+    holds free pages and changes when rewritten with the same records. With `sizes_at` = (size, max_pixels),
+    also each record's (height, width) after `Resize(size)`, from its header (no decode)."""
     import hashlib
 
-    digest = hashlib.sha256()
+    digest, sizes = hashlib.sha256(), []
     env = _open_lmdb(path)
     try:
         with env.begin(write=False, buffers=True) as txn:
@@ -285,6 +331,11 @@ def _lmdb_digest(path: Path, keys: list[bytes]) -> str:
                 for part in (key, value):
                     digest.update(len(part).to_bytes(8, "big"))
                     digest.update(part)
+                if sizes_at is not None:
+                    name = f"{path.name}[{key.decode(errors='replace')}]"
+                    with _open_record(value, name, sizes_at[1]) as img:
+                        w, h = resized_size(img.width, img.height, sizes_at[0])
+                    sizes.append((h, w))
     finally:
         env.close()
-    return digest.hexdigest()
+    return digest.hexdigest(), sizes

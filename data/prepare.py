@@ -121,7 +121,7 @@ def prepare(
         recipe, source, limit, max_file_mb << 20, source_format, side, max_pixels
     )  # checked first
     total = sum(_split_count(src, s) for s in src.splits)
-    _check_free_space(out.parent, total * side * side * recipe.channels)
+    _check_free_space(out.parent, _stored_bytes(src, side, recipe.channels))
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -136,7 +136,12 @@ def prepare(
             splits = {}
             for split in src.splits:
                 path = tmp / f"{split}.npy"
-                if isinstance(src, ArraySource):
+                extra = {}
+                if isinstance(src, ArraySource) and split in src.whole:
+                    index = tmp / f"{split}_index.npy"
+                    n = _write_whole_split(src, split, path, index, recipe, side, bits, dali_device, bar)
+                    extra = {"index": index.name, "index_sha256": file_sha256(index)}
+                elif isinstance(src, ArraySource):
                     n = _write_array_split(src, split, path, recipe, side, bits, dali_device, bar)
                 else:
                     limits = (max_pixels, max_file_mb)
@@ -148,6 +153,7 @@ def prepare(
                     "count": n,
                     "bytes": path.stat().st_size,
                     "sha256": file_sha256(path),
+                    **extra,
                 }
         manifest = _manifest(recipe, src, splits, side, bits, dali_device, limit, progress)
         if _remote is not None:
@@ -258,6 +264,17 @@ def _read_source(
     return read_image_source(source, recipe, limit)
 
 
+def _stored_bytes(src: ArraySource | ImageSource, side: int, channels: int) -> int:
+    """What the splits will take on disk: S x S per image, or each image whole where a split is stored so."""
+    whole = src.whole if isinstance(src, ArraySource) else {}
+    return sum(
+        sum(h * w for h, w in whole[s]) * channels
+        if s in whole
+        else _split_count(src, s) * side * side * channels
+        for s in src.splits
+    )
+
+
 def _split_count(src: ArraySource | ImageSource, split: str) -> int:
     if isinstance(src, ArraySource):
         return sum(c.count for c in src.splits[split])
@@ -290,6 +307,50 @@ def _write_array_split(
             bar.update(len(batch))
     array.flush()
     del array
+    return at
+
+
+def _write_whole_split(
+    src: ArraySource,
+    split: str,
+    path: Path,
+    index_path: Path,
+    recipe: Recipe,
+    side: int,
+    bits: int,
+    device: str,
+    bar: Any,
+) -> int:
+    """A split stored whole along the longer side (`data.strips`): each image's bytes end to end in `path`, its
+    offset and size in `index_path`, bits reduced by DALI as in `_write_array_split`; returns the count."""
+    from data.strips import check_strips
+
+    c = recipe.channels
+    sizes = np.array(src.whole[split], dtype=np.int64).reshape(-1, 2)
+    nbytes = sizes[:, 0] * sizes[:, 1] * c
+    index = np.column_stack([np.concatenate([[0], np.cumsum(nbytes)[:-1]]), sizes]).astype(np.int64)
+    data = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(int(nbytes.sum()),))
+    pipe = ArrayPipeline(bits, device)
+    at = 0
+    for chunk in src.splits[split]:
+        images = chunk.load()
+        for i in range(0, len(images), pipe.batch_size):
+            for image in pipe.ragged(images[i : i + pipe.batch_size]):
+                if at >= len(index) or image.shape != (*index[at, 1:], c):
+                    expected = tuple(index[at, 1:]) if at < len(index) else "none"
+                    raise DataError(
+                        f"{chunk.name}: image {at} is {image.shape}; its size was read as {expected}"
+                    )
+                offset = int(index[at, 0])
+                data[offset : offset + image.size] = image.reshape(-1)
+                at += 1
+            bar.update(min(pipe.batch_size, len(images) - i))
+    if at != len(index):
+        raise DataError(f"{split}: {at} images decoded, {len(index)} listed")
+    data.flush()
+    del data
+    np.save(index_path, index)
+    check_strips(np.load(path, mmap_mode="r"), np.load(index_path), len(index), side, c, index_path)
     return at
 
 

@@ -53,7 +53,8 @@ class SourceFile:
 
 @dataclass
 class ArrayChunk:
-    """`count` images that `load()` returns as uint8 (count, H, W, C); loaded lazily to bound memory."""
+    """`count` images that `load()` returns as uint8 (count, H, W, C), or as a list of (H, W, C) arrays in a split
+    stored whole (`ArraySource.whole`); loaded lazily to bound memory."""
 
     count: int
     load: Callable[[], np.ndarray]
@@ -64,12 +65,14 @@ class ArrayChunk:
 class ArraySource:
     """An already-decoded source: per split, the chunks in order, plus the files they came from, for a
     dataset offered in several formats the one read, and what else the manifest should record of how the
-    images were made (`params`)."""
+    images were made (`params`). `whole`: the splits whose images are stored whole along their longer side
+    for a random crop each epoch (`data.strips`), with each image's (height, width) in order."""
 
     splits: dict[str, list[ArrayChunk]]
     files: list[SourceFile] = field(default_factory=list)
     format: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    whole: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
 
 
 @dataclass

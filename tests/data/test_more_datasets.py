@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from glow_records import glow_record
 from tiny import TINY_SET
 
 from cli.main import main
 from common.errors import DataError
-from data.loaders import load_split, read_manifest
+from data.loaders import epoch_plan, gather, load_split, read_manifest
 from data.more_sources import STACKED_MNIST_SEED, stacked_mnist_indices
 from data.prepare import check_source, prepare
 
@@ -165,7 +166,9 @@ def test_omniglot_trains(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ LSUN
 
 
-def test_lsun_is_resized_and_centre_cropped_as_torchvision_does(tmp_path: Path) -> None:
+def test_lsun_is_resized_and_cropped_as_torchvision_does(tmp_path: Path) -> None:
+    """Test images: Resize + CenterCrop. Training images: Resize, stored whole; read as an array they show the
+    centre square, and a training epoch takes RandomCrop's window at the plan's offset."""
     from PIL import Image
 
     transforms = pytest.importorskip("torchvision.transforms")
@@ -173,15 +176,70 @@ def test_lsun_is_resized_and_centre_cropped_as_torchvision_does(tmp_path: Path) 
     manifest = prepare("lsun-church", tmp_path / "lsun", tmp_path / "out", size=64, device="cpu")
     assert manifest["shape"] == [64, 64, 3] and manifest["flip"]
     assert manifest["source"]["lsun_category"] == "church_outdoor"
-    theirs = transforms.Compose(
-        [transforms.Resize(64), transforms.CenterCrop(64)]
-    )  # the authors' valid transform
+    assert (
+        manifest["splits"]["train"]["index"] == "train_index.npy"
+        and "index" not in manifest["splits"]["test"]
+    )
+    resize, centre = transforms.Resize(64), transforms.CenterCrop(64)  # the authors' transforms
     for split, key in (("train", "train"), ("test", "val")):
         images = load_split(tmp_path / "out", split)
-        assert len(images) == len(records[key])
-        for image, blob in zip(images, records[key], strict=True):  # in the LMDB's key order
-            expected = np.asarray(theirs(Image.open(io.BytesIO(blob)).convert("RGB")))
-            assert np.array_equal(image, expected)
+        assert len(images) == len(records[key]) and images.shape[1:] == (64, 64, 3)
+        for i, blob in enumerate(records[key]):  # in the LMDB's key order
+            resized = resize(Image.open(io.BytesIO(blob)).convert("RGB"))
+            assert np.array_equal(images[i], np.asarray(centre(resized)))
+            if split == "train":
+                assert np.array_equal(images.whole(i), np.asarray(resized))
+    train = load_split(tmp_path / "out", "train")
+    plan = epoch_plan(len(train), 5, train=True, seed=3, epoch=1, crop=True)
+    batch, _, _ = gather(train, plan, 0)
+    for b, i in enumerate(plan.batch_indices(0)):
+        whole = train.whole(int(i))
+        h, w = whole.shape[:2]
+        top = int(plan.crops[i] * (h - 64 + 1)) if h > 64 else 0
+        left = int(plan.crops[i] * (w - 64 + 1)) if w > 64 else 0
+        assert np.array_equal(batch[b], whole[top : top + 64, left : left + 64])
+
+
+def test_random_crops_cover_every_offset_and_both_loaders_agree(tmp_path: Path) -> None:
+    """Over epochs, each image's window takes every offset along its longer side, uniformly, as RandomCrop's
+    randint; the DALI loader gives the torch loader's batches; evaluation batches are the centre squares."""
+    from data.loaders import make_loader
+    from data.strips import random_offset
+
+    write_lsun(tmp_path / "lsun", "tower")
+    prepare("lsun-tower", tmp_path / "lsun", tmp_path / "out", size=64, device="cpu")
+    counts = np.bincount([random_offset(97, 64, u) for u in np.random.default_rng(0).random(34_000)])
+    assert len(counts) == 34 and abs(counts / 1000 - 1).max() < 0.2  # 0..33, each about 1/34
+    train = load_split(tmp_path / "out", "train")
+    wide = next(i for i in range(len(train)) if train.whole(i).shape[1] > 64)  # a landscape image
+    seen = set()
+    for epoch in range(40):
+        batches = list(make_loader(tmp_path / "out", "train", 5, train=True, epoch=epoch, flip=False))
+        (x,) = batches
+        order = epoch_plan(len(train), 5, train=True, epoch=epoch).indices
+        row = x[int(np.flatnonzero(order == wide)[0])].permute(1, 2, 0).numpy()
+        whole = train.whole(wide).astype(np.float32) / 255
+        seen |= {o for o in range(whole.shape[1] - 63) if np.array_equal(row, whole[:, o : o + 64])}
+        if epoch < 3:
+            dali = list(make_loader(tmp_path / "out", "train", 5, train=True, epoch=epoch, backend="dali"))
+            torch_ = list(make_loader(tmp_path / "out", "train", 5, train=True, epoch=epoch))
+            assert all(torch.equal(a, b) for a, b in zip(torch_, dali, strict=True))
+    assert len(seen) >= 10  # of its 85 - 64 + 1 = 22 offsets (96x72, resized to 85x64), most reached
+    (x,) = list(make_loader(tmp_path / "out", "train", 5, train=False))
+    assert torch.equal(x[0].permute(1, 2, 0), torch.from_numpy(train[0].astype(np.float32) / 255))
+
+
+def test_a_changed_or_inconsistent_index_is_refused(tmp_path: Path) -> None:
+    write_lsun(tmp_path / "lsun", "bedroom")
+    prepare("lsun-bedroom", tmp_path / "lsun", tmp_path / "out", size=64, device="cpu")
+    index_path = tmp_path / "out" / "train_index.npy"
+    index = np.load(index_path)
+    index[1, 1] += 1  # image 1 one row taller than its bytes
+    np.save(index_path, index)
+    with pytest.raises(DataError, match=r"train_index.npy: sha256 .* differs from the manifest's"):
+        load_split(tmp_path / "out", "train", verify=True)
+    with pytest.raises(DataError, match=r"train_index.npy: offsets do not lay the images end to end"):
+        load_split(tmp_path / "out", "train", verify=False)
 
 
 def test_lsun_sizes_folders_and_records_are_checked(tmp_path: Path) -> None:
