@@ -229,6 +229,15 @@ def test_random_crops_cover_every_offset_and_both_loaders_agree(tmp_path: Path) 
     assert torch.equal(x[0].permute(1, 2, 0), torch.from_numpy(train[0].astype(np.float32) / 255))
 
 
+def test_a_whole_split_is_reduced_to_fewer_bits_by_dali(tmp_path: Path) -> None:
+    write_lsun(tmp_path / "lsun", "bedroom")
+    prepare("lsun-bedroom", tmp_path / "lsun", tmp_path / "b8", size=64, device="cpu")
+    prepare("lsun-bedroom", tmp_path / "lsun", tmp_path / "b5", size=64, bits=5, device="cpu")
+    b8, b5 = load_split(tmp_path / "b8", "train"), load_split(tmp_path / "b5", "train")
+    assert np.array_equal(b5.index, b8.index)
+    assert np.array_equal(np.asarray(b5.data), np.asarray(b8.data) // 8)
+
+
 def test_a_changed_or_inconsistent_index_is_refused(tmp_path: Path) -> None:
     write_lsun(tmp_path / "lsun", "bedroom")
     prepare("lsun-bedroom", tmp_path / "lsun", tmp_path / "out", size=64, device="cpu")
@@ -322,3 +331,19 @@ def test_the_manifests_datasets_are_the_presets_datasets(tmp_path: Path) -> None
     write_chardata(tmp_path / "o" / "chardata.mat", n_train=2, n_test=2)
     prepare("omniglot", tmp_path / "o", tmp_path / "out", device="cpu")
     assert read_manifest(tmp_path / "out")["dataset"] == "omniglot"
+
+
+@pytest.mark.gpu
+def test_lsun_on_the_gpu_prepares_and_loads_as_on_the_cpu(tmp_path: Path) -> None:
+    """DALI's ragged bit reduction and loader on the GPU: the same files and the same training batches."""
+    from data.loaders import make_loader
+
+    write_lsun(tmp_path / "lsun", "bedroom")
+    for device in ("cpu", "gpu"):
+        prepare("lsun-bedroom", tmp_path / "lsun", tmp_path / device, size=64, bits=5, device=device)
+    for name in ("train.npy", "train_index.npy", "test.npy"):
+        assert (tmp_path / "cpu" / name).read_bytes() == (tmp_path / "gpu" / name).read_bytes(), name
+    kw = {"train": True, "seed": 1, "epoch": 2}
+    cpu = list(make_loader(tmp_path / "cpu", "train", 5, **kw))
+    gpu = list(make_loader(tmp_path / "gpu", "train", 5, device="cuda", **kw))
+    assert gpu[0].is_cuda and all(torch.equal(x, y.cpu()) for x, y in zip(cpu, gpu, strict=True))
