@@ -10,7 +10,9 @@ Shared:
   - the batches: Fashion-MNIST training images (the embedded dataset, raw idx files), in a seeded order,
     binarized by one seeded Bernoulli draw per pixel (their `Binarize`; our loaders' `x > u` is the same
     law). Their loader pads 28x28 to 32x32; ours pads inside the network;
-  - the posterior noise: their `Normal.sample` takes its noise from a queue, ours takes `eps`;
+  - the posterior noise: their `Normal.sample` takes its noise from a queue, ours takes `eps`; with
+    --own-noise, our network draws it itself instead (`Normal.sample` without eps, the path of `nvae train`),
+    and their side is given what ours drew;
   - the power-iteration vectors of the spectral term: theirs start from our initial ones. As on both sides
     by default, the first step runs 10x the iterations.
 Not shared: nothing else draws random numbers in a step.
@@ -27,6 +29,7 @@ figures in bench/RESULTS.md), imported at run time with bench/vs_official.py's C
 
     python bench/train_parity.py --official /tmp/nvae-official --first 5 --steps 0          # the first steps
     python bench/train_parity.py --official /tmp/nvae-official --steps 300 --seeds 3 --json out.json
+    python bench/train_parity.py --official /tmp/nvae-official --own-noise --steps 683 --seeds 1
 """
 
 from __future__ import annotations
@@ -228,14 +231,31 @@ class Ours:
 
         net.forward = with_shared_noise
 
-    def step(self, x, eps=None) -> dict:
-        """One `training_step` on one batch; with `eps`, its posterior noise (else the network draws it)."""
+    def step(self, x, eps=None, drawn: list | None = None) -> dict:
+        """One `training_step` on one batch; with `eps`, its posterior noise (else the network draws it, and
+        with `drawn`, the noise it drew is appended there, group by group, as contiguous tensors)."""
+        import torch
+
+        from model import distributions
         from training.train import learning_rate, training_step
 
         self.eps = [list(eps)] if eps is not None else []
         lr = learning_rate(self.cfg, self.step_no, self.total, self.per_epoch)
-        result = training_step(self.objective, self.opt, self.scaler, iter([x]), self.step_no, self.total, lr,
-                               channels_last=True)  # fmt: skip
+        sample = distributions.Normal.sample
+        if drawn is not None:  # the network's own draw (`torch.randn_like` in Normal.sample), recorded
+
+            def recording(normal, given=None):
+                assert given is None, "recording our own noise, but the forward was given eps"
+                noise = torch.randn_like(normal.mu)
+                drawn.append(noise.detach().contiguous().clone())
+                return sample(normal, noise)
+
+            distributions.Normal.sample = recording
+        try:
+            result = training_step(self.objective, self.opt, self.scaler, iter([x]), self.step_no, self.total, lr,
+                                   channels_last=True)  # fmt: skip
+        finally:
+            distributions.Normal.sample = sample
         assert not self.eps, "our forward did not take the shared noise"
         self.step_no += 1
         t = result.terms
@@ -307,8 +327,12 @@ def imported_weights(mods, their_net, args, workdir: Path):
         path.unlink()
 
 
-def run_pair(mods, queue, seed: int, steps: int, values: dict, workdir: Path, images) -> dict:
-    """One seed on both sides in lockstep; `mods` and `queue` from `bench.nvlabs_parity` (once a process)."""
+def run_pair(
+    mods, queue, seed: int, steps: int, values: dict, workdir: Path, images, own_noise: bool = False
+) -> dict:
+    """One seed on both sides in lockstep; `mods` and `queue` from `bench.nvlabs_parity` (once a process).
+    With `own_noise`, our network draws its posterior noise itself (`Normal.sample` without eps, from the global
+    generator, seeded each step from the seed's stream) and the authors' side is given that noise."""
     import torch
     import torch.nn.functional as F
 
@@ -333,6 +357,15 @@ def run_pair(mods, queue, seed: int, steps: int, values: dict, workdir: Path, im
     pad = our_net.cfg.pad
     records = {"theirs": [], "ours": [], "seconds": {"theirs": 0.0, "ours": 0.0}}
     for x in batches(images, args.batch_size, steps, seed + 3):
+        if own_noise:  # ours draws its posterior noise itself; theirs is given what ours drew
+            torch.manual_seed(int(torch.randint(2**62, (), generator=noise)))
+            t0, eps = time.perf_counter(), []
+            records["ours"].append(ours.step(x, drawn=eps))
+            t1 = time.perf_counter()
+            records["theirs"].append(theirs.step(F.pad(x, (pad,) * 4), queue, eps))
+            records["seconds"]["ours"] += t1 - t0
+            records["seconds"]["theirs"] += time.perf_counter() - t1
+            continue
         eps = [torch.randn((x.size(0), *s), generator=noise) for s in our_net.latent_shapes()]
         t0 = time.perf_counter()
         records["theirs"].append(theirs.step(F.pad(x, (pad,) * 4), queue, eps))
@@ -438,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--channels", type=int, default=NETWORK["num_channels_enc"])
     p.add_argument("--groups", type=int, default=NETWORK["num_groups_per_scale"], help="groups per scale")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--own-noise", action="store_true",
+                   help="our network draws the posterior noise itself; the authors' side is given the same")  # fmt: skip
     p.add_argument("--json", help="write every run's per-step records here")
     p.add_argument("--report", metavar="JSON", help="print the tables of a run saved with --json, and stop")
     a = p.parse_args(argv)
@@ -465,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         steps = max(a.steps, a.first)
         for seed in range(a.seeds if a.steps else 1):
-            runs.append(run_pair(mods, queue, seed, steps, values, Path(tmp), images))
+            runs.append(run_pair(mods, queue, seed, steps, values, Path(tmp), images, a.own_noise))
             r = runs[-1]
             print(f"seed {seed}: {steps} steps, authors {r['seconds']['theirs']:.0f} s, ours "
                   f"{r['seconds']['ours']:.0f} s", flush=True)  # fmt: skip
