@@ -191,13 +191,57 @@ class BatchNormSwish(nn.BatchNorm2d):
         )  # fmt: skip
 
 
+# Eval-mode BN folded into the neighbouring convolution (`FusedSequential`), without gradients. A switch for
+# side-by-side measurements and tests (`bn_folding(False)`); on by default.
+_FOLD_BN = [True]
+
+
+@contextlib.contextmanager
+def bn_folding(enabled: bool) -> Iterator[None]:
+    """Within the block, fold eval-mode BN into convolutions (`enabled`) or run the plain chain."""
+    before = _FOLD_BN[0]
+    _FOLD_BN[0] = enabled
+    try:
+        yield
+    finally:
+        _FOLD_BN[0] = before
+
+
+def _eval_bn(m: nn.Module) -> bool:
+    """A BN (plain or with Swish) that normalises by its running statistics."""
+    return type(m) in (nn.BatchNorm2d, BatchNormSwish) and not m.training and m.running_var is not None
+
+
+def _bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, t) with bn(x) = s * x + t per channel, in float32."""
+    s = bn.running_var.float().add(bn.eps).rsqrt()
+    if bn.weight is not None:
+        s = s * bn.weight.float()
+    t = -bn.running_mean.float() * s
+    if bn.bias is not None:
+        t = t + bn.bias.float()
+    return s, t
+
+
+def _pointwise(m: nn.Module) -> bool:
+    """A 1x1 conv without padding or groups: a BN before it folds in exactly (no padded border)."""
+    return isinstance(m, WNConv2d) and m.kernel_size == (1, 1) and m.padding == (0, 0) and m.groups == 1
+
+
 class FusedSequential(nn.Sequential):
     """`nn.Sequential` that runs each (BatchNormSwish, WNConv2d) pair as one recomputing op in training.
 
-    Same modules, parameters and state-dict keys as `nn.Sequential`; without gradients it is the plain chain.
+    Same modules, parameters and state-dict keys as `nn.Sequential`. Without gradients it is the plain chain,
+    except that a BN in eval mode folds into the convolution beside it (`_folded_forward`).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            _FOLD_BN[0]
+            and not torch.is_grad_enabled()
+            and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
+        ):
+            return self._folded_forward(x)
         mods = list(self)
         i = 0
         while i < len(mods):
@@ -213,6 +257,45 @@ class FusedSequential(nn.Sequential):
             else:
                 x = m(x)
                 i += 1
+        return x
+
+    def _folded_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The chain with each eval-mode BN folded into a convolution: one after a conv scales its output
+        channels (w * s, (b - mean) * s + beta); one before a 1x1 conv scales its input channels (w * s, b + w t).
+        The folded weights are computed once per call, as the weight norm is; values change at float rounding
+        only (bench/RESULTS.md). BNs in training mode (BN readjustment) and other modules run as they are."""
+        mods = list(self)
+        i = 0
+        while i < len(mods):
+            m = mods[i]
+            before = _eval_bn(m) and i + 1 < len(mods) and _pointwise(mods[i + 1])
+            conv = mods[i + 1] if before else m
+            after = (
+                isinstance(conv, WNConv2d) and i + 1 + before < len(mods) and _eval_bn(mods[i + 1 + before])
+            )
+            if not (before or after):
+                x = m(x)
+                i += 1
+                continue
+            w = conv.effective_weight().float()
+            b = conv.bias.float() if conv.bias is not None else torch.zeros(w.size(0), device=w.device)
+            if before:
+                s, t = _bn_scale_shift(m)
+                b = b + (w.flatten(1) @ t)
+                w = w * s.view(1, -1, 1, 1)
+            i += 1 + before
+            swish = False
+            if after:
+                bn = mods[i]
+                s, t = _bn_scale_shift(bn)
+                w, b = w * s.view(-1, 1, 1, 1), b * s + t
+                swish = type(bn) is BatchNormSwish
+                i += 1
+            x = F.conv2d(
+                x, w.to(conv.weight.dtype), b.to(conv.weight.dtype), conv.stride, conv.padding, 1, conv.groups
+            )
+            if swish:
+                x = F.silu(x, inplace=True)
         return x
 
     @staticmethod
@@ -270,7 +353,9 @@ class DownSkip(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.silu(x)
         shifted = (x, x[:, :, 1:, 1:], x[:, :, :, 1:], x[:, :, 1:, :])
-        return torch.cat([conv(s[:, :, ::2, ::2]) for conv, s in zip(self.convs, shifted, strict=True)], dim=1)
+        return torch.cat(
+            [conv(s[:, :, ::2, ::2]) for conv, s in zip(self.convs, shifted, strict=True)], dim=1
+        )
 
 
 class UpSkip(nn.Module):

@@ -257,6 +257,11 @@ EOF
 # --- the same pipeline from an authors' checkpoint in the store: no training --------------------------------
 as_user PIPELINE  # the sampler check above switched keys
 "$repo/.venv/bin/nvae" store put tests/model/nvlabs s3://nvae/nvlabs/tiny-mnist/
+# FID on, in the evaluation image: Inception weights of pytorch-fid's architecture with random values, from the
+# store, checked by their SHA-256.
+mkdir -p "$work/fid"
+inception_sha256=$("$py" -c 'import sys; from inference.fid import write_random_weights; print(write_random_weights(sys.argv[1]))' "$work/fid/inception.pth")
+"$repo/.venv/bin/nvae" store put "$work/fid" s3://nvae/fid/
 imported=$work/pipeline-root-imported
 rm -rf "$imported"
 "$repo/.venv/bin/nvae" pipeline run --local --runner docker --root "$imported" \
@@ -264,6 +269,7 @@ rm -rf "$imported"
   --set dataset=mnist --set preset=mnist --set source=s3://nvae/raw/fashion-mnist --set prepare_limit=200 \
   --set import_checkpoint=s3://nvae/nvlabs/tiny-mnist/tiny-mnist.pt --set checkpoint_store= \
   --set iw_samples=2 --set eval_limit=20 --set readjust_iters=5 --set num_samples=4 \
+  --set fid_samples=8 --set fid_inception=s3://nvae/fid/inception.pth --set fid_inception_sha256="$inception_sha256" \
   | tee "$work/pipeline-imported.log"
 "$py" - "$imported" <<'EOF'
 import json, sys
@@ -275,8 +281,12 @@ found = find_local_outputs(Path(sys.argv[1]))
 metrics = json.loads(Path(found["metrics"]).read_text())
 assert metrics["dataset"] == "mnist" and metrics["num_images"] == 20, metrics
 assert "Not trained in this run" in Path(found["curves"]).read_text()
+fid = json.loads(Path(found["fid"]).read_text())
+assert fid["fid_samples"] == 8 and fid["fid_bn_readjusted"] and fid["fid"] == fid["fid"], fid
 print(f"container-check: the authors' checkpoint imported in the train step's image, NLL "
       f"{metrics['nll_bpd']:.3f} bits/dim (K={metrics['iw_samples']}), onnx {found['onnx']}")
+print(f"container-check: FID {fid['fid']:.2f} over {fid['fid_samples']} samples in the evaluation image "
+      f"(random Inception weights from the store)")
 EOF
 stamp "pipeline from an authors' checkpoint finished"
 stamp "passed"
