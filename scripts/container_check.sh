@@ -36,17 +36,22 @@ export CONTAINERS_CONF=$work/containers.conf
 
 # --- the image ----------------------------------------------------------------------------------------------
 # No container registry is reachable here: the base is made from Debian packages. torch: PyTorch's CPU index is
-# unreachable too, so a CPU build lying in a local find-links folder when there is one (a 2 GB image; this
-# machine has 2.13.0+cpu), else PyPI's CUDA build (a 7 GB image that needs about 25 GiB free to build).
+# unreachable too, so a CPU build lying in a local find-links folder when one is there with its +cpu torchvision
+# (a 2 GB image), else PyPI's CUDA build (a 7 GB image that needs about 25 GiB free to build). The FID steps
+# import torchvision, and PyPI's torchvision does not load beside a +cpu torch.
 registry=localhost/nvae tag=check
 torch_args=(--torch-index pypi) need_gib=25
-for dir in $(python3 -m pip config get global.find-links 2>/dev/null || true); do
+links=$(python3 -m pip config get global.find-links 2>/dev/null || true)
+for dir in $links; do
   wheel=$(ls "$dir"/torch-*+cpu-cp311-*.whl 2>/dev/null | sort -V | tail -1 || true)
-  if [ -n "$wheel" ]; then
-    version=$(basename "$wheel" | cut -d- -f2)
+  [ -n "$wheel" ] || continue
+  version=$(basename "$wheel" | cut -d- -f2) minor=$(cut -d. -f2 <<<"$(basename "$wheel" | cut -d- -f2)")
+  if ls $(for d in $links; do echo "$d/torchvision-0.$((minor + 15)).*+cpu-cp311-*.whl"; done) >/dev/null 2>&1; then
     torch_args=(--torch-index pypi --torch-version "$version") need_gib=10
-    break
+  else
+    echo "container-check: $(basename "$wheel") has no +cpu torchvision beside it; PyPI's CUDA torch instead" >&2
   fi
+  break
 done
 storage=$(podman info --format '{{.Store.GraphRoot}}' 2>/dev/null || echo /var/lib/containers)
 mkdir -p "$storage"

@@ -98,13 +98,22 @@ if [ -n "$torch_version" ] && [[ " ${kinds[*]} " == *" cpu "* ]]; then
   torch_requirement="torch==$torch_version --hash=sha256:$(sha256sum "$wheel" | cut -d' ' -f1)"
   echo "images: the cpu image's torch: $(basename "$wheel")" >&2
   # The lock's torchvision pins the lock's torch: the one built for this torch (torch 2.N pairs with
-  # torchvision 0.(N+15)), its newest patch release found locally (a find-links folder or a local index's
-  # files), else downloaded from --torch-index.
+  # torchvision 0.(N+15), of the same build: a +cpu torch takes a +cpu torchvision, PyPI's plain one fails to
+  # import beside it), its newest patch release found locally (a find-links folder or a local index's files),
+  # else downloaded from --torch-index.
   minor=$(cut -d. -f2 <<<"${torch_version%%+*}")
-  tv="0.$((minor + 15))"
+  tv="0.$((minor + 15))" build=""
+  [[ "$torch_version" == *+* ]] && build="+${torch_version#*+}"
   dirs="$find_links"
   for url in $extra_index; do d=$(dirname "${url#file://}")/files; [ -d "$d" ] && dirs="$dirs $d"; done
-  vwheel=$(for dir in $dirs; do ls "$dir/torchvision-$tv".*"-$abi-$abi-"*x86_64.whl 2>/dev/null || true; done | sort -V | tail -1)
+  vwheel=$(for dir in $dirs; do ls "$dir/torchvision-$tv".*"-$abi-$abi-"*x86_64.whl 2>/dev/null || true; done \
+    | awk -v b="$build" '{ n = split($0, p, "/"); v = p[n]; sub(/^torchvision-[^-+]*/, "", v); sub(/-.*/, "", v); if (v == b) print }' \
+    | sort -V | tail -1)
+  if [ -z "$vwheel" ] && [ -n "$build" ] && [ -z "$torch_index" ]; then
+    echo "images.sh: no torchvision $tv.*$build wheel beside torch $torch_version in the find-links folders, and" \
+      "PyPI has no $build builds: put one there, or pass --torch-index https://download.pytorch.org/whl/${build#+}" >&2
+    exit 2
+  fi
   if [ -z "$vwheel" ]; then
     vwheels=$(mktemp -d)
     trap 'rm -rf "${wheels:-}" "$vwheels"' EXIT
