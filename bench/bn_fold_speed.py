@@ -1,6 +1,7 @@
 """Eval-mode BN folded into the neighbouring convolutions (`model.layers.FusedSequential`) against the plain
-chain, in one process, alternating: evaluation (one importance sample, as bench/vs_official.py times it) and
-prior sampling, on the recipe's network at its CPU defaults (channels-last, `configure_cpu`), fp32.
+chain, in one process, alternating: evaluation passes (`inference.evaluate.iw_batch`, one importance sample: the
+work per test batch, without `evaluate`'s once-per-call memory probe) and prior sampling, on the recipe's
+network at its CPU defaults (channels-last, `configure_cpu`), fp32.
 
     python bench/bn_fold_speed.py --preset mnist --batch 32 --repeats 5
 
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from inference.evaluate import evaluate
+    from inference.evaluate import iw_batch
     from model.config import get_preset
     from model.layers import bn_folding
     from model.network import NVAE
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             return -net.reconstruction_nll(out.logits, x) + out.log_p - out.log_q
 
     kinds = {
-        "eval": (lambda: evaluate(net, [x], 1, chunk=1, progress=False), a.batch),
+        "eval": (lambda: iw_batch(net, x, 1, 1, torch.Generator().manual_seed(0)), a.batch),
         "sample": (lambda: sample_images(net, a.sample_batch, 1.0, 0, "mean", batch_size=a.sample_batch),
                    a.sample_batch),
     }  # fmt: skip
