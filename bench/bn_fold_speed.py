@@ -4,6 +4,7 @@ work per test batch, without `evaluate`'s once-per-call memory probe) and prior 
 network at its CPU defaults (channels-last, `configure_cpu`), fp32.
 
     python bench/bn_fold_speed.py --preset mnist --batch 32 --repeats 5
+    python bench/bn_fold_speed.py --preset mnist --batch 32 --profile    # ops' self time of 3 folded passes
 
 Prints ms per image of each path and their ratio, and the largest relative difference of the per-image
 ELBO (the same noise) and of the samples."""
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--sample-batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--profile", action="store_true", help="profile 3 evaluation passes (folded) and stop")
     a = p.parse_args(argv)
 
     import torch
@@ -59,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             out = net(x, eps=eps)
             return -net.reconstruction_nll(out.logits, x) + out.log_p - out.log_q
 
+    if a.profile:
+        return _profile(lambda: iw_batch(net, x, 1, 1, torch.Generator().manual_seed(0)), 3)
     kinds = {
         "eval": (lambda: iw_batch(net, x, 1, 1, torch.Generator().manual_seed(0)), a.batch),
         "sample": (lambda: sample_images(net, a.sample_batch, 1.0, 0, "mean", batch_size=a.sample_batch),
@@ -92,6 +96,22 @@ def main(argv: list[str] | None = None) -> int:
     rel = float(((e1 - e0).abs() / e0.abs()).max())
     diff = float((torch.as_tensor(s1) - torch.as_tensor(s0)).abs().max())
     print(f"  per-image ELBO: largest relative difference {rel:.1e}; samples: largest difference {diff:.1e}")
+    return 0
+
+
+def _profile(fn, passes: int) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(passes):
+            fn()
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in ops) / passes / 1000
+    print(f"ops' self time per pass: {total:.1f} ms")
+    for e in ops[:15]:
+        ms = e.self_cpu_time_total / passes / 1000
+        print(f"  {e.key[:40]:40s} {ms:8.1f} ms ({100 * ms / total:4.1f} %), {e.count // passes} calls")
     return 0
 
 
