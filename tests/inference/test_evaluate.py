@@ -74,6 +74,25 @@ def test_a_pass_that_cannot_fit_in_memory_is_refused_before_the_work(monkeypatch
     assert ev.check_pass_memory(model, x[:1], 4) == 0  # four images: nothing to measure
 
 
+@pytest.mark.parametrize("peak_reset", [True, False])
+def test_the_pass_peak_is_measured_with_and_without_resetting_the_kernels_peak(monkeypatch, peak_reset):
+    """From VmHWM reset before the pass where /proc allows it, else from the resident size after every layer:
+    both see a pass of 64 images take more than one of 4."""
+    import inference.evaluate as ev
+    from model.config import get_preset
+
+    if not peak_reset:
+        monkeypatch.setattr(ev, "_reset_peak_resident", lambda: False)
+    elif not ev._reset_peak_resident():
+        pytest.skip("/proc/self/clear_refs is not writable here")
+    torch.manual_seed(0)
+    model = NVAE(get_preset("fmnist-cpu")).eval()
+    x = torch.rand(1, 1, 28, 28)
+    with torch.no_grad():
+        small, large = ev._pass_peak(model, x, 4), ev._pass_peak(model, x, 64)
+    assert large > small and large > 64 * 2**20  # several MiB per image of fmnist-cpu
+
+
 def test_iw_progress_counts_every_pass(model_and_data):
     model, x = model_and_data
     seen = []
