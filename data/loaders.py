@@ -91,7 +91,7 @@ def load_split(
         if verify:
             verify_split(index_path, entry.get("index_sha256"), f"splits.{split}.index")
         index = np.array(_load_npy(index_path))
-        side, width, channels = manifest["shape"]
+        side, _, channels = manifest["shape"]
         check_strips(array, index, entry["count"], side, channels, index_path)
         return StripSplit(array, index, side, channels)
     expected = (splits[split]["count"], *manifest["shape"])

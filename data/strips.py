@@ -63,10 +63,6 @@ class StripSplit:
         rows = np.arange(len(self))[key]
         return self.crop(rows, None)
 
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        out = self[:]
-        return out if dtype is None else out.astype(dtype)
-
     def crop(self, indices: np.ndarray, fractions: np.ndarray | None) -> np.ndarray:
         """uint8 (B, S, S, C): image indices[b]'s square at fractions[b] along its longer side (None: centres)."""
         out = np.empty((len(indices), *self.shape[1:]), np.uint8)

@@ -153,9 +153,6 @@ def build_pipeline(images: Images = DEFAULT_IMAGES):
                 gpus=plan["eval_gpus"],
                 accelerator=p.accelerator,
             )
-            stats.set_display_name("FID statistics (training set)")
-            stats.set_cpu_request("2").set_memory_request("8G")
-            _gpu_step(stats, plan["eval_image"], p.accelerator, plan["eval_gpus"])
             score = comp.fid(
                 model=adj.outputs["readjusted"],
                 stats=stats.outputs["stats"],
@@ -168,11 +165,13 @@ def build_pipeline(images: Images = DEFAULT_IMAGES):
                 gpus=plan["eval_gpus"],
                 accelerator=p.accelerator,
             )
-            score.set_display_name("FID (samples vs training set)")
-            score.set_cpu_request("2").set_memory_request("8G")
-            _gpu_step(score, plan["eval_image"], p.accelerator, plan["eval_gpus"])
-            for task in (stats, score):  # the weights may be in the store
-                _store_client(task)
+            for task, name in (
+                (stats, "FID statistics (training set)"),
+                (score, "FID (samples vs training set)"),
+            ):
+                task.set_display_name(name).set_cpu_request("2").set_memory_request("8G")
+                _gpu_step(task, plan["eval_image"], p.accelerator, plan["eval_gpus"])
+                _store_client(task)  # the weights may be in the store
 
         with dsl.If(p.registry != "", name="publish"):
             reg = comp.register(

@@ -45,7 +45,8 @@ links=$(python3 -m pip config get global.find-links 2>/dev/null || true)
 for dir in $links; do
   wheel=$(ls "$dir"/torch-*+cpu-cp311-*.whl 2>/dev/null | sort -V | tail -1 || true)
   [ -n "$wheel" ] || continue
-  version=$(basename "$wheel" | cut -d- -f2) minor=$(cut -d. -f2 <<<"$(basename "$wheel" | cut -d- -f2)")
+  version=$(basename "$wheel" | cut -d- -f2)
+  minor=$(cut -d. -f2 <<<"$version")
   if ls $(for d in $links; do echo "$d/torchvision-0.$((minor + 15)).*+cpu-cp311-*.whl"; done) >/dev/null 2>&1; then
     torch_args=(--torch-index pypi --torch-version "$version") need_gib=10
   else
