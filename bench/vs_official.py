@@ -135,6 +135,43 @@ def _median_call_s(fn, repeats: int) -> float:
     return sys.modules["bench.sampling_speed"]._time(fn, repeats)
 
 
+# Op groups of a profile (`--profile`): ATen ops whose names contain these, plus inductor's compiled kernels
+# (ours: the depthwise weight gradient). Autograd functions named after a fused block are not ops and count
+# as the rest.
+PROFILE_GROUPS = {
+    "convolutions": ("conv",),
+    "batch norm": ("batch_norm",),
+    "Swish (SiLU, sigmoid)": ("silu", "sigmoid"),
+}
+
+
+def profile_split(fn) -> dict[str, float]:
+    """One call of fn under torch.profiler: the ops' self CPU seconds per PROFILE_GROUPS group, `rest` (the
+    rest of the profiled call's wall time: every other op, Python, the profiler's own cost) and `wall`."""
+    from torch.profiler import profile
+
+    t = time.perf_counter()
+    with profile() as prof:
+        fn()
+    wall = time.perf_counter() - t
+    out = dict.fromkeys(PROFILE_GROUPS, 0.0)
+    for event in prof.key_averages():
+        name = event.key.lower()
+        for group, keys in PROFILE_GROUPS.items():
+            compiled = group == "convolutions" and "compiledfxgraph" in name
+            if compiled or (name.startswith("aten::") and any(k in name for k in keys)):
+                out[group] += event.self_cpu_time_total / 1e6
+                break
+    out["rest"] = wall - sum(out.values())
+    out["wall"] = wall
+    return out
+
+
+def _per_image(split: dict[str, float], n: int) -> dict[str, float]:
+    """A profile's seconds as ms per image (the unit of the evaluation figure)."""
+    return {k: 1000 * v / n for k, v in split.items()}
+
+
 def load_official(checkout: Path) -> dict:
     """Import the authors' modules from `checkout` with the CPU shims of the module docstring applied."""
     import importlib
@@ -230,11 +267,9 @@ def authors_child(kind: str, spec: dict) -> dict:
         )
         per_epoch = PRESETS[spec["preset"]]["train_images"] // spec["batch"]
         total, warmup_iters = per_epoch * args.epochs, per_epoch * args.warmup_epochs
-        nelbo = utils.AvgrageMeter()
-        times = []
-        for step in range(spec["warmup"] + spec["steps"]):
+
+        def one_step(step: int) -> torch.Tensor:
             x = images[step % len(images)]
-            t = time.perf_counter()
             # train.py's train(), one iteration (CPU: autocast and GradScaler are disabled, world size 1)
             x = utils.pre_process(x, args.num_x_bits)
             if step < warmup_iters:
@@ -255,9 +290,16 @@ def authors_child(kind: str, spec: dict) -> dict:
             loss.backward()
             utils.average_gradients(model.parameters(), False)
             opt.step()
-            nelbo.update(loss.data, 1)
+            return loss
+
+        times = []
+        for step in range(spec["warmup"] + spec["steps"]):
+            t = time.perf_counter()
+            loss = one_step(step)
             if step >= spec["warmup"]:
                 times.append(time.perf_counter() - t)
+        if spec.get("profile"):
+            res["profile_train"] = profile_split(lambda: one_step(spec["warmup"] + spec["steps"]))
         res["step_s"], res["step_times_s"] = statistics.median(times), times
         res["train_img_per_s"] = spec["batch"] / res["step_s"]
         res["loss"] = loss.item()
@@ -282,6 +324,8 @@ def authors_child(kind: str, spec: dict) -> dict:
 
         with torch.no_grad():
             res["eval_ms_per_img"] = 1000 * _median_call_s(one_iw_sample, spec["repeats"]) / x.size(0)
+            if spec.get("profile"):
+                res["profile_eval"] = _per_image(profile_split(one_iw_sample), x.size(0))
     elif kind == "sample":
         model.eval()
         n = spec["sample_batch"]
@@ -323,15 +367,20 @@ def ours_child(kind: str, spec: dict) -> dict:
         scaler = torch.amp.GradScaler("cpu", enabled=False)  # fp32: the scaler is a pass-through
         per_epoch = PRESETS[spec["preset"]]["train_images"] // spec["batch"]
         total = per_epoch * cfg.epochs
+
+        def one_step(step: int):  # the step `nvae train` takes (the lr schedule, then training_step)
+            x = images[step % len(images)]
+            lr = learning_rate(cfg, step, total, per_epoch)
+            return training_step(objective, opt, scaler, iter([x]), step, total, lr, channels_last=True)
+
         times = []
         for step in range(spec["warmup"] + spec["steps"]):
-            x = images[step % len(images)]
             t = time.perf_counter()
-            # the step `nvae train` takes (the lr schedule, then training_step)
-            lr = learning_rate(cfg, step, total, per_epoch)
-            result = training_step(objective, opt, scaler, iter([x]), step, total, lr, channels_last=True)
+            result = one_step(step)
             if step >= spec["warmup"]:
                 times.append(time.perf_counter() - t)
+        if spec.get("profile"):
+            res["profile_train"] = profile_split(lambda: one_step(spec["warmup"] + spec["steps"]))
         res["step_s"], res["step_times_s"] = statistics.median(times), times
         res["train_img_per_s"] = spec["batch"] / res["step_s"]
         res["loss"] = result.terms.loss.item()
@@ -348,7 +397,11 @@ def ours_child(kind: str, spec: dict) -> dict:
         model.eval()
         batches = [images[0]] * EVAL_BATCHES
         s = _median_call_s(lambda: evaluate(model, batches, 1, chunk=1, progress=False), spec["repeats"])
-        res["eval_ms_per_img"] = 1000 * s / sum(x.size(0) for x in batches)
+        n = sum(x.size(0) for x in batches)
+        res["eval_ms_per_img"] = 1000 * s / n
+        if spec.get("profile"):
+            split = profile_split(lambda: evaluate(model, batches, 1, chunk=1, progress=False))
+            res["profile_eval"] = _per_image(split, n)
     elif kind == "sample":
         from model.prior_sampling import sample_images
 
@@ -462,6 +515,43 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+PROFILED = {
+    "train": ("training", "step_s", "s per training step"),
+    "eval": ("evaluation", "eval_ms_per_img", "ms per image"),
+}
+
+
+def profile_table(records: list[dict]) -> str:
+    """Per profiled kind, each side's median seconds per op group over rounds, and the bound they set: the
+    authors' measured figure over our convolutions, BN and Swish alone (the ratio if nothing else of ours took
+    time; for training in img/s, so the same direction as the figure's goal)."""
+    lines = []
+    for kind, (name, figure, unit) in PROFILED.items():
+        key = f"profile_{kind}"
+        sides = {side: [r[key] for r in records if r.get("side") == side and key in r] for side in SIDES}
+        if not all(sides.values()):
+            continue
+        med = {side: {g: statistics.median(p[g] for p in ps) for g in ps[0]} for side, ps in sides.items()}
+        lines += [
+            f"Where the time goes, {name} ({unit}, profiled call, median over rounds):",
+            "| op group | authors | ours |",
+            "|---|---:|---:|",
+        ]
+        lines += [f"| {g} | {med['authors'][g]:.3f} | {med['ours'][g]:.3f} |" for g in med["ours"]]
+        floor = sum(med["ours"][g] for g in PROFILE_GROUPS)
+        theirs = statistics.median(
+            r[figure] for r in records if r.get("side") == "authors" and r.get("kind") == kind and figure in r
+        )
+        bound = theirs / floor if kind == "train" else floor / theirs
+        what = "img/s" if kind == "train" else "time"
+        lines.append(
+            f"bound: with nothing but our convolutions, BN and Swish, {name} would be {bound:.2f}x the authors' "
+            f"{what} (their unprofiled figure {theirs:.3f}, our three groups {floor:.3f})"
+        )
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--official", help="path of an NVlabs/NVAE checkout (the authors' code)")
@@ -482,6 +572,11 @@ def main(argv: list[str] | None = None) -> int:
         "--onnx",
         action="store_true",
         help="also time our onnxruntime sampler (exports once a round; onnxruntime picks its own threads)",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile one more training step and evaluation call per side: where the time goes, by op group",
     )
     ap.add_argument("--out", help="folder for vs_official.json (every figure, per round, and the ratios)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 round, 1+1 steps, 1 repeat")
@@ -526,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": args.repeats,
             "threads": args.threads,
             "data": str(data),
+            "profile": args.profile,
         }
         for r in range(1, args.rounds + 1):
             for kind in kinds:
@@ -552,6 +648,9 @@ def main(argv: list[str] | None = None) -> int:
     info["loadavg_end"] = os.getloadavg()
     print()
     print(table(summary))
+    if args.profile:
+        print()
+        print(profile_table(records))
     print(f"(parameters: {params}; load average at the end {info['loadavg_end'][0]:.2f})")
     if args.out:
         out = Path(args.out)

@@ -69,7 +69,20 @@ bash scripts/images.sh --registry "$registry" --tag "$tag" --debian-base "${torc
 # The train step runs in the gpu image. This machine has no GPU: the cpu image stands in under the gpu name
 # (the train step then trains on the CPU, as it does in the cpu image; scripts/images.sh --gpu builds the real one).
 podman tag "$registry/nvae-cpu:$tag" "$registry/nvae-gpu:$tag"
-stamp "image ready"
+# The cpu image builds the training step's compiled CPU kernels (g++ and Python's headers, as its user 10001).
+podman run --rm "$registry/nvae-cpu:$tag" python -c "
+import torch
+from model import kernels
+kernels.MIN_NUMEL = 0
+x = torch.randn(2, 8, 12, 12).contiguous(memory_format=torch.channels_last)
+out = kernels.dw_grad_weight(x, x, 5, 2)
+assert out is not None, 'the compiled CPU kernels are off in the cpu image'
+ref = torch.ops.aten.convolution_backward(x, x, torch.zeros(8, 1, 5, 5), None, [1, 1], [2, 2], [1, 1], False,
+                                          [0, 0], 8, [False, True, False])[1]
+torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+print('compiled CPU kernels: built and equal to oneDNN')
+"
+stamp "image ready, its compiled CPU kernels built"
 
 # --- services: podman's Docker-compatible API, and an S3-API server on loopback ----------------------------
 pids=()

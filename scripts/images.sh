@@ -2,7 +2,7 @@
 # Build the project's container images with podman or docker (whichever exists; podman first).
 #
 # Usage: bash scripts/images.sh [--gpu | --all | --serve | --serve-gpu] [--registry R] [--tag T] [--debian-base]
-#                               [--torch-version V] [--torch-index URL|pypi] [--keep-build-cache]
+#                               [--torch-version V] [--torch-index URL|pypi] [--no-compiler] [--keep-build-cache]
 #   (default)        the cpu image, REGISTRY/nvae-cpu:TAG
 #   --gpu / --all    the gpu image instead / both
 #   --serve          the slim serving image (nvae-serve-cpu: onnxruntime + the sampler, no torch);
@@ -17,6 +17,8 @@
 #                    installed with its sha256, and the CUDA packages only the lock's torch needs are left out
 #   --torch-index    where --torch-version's wheel is downloaded from (default: PyTorch's CPU index; `pypi`:
 #                    PyPI); without --torch-version the lock's torch is installed and this is ignored
+#   --no-compiler    the cpu image without g++ and Python's headers (about 450 MB less; training steps run the ATen
+#                    paths in place of the compiled CPU kernels, about 9 % slower, bench/RESULTS.md)
 #   --keep-build-cache  keep the build stage's untagged image (faster rebuilds; several GB)
 # Every image installs its hash-locked requirements, k8s/images/locks/KIND.txt: scripts/lock.sh regenerates
 # them after a dependency change.
@@ -28,7 +30,7 @@ cd "$(dirname "$0")/.."
 
 registry=$(sed -n 's/^DEFAULT_REGISTRY = "\(.*\)"/\1/p' components/images.py)
 tag=$(sed -n 's/^DEFAULT_TAG = "\([^"]*\)".*/\1/p' components/images.py)
-kinds=(cpu) debian_base=0 keep_cache=0 torch_index=https://download.pytorch.org/whl/cpu torch_version=
+kinds=(cpu) debian_base=0 keep_cache=0 with_compiler=1 torch_index=https://download.pytorch.org/whl/cpu torch_version=
 while [ $# -gt 0 ]; do
   case "$1" in
     --gpu) kinds=(gpu) ;;
@@ -39,6 +41,7 @@ while [ $# -gt 0 ]; do
     --tag) tag=$2; shift ;;
     --debian-base) debian_base=1 ;;
     --keep-build-cache) keep_cache=1 ;;
+    --no-compiler) with_compiler=0 ;;
     --torch-index) torch_index=$2; shift ;;
     --torch-version) torch_version=$2; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
@@ -147,7 +150,7 @@ for kind in "${kinds[@]}"; do
   image="$registry/nvae-$kind:$tag"
   build=("${args[@]}")
   [ "$kind" = cpu ] && build+=(--build-arg "TORCH_REQUIREMENT=$torch_requirement" \
-    --build-arg "TORCHVISION_REQUIREMENT=$torchvision_requirement")
+    --build-arg "TORCHVISION_REQUIREMENT=$torchvision_requirement" --build-arg "WITH_COMPILER=$with_compiler")
   if [ "$engine" = podman ]; then ignore=(--ignorefile "k8s/images/$kind.Dockerfile.dockerignore"); else ignore=(); fi
   echo "images: building $image with $engine" >&2
   before=$(dangling)

@@ -87,3 +87,52 @@ def test_quick_run_against_a_checkout_writes_every_figure(tmp_path):
         "sample_ms_per_img",
     }
     assert len(set(doc["params"].values())) == 1  # the same model on both sides
+
+
+def test_a_profile_splits_a_call_into_its_op_groups():
+    import torch
+    import torch.nn.functional as F
+
+    vs = _load()
+    x, w = torch.randn(4, 8, 16, 16), torch.randn(8, 8, 3, 3)
+    mean, var = torch.zeros(8), torch.ones(8)
+
+    def call():
+        h = F.conv2d(x, w, padding=1)
+        h = F.batch_norm(h, mean, var, training=False)
+        return F.silu(h) + torch.sigmoid(h) * 2
+
+    split = vs.profile_split(call)
+    assert set(split) == {*vs.PROFILE_GROUPS, "rest", "wall"}
+    assert all(split[g] > 0 for g in vs.PROFILE_GROUPS)
+    assert split["rest"] >= 0 and abs(sum(v for k, v in split.items() if k != "wall") - split["wall"]) < 1e-9
+
+
+def test_the_profile_bound_is_the_authors_figure_over_our_three_groups():
+    vs = _load()
+    groups = list(vs.PROFILE_GROUPS)
+    ours = {groups[0]: 1.0, groups[1]: 0.3, groups[2]: 0.2, "rest": 0.5, "wall": 2.0}
+    theirs = {groups[0]: 1.2, groups[1]: 0.4, groups[2]: 0.6, "rest": 1.0, "wall": 3.2}
+    records = [
+        {"round": 1, "kind": "train", "side": "authors", "step_s": 3.0, "profile_train": theirs},
+        {"round": 1, "kind": "train", "side": "ours", "step_s": 2.0, "profile_train": ours},
+        {
+            "round": 1,
+            "kind": "eval",
+            "side": "authors",
+            "eval_ms_per_img": 20.0,
+            "profile_eval": {k: 10 * v for k, v in theirs.items()},
+        },
+        {
+            "round": 1,
+            "kind": "eval",
+            "side": "ours",
+            "eval_ms_per_img": 17.0,
+            "profile_eval": {k: 10 * v for k, v in ours.items()},
+        },
+    ]
+    text = vs.profile_table(records)
+    # training: 3.0 s / 1.5 s = 2.00x the authors' img/s at most; evaluation: 15 / 20 ms = 0.75x their time
+    assert "training would be 2.00x the authors' img/s" in text
+    assert "evaluation would be 0.75x the authors' time" in text
+    assert f"| {groups[0]} | 1.200 | 1.000 |" in text

@@ -712,6 +712,21 @@ def test_cpu_dockerfile_installs_the_project_with_its_runtime_extras():
     assert "ARG TORCH_REQUIREMENT=" in text and "ARG BASE_IMAGE=" in text
 
 
+def test_cpu_image_has_a_compiler_for_the_compiled_kernels_unless_built_without():
+    """The training step's compiled CPU kernels need g++ and Python.h at run time, in the runtime stage (the one
+    that ships); scripts/images.sh --no-compiler builds without them."""
+    text = (K8S / "images" / "cpu.Dockerfile").read_text()
+    runtime = text[text.rindex("FROM ${BASE_IMAGE}") :]
+    assert "ARG WITH_COMPILER=1" in runtime
+    step = runtime[runtime.index('if [ "$WITH_COMPILER" = 1 ]') : runtime.index("fi\n")]
+    assert "apt-get install -y --no-install-recommends g++ $headers" in step
+    assert "Python.h" in step and "-dev" in step and "rm -rf /var/lib/apt/lists/*" in step
+    assert runtime.index("apt-get") < runtime.index("USER 10001")  # installed as root
+    script = (REPO / "scripts" / "images.sh").read_text()
+    assert "--no-compiler) with_compiler=0 ;;" in script
+    assert '--build-arg "WITH_COMPILER=$with_compiler"' in script
+
+
 @pytest.mark.parametrize("kind", ["serve-cpu", "serve-gpu"])
 def test_serving_image_holds_the_sampler_alone(kind):
     text = (K8S / "images" / f"{kind}.Dockerfile").read_text()
