@@ -61,7 +61,7 @@ def weight_norm_rows(convs, repeats: int) -> tuple[float, float, float]:
     for group in groups:
         v = torch.stack([c.weight.detach() for c in group]).requires_grad_()
         g = torch.stack([c.log_g.detach() for c in group]).requires_grad_()
-        mask = group[0].mask
+        mask = torch.stack([c.mask for c in group]) if group[0].mask is not None else None
         up = torch.stack([grads[convs.index(c)] for c in group])
         stacked.append((v, g, mask, up))
 

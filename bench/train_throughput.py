@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 VARIANTS = {
     "fp32": {"precision": "fp32", "channels_last": False, "compile": False},
@@ -50,6 +51,7 @@ def run_variant(
     compile: bool,
     fused: bool = True,
     keep_arena: bool = True,
+    profile: bool = False,
 ):
     import torch
 
@@ -74,9 +76,8 @@ def run_variant(
         x = (x > 0.5).float()
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    times = []
-    for i in range(warmup + steps):
-        t = time.perf_counter()
+
+    def step(i: int):
         opt.zero_grad(set_to_none=True)
         with autocast("cpu", precision):
             terms = objective(x, i, 10_000)
@@ -84,10 +85,23 @@ def run_variant(
         torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
         scaler.step(opt)
         scaler.update()
+        return terms
+
+    times = []
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        terms = step(i)
         if i >= warmup:
             times.append(time.perf_counter() - t)
     med = statistics.median(times)
+    split = None
+    if profile:  # one more step under torch.profiler, by op group (bench/vs_official.py's groups)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from vs_official import profile_split
+
+        split = profile_split(lambda: step(warmup + steps))
     return {
+        "profile": split,
         "step_s": med,
         "img_per_s": batch / med,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
@@ -115,11 +129,15 @@ def main() -> None:
         "a figure from another machine is context, never the reference",
     )
     ap.add_argument("--reference-rss-gb", type=float, help="the authors' peak RSS, likewise")
+    ap.add_argument(
+        "--profile", action="store_true", help="profile one more step per variant: seconds by op group"
+    )
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._child:
         v = VARIANTS[args._child]
-        print(json.dumps(run_variant(args.preset, args.batch, args.steps, args.warmup, **v)))
+        result = run_variant(args.preset, args.batch, args.steps, args.warmup, **v, profile=args.profile)
+        print(json.dumps(result))
         return
     import torch
 
@@ -132,6 +150,7 @@ def main() -> None:
         for name in args.variants:
             cmd = [sys.executable, __file__, "--preset", args.preset, "--batch", str(args.batch)]
             cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--_child", name]
+            cmd += ["--profile"] if args.profile else []
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
                 print(f"{name}: failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -161,6 +180,10 @@ def main() -> None:
         if ref:
             line += f" {r['img_per_s'] / args.reference_img_s:13.2f} {r['peak_rss_gb'] / args.reference_rss_gb:11.2f}"
         print(line + f" {r['loss']:10.1f}")
+    for name, r in results.items():
+        if r.get("profile"):
+            split = ", ".join(f"{k} {v:.3f}" for k, v in r["profile"].items())
+            print(f"{name}: one profiled step, s: {split}")
 
 
 if __name__ == "__main__":
