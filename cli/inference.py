@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from common.argtypes import int_in, positive_int, temperature
@@ -67,12 +66,13 @@ def _options(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
 
 # ------------------------------------------------------------------------------------------- evaluate
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from data.loaders import unverified
     from inference.evaluate import evaluate_checkpoint
 
-    if args.no_verify:  # read by data.loaders
-        os.environ["NVAE_NO_VERIFY"] = "1"
-
-    metrics = evaluate_checkpoint(args.checkpoint, args.data, args.out, **_options(args, _EVALUATE_OPTIONS))
+    with unverified(args.no_verify):
+        metrics = evaluate_checkpoint(
+            args.checkpoint, args.data, args.out, **_options(args, _EVALUATE_OPTIONS)
+        )
     print(
         f"{metrics['dataset']} {metrics['split']}: NLL {metrics['nll_bpd']:.4f} bits/dim (K={args.iw_samples}, "
         f"{metrics['num_images']} images), -ELBO {metrics['nelbo_bpd']:.4f} bits/dim, "

@@ -63,17 +63,17 @@ def _train_error(msg: str, code: int) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one process, or one rank of a torchrun job (`--nproc N` launches torchrun itself)."""
+    from data.loaders import unverified
     from training.distributed import is_main_process
     from training.run import launch_torchrun, run_training
 
-    if args.no_verify:  # read by data.loaders, in this process and the ones it starts
-        os.environ["NVAE_NO_VERIFY"] = "1"
-    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        return launch_torchrun(_worker_argv(args), args.nproc)
-    try:
-        summary = run_training(_request(args))
-    except NVAEError as exc:
-        return _exit_status(exc)
+    with unverified(args.no_verify):  # in this process and the ranks it starts
+        if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+            return launch_torchrun(_worker_argv(args), args.nproc)
+        try:
+            summary = run_training(_request(args))
+        except NVAEError as exc:
+            return _exit_status(exc)
     if is_main_process():
         log.info("training done: %s", json.dumps(summary))
         print(f"checkpoint: {summary['checkpoint']}")

@@ -17,6 +17,7 @@ Batches are float32 (B, C, H, W) in [0, 1]: stored value k / (2**bits - 1), e.g.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -110,6 +111,27 @@ def _load_npy(path: Path) -> np.ndarray:
 
 
 NO_VERIFY_ENV = "NVAE_NO_VERIFY"  # "1": read prepared splits without checking their SHA-256
+
+
+@contextlib.contextmanager
+def unverified(enabled: bool = True) -> Iterator[None]:
+    """Within the block, and in the processes started in it (they inherit NVAE_NO_VERIFY=1), prepared splits
+    are read without checking their SHA-256 when `enabled` (a command's `--no-verify`); the variable is put back
+    as it was afterwards, so later work in this process checks again."""
+    if not enabled:
+        yield
+        return
+    before = os.environ.get(NO_VERIFY_ENV)
+    os.environ[NO_VERIFY_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(NO_VERIFY_ENV, None)
+        else:
+            os.environ[NO_VERIFY_ENV] = before
+
+
 _VERIFIED: dict[tuple, bool] = {}  # (path, size, mtime_ns, sha256) checked in this process
 
 

@@ -4,6 +4,7 @@ version), and the split's file must lie inside the prepared folder. `--no-verify
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -17,8 +18,7 @@ from data.loaders import load_split
 
 @pytest.fixture
 def copy(fmnist64, tmp_path, monkeypatch):
-    """A copy of the prepared folder to damage (and NVAE_NO_VERIFY, which `--no-verify` sets in this
-    process, restored afterwards)."""
+    """A copy of the prepared folder to damage, with NVAE_NO_VERIFY unset."""
     monkeypatch.delenv(loaders.NO_VERIFY_ENV, raising=False)
     out = tmp_path / "data"
     shutil.copytree(fmnist64, out)
@@ -62,6 +62,23 @@ def test_a_changed_byte_is_refused_naming_the_file_and_no_verify_reads_it(copy, 
     assert not (tmp_path / "m.json").exists()
     rc, err = _evaluate(capsys, copy, tmp_path, "--no-verify")
     assert rc == 0, err
+    # --no-verify held for that command only: the next one in this process checks again
+    assert loaders.NO_VERIFY_ENV not in os.environ
+    rc, err = _evaluate(capsys, copy, tmp_path)
+    assert rc == 2 and f"{copy / 'test.npy'}: sha256" in err.strip().splitlines()[-1]
+
+
+def test_unverified_sets_the_variable_for_the_block_only(monkeypatch):
+    monkeypatch.setenv(loaders.NO_VERIFY_ENV, "0")
+    with loaders.unverified():
+        assert os.environ[loaders.NO_VERIFY_ENV] == "1"
+    assert os.environ[loaders.NO_VERIFY_ENV] == "0"  # put back as it was
+    monkeypatch.delenv(loaders.NO_VERIFY_ENV)
+    with pytest.raises(RuntimeError), loaders.unverified():
+        raise RuntimeError
+    assert loaders.NO_VERIFY_ENV not in os.environ
+    with loaders.unverified(False):
+        assert loaders.NO_VERIFY_ENV not in os.environ
 
 
 @pytest.mark.parametrize("recorded", ["", "0" * 64, None, 42])
@@ -129,11 +146,13 @@ def test_a_verified_file_is_not_hashed_again_even_in_a_new_process(copy, monkeyp
         (lambda m: {**m, "shape": [28, 28]}, "shape: expected [height, width, channels]"),
         (lambda m: {**m, "dataset": 3}, "dataset: expected a name, got 3"),
         (lambda m: {**m, "binarize": "yes"}, 'binarize: expected true or false, got "yes"'),
-        (lambda m: {**m, "splits": {"test": "test.npy"}}, 'splits.test: expected a mapping with file'),
+        (lambda m: {**m, "splits": {"test": "test.npy"}}, "splits.test: expected a mapping with file"),
         (lambda m: {**m, "splits": {"test": {**m["splits"]["test"], "count": False}}}, "splits.test.count"),
     ],
 )
-def test_a_manifest_of_the_wrong_types_is_one_line_exit_2_naming_the_field(copy, tmp_path, capsys, damage, says):
+def test_a_manifest_of_the_wrong_types_is_one_line_exit_2_naming_the_field(
+    copy, tmp_path, capsys, damage, says
+):
     _write_manifest(copy, damage(_manifest(copy)))
     rc, err = _evaluate(capsys, copy, tmp_path)
     line = err.strip()
