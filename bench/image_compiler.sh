@@ -7,8 +7,8 @@
 #
 # The compiled CPU kernels (model/kernels.py) run only where inductor finds g++ and Python.h; without them,
 # or with NVAE_COMPILED_KERNELS=0, the ATen/oneDNN paths run instead. This builds IMAGE plus g++ and
-# python3.11-dev (what the Dockerfile's WITH_COMPILER=1 adds) as a second image and, alternating, times training steps (bench/train_throughput.py,
-# `mnist`, batch 32, fp32, channels-last) in: IMAGE as it is; the second image with the kernels switched off;
+# python3.11-dev (what the Dockerfile's WITH_COMPILER=1 adds on a Debian base) as a second image and,
+# alternating, times training steps (bench/train_throughput.py, `mnist`, batch 32, fp32, channels-last) in: IMAGE as it is; the second image with the kernels switched off;
 # the second image as it runs by default. Every container starts with an empty inductor cache, as a new pod
 # does; the first step's time (its compilation included) is printed for each. Also prints both images' sizes.
 # Where CONTAINERS_CONF is unset, podman runs with runc and without default ulimits (scripts/container_check.sh).
@@ -38,20 +38,15 @@ RUN apt-get update && apt-get install -y --no-install-recommends g++ python3.11-
 USER 10001:10001
 EOF
 
-run() {  # IMAGE KERNELS: one fresh container, 1 warm-up step (the compilation, if any) and 4 timed steps
+run() {  # IMAGE KERNELS STEPS WARMUP: s/step in one fresh container (median of STEPS after WARMUP steps)
   podman run --rm -e NVAE_COMPILED_KERNELS="$2" -v "$PWD/bench:/bench:ro" "$1" \
-    python /bench/train_throughput.py --preset mnist --batch 32 --steps 4 --warmup 1 --variants fp32-cl \
-    | awk '$1 == "fp32-cl" {print $2}'
-}
-first() {  # IMAGE KERNELS: the first step alone, in a fresh container
-  podman run --rm -e NVAE_COMPILED_KERNELS="$2" -v "$PWD/bench:/bench:ro" "$1" \
-    python /bench/train_throughput.py --preset mnist --batch 32 --steps 1 --warmup 0 --variants fp32-cl \
+    python /bench/train_throughput.py --preset mnist --batch 32 --steps "$3" --warmup "$4" --variants fp32-cl \
     | awk '$1 == "fp32-cl" {print $2}'
 }
 
 declare -A steps
 for r in $(seq "$rounds"); do
-  a=$(run "$image" 1) b=$(run "$with_cxx" 0) c=$(run "$with_cxx" 1)
+  a=$(run "$image" 1 4 1) b=$(run "$with_cxx" 0 4 1) c=$(run "$with_cxx" 1 4 1)
   steps[plain]+="$a " steps[off]+="$b " steps[on]+="$c "
   echo "round $r: $a $b $c" >&2
 done
@@ -60,7 +55,7 @@ printf '  %-52s %s\n' "$image (no compiler)" "${steps[plain]}" \
   "with g++ and python3.11-dev, NVAE_COMPILED_KERNELS=0" "${steps[off]}" \
   "with g++ and python3.11-dev (compiled kernels on)" "${steps[on]}"
 echo "the first step of a fresh container, s:"
-printf '  %-52s %s\n' "$image (no compiler)" "$(first "$image" 1)" \
-  "with g++ and python3.11-dev (empty inductor cache)" "$(first "$with_cxx" 1)"
+printf '  %-52s %s\n' "$image (no compiler)" "$(run "$image" 1 1 0)" \
+  "with g++ and python3.11-dev (empty inductor cache)" "$(run "$with_cxx" 1 1 0)"
 echo "image sizes:"
 podman images --format '  {{.Repository}}:{{.Tag}} {{.Size}}' | grep -E "nvae-cpu(-with-cxx)?:" || true

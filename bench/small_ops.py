@@ -22,22 +22,21 @@ in such a layout, an upper bound on the gain of that change. Values are checked 
 from __future__ import annotations
 
 import argparse
-import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.sampling_speed import _time  # noqa: E402  (after the repository root joins sys.path)
+
 
 def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+    """ms: one warm-up call of fn, then the median of `repeats` calls (bench/sampling_speed.py's timer)."""
+    return 1e3 * _time(fn, repeats)
 
 
 def _groups(convs):

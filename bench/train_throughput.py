@@ -94,6 +94,9 @@ def run_variant(
         if i >= warmup:
             times.append(time.perf_counter() - t)
     med = statistics.median(times)
+    peak_rss_gb = (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    )  # before a profiled step's records
     split = None
     if profile:  # one more step under torch.profiler, by op group (bench/vs_official.py's groups)
         sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -104,7 +107,7 @@ def run_variant(
         "profile": split,
         "step_s": med,
         "img_per_s": batch / med,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+        "peak_rss_gb": peak_rss_gb,
         "loss": float(terms.loss.detach()),
     }
 

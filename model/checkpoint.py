@@ -92,7 +92,8 @@ def load_weights_only(
             raise CheckpointError(f"{path}: not a readable checkpoint (UnpicklingError)") from None
         raise CheckpointError(
             f"{path}: refused: it pickles {found[0]}, which a checkpoint never holds (only tensors, numbers, "
-            "strings" + (f" and {', '.join(t.__module__ + '.' + t.__name__ for t in allowed)}" if allowed else "")
+            "strings"
+            + (f" and {', '.join(t.__module__ + '.' + t.__name__ for t in allowed)}" if allowed else "")
             + " are read)"
         ) from None
     except Exception as exc:  # truncated zip, not a torch file, ...

@@ -6,7 +6,8 @@ cells' shapes; the same sums as one generated loop are much faster (bench/RESULT
 is compiled once, with static shapes (a dynamic-shape kernel is no faster than oneDNN): seconds the first
 time, then loaded from inductor's on-disk cache. Small tensors are not compiled (they would cost more to
 compile than they save), and without a C++ compiler (the serving images, a cpu image built without one) or
-with `NVAE_COMPILED_KERNELS=0` every call returns None: callers then use their ATen path, which gives the same values up to float rounding.
+with `NVAE_COMPILED_KERNELS=0` every call returns None: callers then use their ATen path, which gives the same
+values up to float rounding.
 """
 
 from __future__ import annotations
